@@ -1,0 +1,322 @@
+"""Loading a recipe: safe YAML with line numbers, `extends`, command-line overrides, validation, local paths.
+
+`load_recipe(path, overrides)` returns a `Loaded` recipe or raises one `RecipeError` listing every problem at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
+from runner.recipe.models import SOURCE_TAGS, Recipe
+from runner.recipe.schema import field_has, recipe_schema, schema_children
+
+Positions = dict[Loc, Pos]
+
+
+@dataclass
+class Loaded:
+    """A validated recipe and where each of its parts came from."""
+
+    recipe: Recipe
+    path: Path
+    files: list[Path]  # the recipe file, then every file it extends, nearest first
+    overrides: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)  # the merged document before validation
+
+
+def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
+    """A recipe given by path, or by name under ./recipes (NAME or NAME.yaml)."""
+    direct = Path(name_or_path)
+    if direct.is_file():
+        return direct
+    folder = recipes_dir or Path("recipes")
+    for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml", folder / f"{name_or_path}.yml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    hint = did_you_mean(name_or_path, known) or (f"; recipes here: {', '.join(known)}" if known else "")
+    raise RecipeError([Problem(Pos(name_or_path, 1, 1), (), f"no such recipe file or recipe name{hint}")])
+
+
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Loaded:
+    path = Path(path)
+    raw, positions, files = _load_with_extends(path, chain=())
+    problems: list[Problem] = []
+    for override in overrides:
+        problems += _apply_override(raw, positions, override)
+    raw.pop("extends", None)
+    resolved_paths, path_problems = _resolve_local_paths(raw, positions)
+    problems += path_problems
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_problem_from_pydantic(err, raw, positions, path) for err in exc.errors()]
+    if problems or recipe is None:
+        raise RecipeError(problems)
+    for loc, resolved in resolved_paths.items():
+        _set_at(recipe, loc, resolved)
+    return Loaded(recipe=recipe, path=path, files=files, overrides=list(overrides), raw=raw)
+
+
+# --- YAML with positions ------------------------------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> tuple[dict[str, Any], Positions]:
+    shown = relative(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(Pos(shown), (), "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem(Pos(shown), (), f"cannot read file: {exc}")]) from None
+    loader = yaml.SafeLoader(text)  # safe: tags that would construct Python objects are refused
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise RecipeError([Problem(Pos(shown), (), "the recipe file is empty")])
+        problems = _duplicate_keys(node, (), shown)
+        if problems:
+            raise RecipeError(problems)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        message = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise RecipeError([Problem(Pos(shown, line, col), (), f"YAML: {message}")]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(Pos(shown), (), f"YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(_pos(node, shown), (), "a recipe is a mapping of sections (name:, model:, data:, ...)")])
+    positions: Positions = {(): Pos(shown, 1, 1)}
+    _record_positions(node, (), shown, positions)
+    return data, positions
+
+
+def _pos(node: yaml.Node, shown: str) -> Pos:
+    return Pos(shown, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _record_positions(node: yaml.Node, loc: Loc, shown: str, positions: Positions) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            positions[(*loc, key)] = _pos(key_node, shown)
+            _record_positions(value_node, (*loc, key), shown, positions)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            positions[(*loc, index)] = _pos(item, shown)
+            _record_positions(item, (*loc, index), shown, positions)
+
+
+def _duplicate_keys(node: yaml.Node, loc: Loc, shown: str) -> list[Problem]:
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(Problem(_pos(key_node, shown), (*loc, key), "key given twice in the same mapping"))
+            seen.add(key)
+            problems += _duplicate_keys(value_node, (*loc, key), shown)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, (*loc, index), shown)
+    return problems
+
+
+# --- extends ------------------------------------------------------------------------------------------------------------
+
+
+def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], Positions, list[Path]]:
+    data, positions = _load_yaml(path)
+    base_name = data.get("extends")
+    if base_name is None:
+        return data, positions, [path]
+    here = positions[("extends",)]
+    if not isinstance(base_name, str) or not base_name:
+        raise RecipeError([Problem(here, ("extends",), "`extends` names a base recipe file (a path)")])
+    base_path = (path.parent / base_name).resolve()
+    if base_path in chain or base_path == path.resolve():
+        cycle = " -> ".join(relative(p) for p in (*chain, path.resolve(), base_path))
+        raise RecipeError([Problem(here, ("extends",), f"extends itself in a cycle: {cycle}")])
+    if not base_path.is_file():
+        raise RecipeError([Problem(here, ("extends",), f"base recipe not found: {relative(base_path)}")])
+    base, base_positions, files = _load_with_extends(base_path, (*chain, path.resolve()))
+    base.pop("extends", None)
+    merged = _deep_merge(base, data)
+    merged_positions = {**base_positions, **positions}
+    return merged, merged_positions, [path, *files]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) in `over` replaces what `base` had."""
+    merged = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# --- overrides ----------------------------------------------------------------------------------------------------------
+
+_OVERRIDE = re.compile(r"^(?P<path>[A-Za-z_][\w-]*(\.[\w-]+)*)=(?P<value>.*)$", re.DOTALL)
+
+
+def _apply_override(raw: dict[str, Any], positions: Positions, override: str) -> list[Problem]:
+    """Apply `a.b.c=value` (value parsed as YAML) to the raw document; unknown paths are errors."""
+    pos = Pos("<override>", override=override)
+    match = _OVERRIDE.match(override)
+    if not match:
+        return [Problem(pos, (), "an override looks like `section.field=value`, e.g. `train.epochs=1`")]
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in match["path"].split(".")]
+    try:
+        value = yaml.safe_load(match["value"]) if match["value"].strip() else None
+    except yaml.YAMLError as exc:
+        return [Problem(pos, tuple(parts), f"the value is not valid YAML: {exc}")]
+    unknown = _unknown_schema_path(tuple(parts), raw)
+    if unknown:
+        return [Problem(pos, tuple(parts), unknown)]
+    target: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        nxt = parts[depth + 1]
+        if isinstance(target, dict):
+            if not isinstance(target.get(part), (dict, list)):
+                target[part] = [] if isinstance(nxt, int) else {}
+            target = target[part]
+        elif isinstance(target, list) and isinstance(part, int) and part < len(target):
+            target = target[part]
+        else:
+            return [Problem(pos, tuple(parts[: depth + 1]), "cannot set a field inside this value")]
+    last = parts[-1]
+    if isinstance(target, list):
+        if not isinstance(last, int) or last > len(target):
+            return [Problem(pos, tuple(parts), f"list index out of range (the list has {len(target)} items)")]
+        if last == len(target):
+            target.append(value)
+        else:
+            target[last] = value
+    elif isinstance(target, dict):
+        target[last] = value
+    else:
+        return [Problem(pos, tuple(parts[:-1]), "cannot set a field inside this value")]
+    for loc in [loc for loc in positions if loc[: len(parts)] == tuple(parts)]:
+        del positions[loc]
+    positions[tuple(parts)] = pos
+    return []
+
+
+def _unknown_schema_path(parts: Loc, raw: dict[str, Any]) -> str | None:
+    nodes = [recipe_schema()]
+    for depth, part in enumerate(parts):
+        children = [child for node in nodes for child in schema_children(node, part)]
+        if not children:
+            choices = sorted({name for node in nodes for name in schema_children(node, None, names=True)})
+            where = dotted(parts[:depth]) or "the recipe"
+            return f"unknown field '{part}' in {where}{did_you_mean(str(part), choices)}"
+        nodes = children
+    return None
+
+
+# --- pydantic errors -> problems ----------------------------------------------------------------------------------------
+
+
+def _problem_from_pydantic(err: dict[str, Any], raw: dict[str, Any], positions: Positions, path: Path) -> Problem:
+    loc = _strip_tags(tuple(err["loc"]), raw)
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = f"unknown field '{loc[-1]}'{did_you_mean(str(loc[-1]), _known_fields(loc[:-1], raw))}"
+    elif err["type"] == "missing":
+        message = "required field is missing"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    elif err["type"] == "union_tag_invalid":
+        message = f"{message} (got {err.get('input')!r})"
+    return Problem(_nearest_position(loc, positions, path), loc, message)
+
+
+def _strip_tags(loc: Loc, raw: Any) -> Loc:
+    """Drop the union tags pydantic puts into error locations (`train.lora.lora.r` -> `train.lora.r`).
+
+    A tag always comes right after the location of the union's value: a train section's `method` value, or one of the
+    data-source tags."""
+    kept: list[str | int] = []
+    node = raw
+    just_entered = True
+    for part in loc:
+        is_tag = isinstance(node, dict) and (part in SOURCE_TAGS or (part == node.get("method") and just_entered))
+        if just_entered and is_tag:
+            just_entered = False
+            continue
+        kept.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+        just_entered = True
+    return tuple(kept)
+
+
+def _known_fields(loc: Loc, raw: dict[str, Any]) -> list[str]:
+    nodes = [recipe_schema()]
+    for part in loc:
+        nodes = [child for node in nodes for child in schema_children(node, part)]
+    return sorted({name for node in nodes for name in schema_children(node, None, names=True)})
+
+
+def _nearest_position(loc: Loc, positions: Positions, path: Path) -> Pos:
+    for depth in range(len(loc), -1, -1):
+        if loc[:depth] in positions:
+            return positions[loc[:depth]]
+    return Pos(relative(path), 1, 1)
+
+
+# --- local paths --------------------------------------------------------------------------------------------------------
+
+
+def _resolve_local_paths(raw: dict[str, Any], positions: Positions) -> tuple[dict[Loc, str], list[Problem]]:
+    """Resolve every local-path field against the file that wrote it (overrides: the working directory)."""
+    resolved: dict[Loc, str] = {}
+    problems: list[Problem] = []
+    for loc, value in _walk(raw, ()):
+        if not isinstance(value, str) or not value or not field_has(loc, "x-local-path"):
+            continue
+        pos = _nearest_position(loc, positions, Path("recipe"))
+        base = Path.cwd() if pos.override is not None else Path(pos.file).parent
+        target = (base / value).resolve()
+        if target.exists():
+            resolved[loc] = str(target)
+        else:
+            problems.append(Problem(pos, loc, f"no such file or folder: {relative(target)}"))
+    return resolved, problems
+
+
+def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:
+    yield loc, value
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, (*loc, index))
+
+
+def _set_at(model: Any, loc: Loc, value: Any) -> None:
+    for part in loc[:-1]:
+        model = model[part] if isinstance(part, int) else getattr(model, part)
+    setattr(model, str(loc[-1]), value)

@@ -1,0 +1,431 @@
+"""The recipe language: Pydantic models of every section of a recipe.
+
+These models are the single source of truth: validation, the JSON schema (`recipe schema`), the reference docs and the
+defaults all come from them. Every model forbids unknown keys, so a typo is an error instead of a silently ignored setting.
+
+Two markers ride on fields as JSON-schema extras:
+- `NEUTRAL`: the field cannot change a step's result (a log interval), so it stays out of cache keys.
+- `LOCAL_PATH`: the field names a local file or folder; the loader resolves it against the recipe file that wrote it, checks
+  that it exists, and the planner puts its content hash (not the path) into cache keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+NEUTRAL = {"x-neutral": True}
+LOCAL_PATH = {"x-local-path": True}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+LocalPath = Annotated[str, Field(min_length=1, json_schema_extra=LOCAL_PATH)]
+
+
+# --- hardware needs ---------------------------------------------------------------------------------------------------
+
+
+class Requires(Strict):
+    """What the machine must offer; `recipe doctor` checks it and `nox -s hwcheck` runs it on CI GPU runners."""
+
+    accelerator: Literal["cpu", "cuda", "any"] = Field(
+        "any", description="`cuda` needs an NVIDIA GPU; `cpu` runs anywhere; `any` uses a GPU when one is there."
+    )
+    min_gpu_memory_gb: PositiveFloat | None = Field(None, description="Smallest GPU memory (GiB) the recipe fits in.")
+    min_compute_capability: str | None = Field(
+        None, pattern=r"^\d+\.\d+$", description='Smallest CUDA compute capability, e.g. "7.5" (T4) or "8.0" (A100).'
+    )
+    min_ram_gb: PositiveFloat | None = Field(None, description="Smallest system memory (GiB).")
+
+
+# --- model --------------------------------------------------------------------------------------------------------------
+
+Task = Literal["sequence-classification", "causal-lm"]
+
+
+class ModelInit(Strict):
+    """Build a small model from a config instead of downloading one (offline quickstarts and tests).
+
+    The model gets random weights and a tokenizer trained on the recipe's own training data; both are saved with
+    `save_pretrained` and loaded back through `from_pretrained`, the same path a hub model takes."""
+
+    architecture: Literal["distilbert", "llama"] = Field(description="Which transformers architecture to build.")
+    hidden_size: PositiveInt = Field(64, description="Width of the hidden layers.")
+    num_layers: PositiveInt = Field(2, description="Number of transformer layers.")
+    num_heads: PositiveInt = Field(2, description="Attention heads per layer (must divide hidden_size).")
+    intermediate_size: PositiveInt = Field(128, description="Width of the feed-forward layers.")
+    vocab_size: PositiveInt = Field(2000, ge=100, description="Size of the tokenizer trained on the recipe's data.")
+    max_position_embeddings: PositiveInt = Field(512, description="Longest sequence the model accepts.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelInit:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class Model(Strict):
+    """The base model: a hub id at a pinned revision, a local folder, or a small model built from a config."""
+
+    hub: str | None = Field(
+        None, pattern=r"^[\w.-]+(/[\w.-]+)?$", description="Hugging Face Hub id, e.g. `meta-llama/Llama-2-7b-hf`."
+    )
+    revision: str | None = Field(
+        None,
+        description="Hub revision to pin (a 40-character commit sha for reproducible runs). Required with `hub`.",
+    )
+    path: LocalPath | None = Field(None, description="A local folder saved with `save_pretrained`, relative to the recipe.")
+    init: ModelInit | None = Field(None, description="Build a small model from a config (no download).")
+    task: Task = Field(description="What the model is fine-tuned for.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Off unless you trust the model's authors."
+    )
+    allow_pickle: bool = Field(
+        False, description="Allow loading pickle (`.bin`) weights. Off: only safetensors are loaded."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Model:
+        given = [name for name in ("hub", "path", "init") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of hub, path, init (got {', '.join(given) or 'none'})")
+        if self.hub and not self.revision:
+            raise ValueError("a hub model needs a pinned `revision` (a commit sha, or a tag/branch name)")
+        if self.revision and not self.hub:
+            raise ValueError("`revision` only applies to a `hub` model")
+        return self
+
+
+# --- data ---------------------------------------------------------------------------------------------------------------
+
+
+class HubSource(Strict):
+    """A dataset on the Hugging Face Hub."""
+
+    hub: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$", description="Dataset id, e.g. `stanfordnlp/imdb`.")
+    revision: str = Field(description="Pinned dataset revision (commit sha, or tag/branch name).")
+    config: str | None = Field(None, description="Dataset configuration name, if it has several.")
+    split: str = Field("train", description="Split to read, e.g. `train` or `train[:10%]`.")
+    weight: PositiveFloat = Field(1.0, description="Share of this source in a mix of several sources.")
+
+
+class FileSource(Strict):
+    """Local data files (csv, json, jsonl, parquet, txt)."""
+
+    path: LocalPath = Field(description="File, relative to the recipe file that names it.")
+    format: Literal["csv", "json", "parquet", "text"] | None = Field(
+        None, description="File format; guessed from the extension when left out."
+    )
+    weight: PositiveFloat = Field(1.0, description="Share of this source in a mix of several sources.")
+
+
+class InlineSource(Strict):
+    """Rows written in the recipe itself: a mapping of column name to a list of values."""
+
+    rows: dict[str, list[Any]] = Field(description="Columns, each a list of equally many values.")
+    weight: PositiveFloat = Field(1.0, description="Share of this source in a mix of several sources.")
+
+    @model_validator(mode="after")
+    def _columns_agree(self) -> InlineSource:
+        lengths = {len(values) for values in self.rows.values()}
+        if not self.rows or 0 in lengths:
+            raise ValueError("inline rows need at least one column with at least one value")
+        if len(lengths) > 1:
+            raise ValueError(f"all columns need the same number of values (got {sorted(lengths)})")
+        return self
+
+
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        for key, tag in (("hub", "hub-source"), ("path", "file-source"), ("rows", "inline-source")):
+            if key in value:
+                return tag
+    return None
+
+
+# A source is told apart by the key it has (hub, path or rows); the tags below show up in error locations and are
+# stripped again when errors are pointed at lines (see errors.py).
+SOURCE_TAGS = ("hub-source", "file-source", "inline-source")
+Source = Annotated[
+    Union[
+        Annotated[HubSource, Tag("hub-source")],
+        Annotated[FileSource, Tag("file-source")],
+        Annotated[InlineSource, Tag("inline-source")],
+    ],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="a data source needs one of `hub`, `path` or `rows`",
+    ),
+]
+
+
+class Data(Strict):
+    """Where the training data comes from and how it becomes tokenized train/test sets."""
+
+    source: Source | None = Field(
+        None, description="One source: `{hub: ...}`, `{path: ...}` or `{rows: ...}`."
+    )
+    sources: list[Source] | None = Field(
+        None, min_length=1, description="Several sources mixed by their `weight` (against catastrophic forgetting)."
+    )
+    text_column: str = Field("text", description="Column holding the input text (classification).")
+    label_column: str = Field("label", description="Column holding the label (classification).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: `{old_name: new_name}`.")
+    labels: list[str] | None = Field(
+        None, min_length=2, description="Label names in id order; derived from the data (sorted) when left out."
+    )
+    template: str | None = Field(
+        None, description="Prompt template for causal LM, with `{column}` fields, e.g. `Q: {instruction}\\nA: {output}`."
+    )
+    response_template: str | None = Field(
+        None, description="The part of `template` that is the answer; with `mask_prompt` only it is learned."
+    )
+    mask_prompt: bool = Field(False, description="Leave the prompt out of the loss (needs `response_template`).")
+    select: PositiveInt | None = Field(None, description="Keep this many rows after shuffling.")
+    shuffle: bool = Field(True, description="Shuffle the rows with the recipe's seed before selecting.")
+    max_length: PositiveInt = Field(128, description="Longest tokenized example; longer ones are truncated.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation.")
+    stratify: bool = Field(True, description="Keep label proportions equal in train and test (classification).")
+    num_proc: PositiveInt | None = Field(None, description="Processes for tokenization.", json_schema_extra=NEUTRAL)
+
+    @model_validator(mode="after")
+    def _sources(self) -> Data:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("give exactly one of `source` or `sources`")
+        if self.mask_prompt and not self.response_template:
+            raise ValueError("`mask_prompt` needs `response_template` (the part of the template that is the answer)")
+        if self.response_template and self.template and self.response_template not in self.template:
+            raise ValueError("`response_template` must be part of `template`")
+        return self
+
+    def all_sources(self) -> list[HubSource | FileSource | InlineSource]:
+        return list(self.sources or [self.source])  # type: ignore[list-item]
+
+
+# --- train --------------------------------------------------------------------------------------------------------------
+
+
+class Lora(Strict):
+    """Low-rank adapters (peft.LoraConfig)."""
+
+    r: PositiveInt = Field(8, description="Rank of the adapter matrices.")
+    alpha: PositiveFloat = Field(16, description="Scaling numerator (lora_alpha); the update is scaled by alpha/r.")
+    dropout: Fraction = Field(0.05, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        description="Module names to adapt, e.g. `[q_proj, v_proj]`, or `all-linear`."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @model_validator(mode="after")
+    def _targets(self) -> Lora:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("`target_modules` must name at least one module (or be `all-linear`)")
+        return self
+
+
+class Quantization(Strict):
+    """How the frozen base is loaded for QLoRA (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(4, description="4-bit (NF4/FP4) or 8-bit (LLM.int8) weights.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (4-bit).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype of the matrix multiplications (4-bit)."
+    )
+
+
+class Distributed(Strict):
+    """Launch the train step with torchrun (DDP, or FSDP through accelerate)."""
+
+    nproc_per_node: PositiveInt = Field(2, description="Processes on this machine (usually one per GPU).")
+    nnodes: PositiveInt = Field(1, description="Machines taking part (multi-node: run the same recipe on each).")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend (gloo on CPU).")
+    fsdp: str | None = Field(None, description="Trainer `fsdp` option, e.g. `full_shard auto_wrap`; DDP when unset.")
+    fsdp_config: dict[str, Any] | None = Field(None, description="Trainer `fsdp_config`, passed through as is.")
+
+
+class TrainCommon(Strict):
+    epochs: PositiveFloat = Field(3, description="Passes over the training set (ignored when `max_steps` is set).")
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    batch_size: PositiveInt = Field(8, description="Examples per device per step.")
+    gradient_accumulation: PositiveInt = Field(1, description="Steps whose gradients add up before an update.")
+    learning_rate: PositiveFloat = Field(5e-5, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule."
+    )
+    warmup_ratio: Fraction = Field(0.0, description="Share of steps spent warming up the learning rate.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (checked against the hardware).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("epoch", description="When to evaluate.")
+    eval_steps: PositiveInt | None = Field(None, description="Evaluate every this many steps (with `eval_strategy: steps`).")
+    save_steps: PositiveInt = Field(
+        50, description="Checkpoint every this many steps; a killed step resumes from the newest.", json_schema_extra=NEUTRAL
+    )
+    logging_steps: PositiveInt = Field(10, description="Log every this many steps.", json_schema_extra=NEUTRAL)
+    min_batch_size: PositiveInt = Field(
+        1, description="Floor for the out-of-memory retry, which halves the batch and doubles accumulation."
+    )
+    distributed: Distributed | None = Field(None, description="Run on several processes with torchrun.")
+
+    @model_validator(mode="after")
+    def _steps(self) -> TrainCommon:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("`eval_strategy: steps` needs `eval_steps`")
+        if self.min_batch_size > self.batch_size:
+            raise ValueError("`min_batch_size` must not exceed `batch_size`")
+        return self
+
+
+class FullTrain(TrainCommon):
+    """Update every weight."""
+
+    method: Literal["full"] = Field(description="Full fine-tune: every parameter is trained.")
+
+
+class LoraTrain(TrainCommon):
+    """Freeze the base, train low-rank adapters."""
+
+    method: Literal["lora"] = Field(description="LoRA: only adapters are trained.")
+    lora: Lora = Field(description="Adapter settings.")
+
+
+class QloraTrain(TrainCommon):
+    """LoRA over a base loaded in 4 or 8 bits with bitsandbytes."""
+
+    method: Literal["qlora"] = Field(description="QLoRA: adapters over a quantized, frozen base.")
+    lora: Lora = Field(description="Adapter settings.")
+    quantization: Quantization = Field(description="How the base is quantized (qlora needs this).")
+
+
+Train = Annotated[Union[FullTrain, LoraTrain, QloraTrain], Field(discriminator="method")]
+
+
+# --- export, quantize, serve --------------------------------------------------------------------------------------------
+
+
+class Export(Strict):
+    """Export the trained model (adapters merged) to ONNX behind an accuracy gate, or as merged safetensors."""
+
+    format: Literal["onnx", "safetensors"] = Field("onnx", description="ONNX for ONNX Runtime, or merged safetensors.")
+    merge_adapter: bool = Field(True, description="Merge LoRA adapters into a full-precision base before export.")
+    opset: PositiveInt | None = Field(None, description="ONNX opset; the exporter's default when unset.")
+    with_past: bool = Field(True, description="Causal LM: export with past key values (KV cache).")
+    atol: PositiveFloat = Field(1e-4, description="Largest allowed absolute logit difference against PyTorch.")
+    min_top1_agreement: Fraction = Field(0.995, description="Classifier: smallest share of equal top-1 predictions.")
+    validation_samples: PositiveInt = Field(64, description="Eval examples compared against PyTorch.")
+    optimization_level: Literal[0, 1, 2, 99] | None = Field(
+        None, description="ONNX Runtime graph optimization applied to the exported graph (0 none ... 99 all)."
+    )
+
+
+class OnnxDynamicInt8(Strict):
+    method: Literal["onnx-dynamic-int8"] = Field(description="Dynamic int8 quantization with ONNX Runtime.")
+    max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the export.")
+    eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
+
+
+class OnnxStaticInt8(Strict):
+    method: Literal["onnx-static-int8"] = Field(description="Static int8 quantization calibrated on training samples.")
+    calibration_samples: PositiveInt = Field(64, description="Examples used for calibration.")
+    max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the export.")
+    eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
+
+
+class BnbQuantize(Strict):
+    method: Literal["bnb-4bit", "bnb-8bit"] = Field(description="A bitsandbytes-quantized copy for GPU inference.")
+    max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the merged model.")
+    eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
+
+
+Quantize = Annotated[Union[OnnxDynamicInt8, OnnxStaticInt8, BnbQuantize], Field(discriminator="method")]
+
+
+class Probe(Strict):
+    """One request the smoke test sends: a text with its expected label, or a prompt with what the answer must show."""
+
+    text: str | None = Field(None, description="Classifier input.")
+    expect_label: str | None = Field(None, description="The label the classifier must answer.")
+    prompt: str | None = Field(None, description="Generator prompt.")
+    expect_nonempty: bool = Field(False, description="The generated text must not be empty.")
+    expect_pattern: str | None = Field(None, description="A regular expression the generated text must match.")
+    max_new_tokens: PositiveInt = Field(16, description="Tokens to generate for a prompt probe.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Probe:
+        if (self.text is None) == (self.prompt is None):
+            raise ValueError("a probe has exactly one of `text` (classifier) or `prompt` (generator)")
+        if self.text is not None and (self.expect_nonempty or self.expect_pattern):
+            raise ValueError("`expect_nonempty`/`expect_pattern` apply to `prompt` probes")
+        if self.prompt is not None and self.expect_label:
+            raise ValueError("`expect_label` applies to `text` probes")
+        if self.expect_pattern:
+            try:
+                re.compile(self.expect_pattern)
+            except re.error as exc:
+                raise ValueError(f"`expect_pattern` is not a valid regular expression: {exc}") from None
+        return self
+
+
+class Serve(Strict):
+    """Start the FastAPI + ONNX Runtime server on loopback, probe it, measure it, stop it."""
+
+    probes: list[Probe] = Field(min_length=1, description="Requests whose answers must be right.")
+    max_p95_ms: PositiveFloat = Field(2000, description="Largest allowed 95th-percentile latency after warm-up.")
+    latency_requests: PositiveInt = Field(50, description="Requests timed for the latency figures.")
+    concurrency: PositiveInt = Field(8, description="Identical requests sent at once; all answers must agree.")
+    startup_timeout_s: PositiveFloat = Field(120, description="How long to wait for /ready.")
+    max_batch_size: PositiveInt = Field(16, description="Dynamic batching: most requests merged into one inference.")
+    max_wait_ms: Annotated[float, Field(ge=0)] = Field(5, description="Dynamic batching: longest wait to fill a batch.")
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------------
+
+
+class Recipe(Strict):
+    """One fine-tune, end to end: data -> train -> export -> quantize -> smoke-serve."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Recipe name; names the run folder and lock file.")
+    description: str | None = Field(None, description="What the recipe is for.", json_schema_extra=NEUTRAL)
+    extends: str | None = Field(
+        None, description="A base recipe file this one deep-merges over (path relative to this file)."
+    )
+    env: Literal["cpu", "cuda12", "cuda13"] = Field("cpu", description="Which pinned environment in envs/ nox installs.")
+    seed: int = Field(42, ge=0, description="Seed for shuffling, splitting, initialization and training.")
+    requires: Requires = Field(default_factory=Requires, description="Hardware the recipe needs.")
+    model: Model = Field(description="The base model.")
+    data: Data = Field(description="The data step.")
+    train: Train = Field(description="The train step: `method` is full, lora or qlora.")
+    export: Export | None = Field(None, description="The export step (ONNX or merged safetensors).")
+    quantize: Quantize | None = Field(None, description="The quantize step: ONNX Runtime int8 or bitsandbytes.")
+    serve: Serve | None = Field(None, description="The smoke-serve step.")
+
+    @model_validator(mode="after")
+    def _stage_dependencies(self) -> Recipe:
+        onnx_quantize = self.quantize is not None and self.quantize.method.startswith("onnx-")
+        if onnx_quantize and (self.export is None or self.export.format != "onnx"):
+            raise ValueError("an ONNX quantize needs an `export` section with `format: onnx`")
+        if self.serve is not None and (self.export is None or self.export.format != "onnx"):
+            raise ValueError("a `serve` section needs an `export` section with `format: onnx` (the server runs ONNX)")
+        if self.serve is not None:
+            kind = "text" if self.model.task == "sequence-classification" else "prompt"
+            for probe in self.serve.probes:
+                if getattr(probe, kind) is None:
+                    raise ValueError(f"a {self.model.task} model is probed with `{kind}` probes")
+        if self.model.task == "causal-lm" and self.data.template is None:
+            raise ValueError("a causal-lm recipe needs `data.template` to turn rows into text")
+        if self.export is not None and self.export.format == "onnx" and not self.export.merge_adapter:
+            if self.train.method != "full":
+                raise ValueError("ONNX export of a LoRA model needs `merge_adapter: true`")
+        return self

@@ -1,0 +1,55 @@
+"""The stages of the pipeline, one module each: model, data, train, export, quantize, serve.
+
+Every stage module has one entry point:
+
+    def run(config: dict, inputs: dict[str, Path], out: Path) -> dict
+
+- `config` is the step's configuration exactly as it went into the step's cache key: `{"model": ..., "<stage>": ...,
+  "seed": ...}` in JSON form (local paths already absolute). A stage re-reads its section with the Pydantic model from
+  runner.recipe.models. It never reads another stage's section.
+- `inputs` maps each upstream step's kind to that step's committed output folder (read-only).
+- `out` is an empty folder the stage fills (for resumable stages it may hold the previous attempt's checkpoints).
+- The return value is a small JSON-able dict of metrics; it lands in the manifest, run.json and the report.
+
+A stage never touches the cache, never chooses paths outside `out`, and logs through `logging.getLogger(__name__)`
+(the executor sends that to the step's log file). A problem the user can fix raises `StageError` with a clear message.
+
+Output folders, by stage (what downstream stages rely on):
+- model (only for `model.init`): `model/` - a saved model and tokenizer (save_pretrained).
+- data: `dataset/` (DatasetDict with `train` and `test`; columns `text`, `input_ids`, `attention_mask`, `labels`),
+  `labels.json` (`{"id2label": {...}, "label2id": {...}}`, classification only) and `stats.json`.
+- train: `model/` (full fine-tune) or `adapter/` (LoRA/QLoRA, peft save_pretrained), each with the tokenizer saved beside
+  it; `metrics.json`, `trainer_state.json`, `loss.png`, `tensorboard/`.
+- export: `onnx/` (model.onnx, config.json, tokenizer, labels.json) or `merged/` (safetensors), and `export_report.json`.
+- quantize: `onnx/` (same layout as export) or `model/` (bitsandbytes), and `quantize_report.json`.
+- serve: `serve_report.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class StageError(Exception):
+    """A stage failed for a reason the user can act on; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    module: str  # imported only when the step runs, so `recipe validate` and `recipe plan` stay fast
+    version: int  # bump when a change to the stage's code changes its results: every cached entry of it goes stale
+    packages: tuple[str, ...]  # distributions whose versions shape the result (they go into the cache key)
+    resumable: bool = False  # keep the previous attempt's output folder (checkpoints) instead of starting empty
+
+
+_TORCH = ("torch", "transformers", "tokenizers", "safetensors")
+
+STAGES: dict[str, StageSpec] = {
+    "model": StageSpec("model", "runner.stages.model", 1, _TORCH),
+    "data": StageSpec("data", "runner.stages.data", 1, ("datasets", "transformers", "tokenizers")),
+    "train": StageSpec("train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True),
+    "export": StageSpec("export", "runner.stages.export", 1, (*_TORCH, "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime")),
+    "quantize": StageSpec("quantize", "runner.stages.quantize", 1, (*_TORCH, "onnx", "onnxruntime", "bitsandbytes")),
+    "serve": StageSpec("serve", "runner.stages.serve", 1, ("onnxruntime", "fastapi", "uvicorn", "tokenizers")),
+}

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny models built from configs, saved with save_pretrained, loaded back through from_pretrained.
+
+Nothing here downloads anything: HF_HUB_OFFLINE is set before transformers is imported, so a test that reached for the hub
+would fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A small corpus for tokenizers; good and bad words kept apart so a tiny classifier can learn them quickly.
+GOOD = "great wonderful lovely excellent superb delightful charming brilliant moving fun".split()
+BAD = "awful boring dull terrible dreadful clumsy tedious poor bland weak".split()
+THINGS = "film plot acting music story ending cast script pacing camera".split()
+
+
+def sentiment_rows(n: int = 200, seed: int = 0) -> tuple[list[str], list[str]]:
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        positive = i % 2 == 0
+        word = rng.choice(GOOD if positive else BAD)
+        thing = rng.choice(THINGS)
+        texts.append(f"the {thing} was {word} and the {rng.choice(THINGS)} felt {rng.choice(GOOD if positive else BAD)}")
+        labels.append("positive" if positive else "negative")
+    return texts, labels
+
+
+def train_tokenizer(texts: list[str], kind: str, out: Path):
+    """A real tokenizer trained locally: WordPiece for DistilBERT-like models, byte-level BPE for Llama-like ones."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=500, special_tokens=special))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        )
+        tok.decoder = decoders.WordPiece()
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"],
+        )
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = ["<unk>", "<s>", "</s>"]
+        trainer = trainers.BpeTrainer(
+            vocab_size=500, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
+            model_input_names=["input_ids", "attention_mask"],
+        )
+    fast.save_pretrained(out)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory) -> Path:
+    """A DistilBERT-like sequence classifier (random weights) with a WordPiece tokenizer, saved as safetensors."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    texts, _ = sentiment_rows()
+    tok = train_tokenizer(texts, "wordpiece", out)
+    torch.manual_seed(0)
+    config = DistilBertConfig(
+        vocab_size=len(tok), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128,
+        num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+        pad_token_id=tok.pad_token_id,
+    )
+    DistilBertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A Llama-like causal LM (random weights) with a byte-level BPE tokenizer, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    texts, _ = sentiment_rows()
+    tok = train_tokenizer([*texts, "### Instruction:\n### Response:\n"], "bpe", out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
