@@ -1,0 +1,263 @@
+"""The content-addressed step cache: one committed entry per step key, written so that a crash never looks complete.
+
+Layout under the cache root (only this module knows it):
+
+    entries/<kind>/<key>/outputs/...    what the stage wrote
+    entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry
+    work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages)
+    locks/<key>.lock                    per-key lock (flock: released by the kernel when its holder dies)
+    quarantine/<kind>-<key>-<time>/     entries that failed verification, kept for inspection
+    index/<recipe>.json                 the last key and key material of each step of a recipe (for "why stale")
+    hash-memo.json                      sha256 of files memoized by (path, size, mtime)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+MANIFEST = "manifest.json"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("RECIPE_CACHE") or ".recipe-cache")
+
+
+# --- hashing ------------------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class HashMemo:
+    """sha256 of files, remembered by (path, size, mtime_ns) so unchanged inputs are not re-read on every plan."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.changed = False
+        self.memo: dict[str, list[Any]] = {}
+        if path is not None and path.is_file():
+            try:
+                self.memo = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.memo = {}  # a damaged memo only costs re-hashing
+
+    def file(self, path: Path) -> str:
+        stat = path.stat()
+        key = str(path.resolve())
+        known = self.memo.get(key)
+        if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+            return str(known[2])
+        digest = sha256_file(path)
+        self.memo[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def tree(self, path: Path) -> str:
+        """A file's sha256, or for a folder the sha256 of its sorted (relative path, file sha256) list."""
+        if path.is_file():
+            return self.file(path)
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{self.file(file)}\n".encode())
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path, json.dumps(self.memo, sort_keys=True))
+        self.changed = False
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --- entries ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    key: str
+    path: Path
+
+    @property
+    def outputs(self) -> Path:
+        return self.path / "outputs"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / MANIFEST).read_text())
+
+
+class Cache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root or default_root()).resolve()
+        self.memo = HashMemo(self.root / "hash-memo.json")
+
+    # lookups
+
+    def entry(self, kind: str, key: str) -> Entry | None:
+        """The committed entry for a key, or None. An entry without its manifest was never committed."""
+        path = self.root / "entries" / kind / key
+        return Entry(kind, key, path) if (path / MANIFEST).is_file() else None
+
+    def entries(self) -> list[Entry]:
+        found = []
+        for manifest in sorted((self.root / "entries").glob(f"*/*/{MANIFEST}")):
+            found.append(Entry(manifest.parent.parent.name, manifest.parent.name, manifest.parent))
+        return found
+
+    def lookup(self, kind: str, key: str) -> Entry | None:
+        """A committed entry whose outputs still match their manifest; a damaged one is quarantined (a miss)."""
+        entry = self.entry(kind, key)
+        if entry is None:
+            return None
+        if self.verify(entry, full=False):
+            self.quarantine(entry)
+            return None
+        return entry
+
+    # verification
+
+    def verify(self, entry: Entry, full: bool = True) -> list[str]:
+        """Problems with an entry's outputs against its manifest (empty when intact).
+
+        full=False trusts the hash memo for files whose size and mtime are unchanged (fast enough on every use);
+        full=True re-reads every byte (`recipe cache verify`)."""
+        try:
+            recorded = entry.manifest["outputs"]
+        except (OSError, ValueError, KeyError) as exc:
+            return [f"manifest unreadable: {exc}"]
+        problems = []
+        present = {p.relative_to(entry.outputs).as_posix() for p in entry.outputs.rglob("*") if p.is_file()}
+        for rel, meta in recorded.items():
+            file = entry.outputs / rel
+            if rel not in present:
+                problems.append(f"{rel}: missing")
+            elif file.stat().st_size != meta["size"]:
+                problems.append(f"{rel}: size {file.stat().st_size} != {meta['size']}")
+            elif (sha256_file(file) if full else self.memo.file(file)) != meta["sha256"]:
+                problems.append(f"{rel}: content changed (sha256 differs)")
+        problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(recorded))]
+        self.memo.save()
+        return problems
+
+    def quarantine(self, entry: Entry) -> Path:
+        target = self.root / "quarantine" / f"{entry.kind}-{entry.key}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(entry.path, target)
+        return target
+
+    # writing
+
+    @contextmanager
+    def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
+        """Hold the per-key lock. Concurrent runs of one step wait here; a dead holder's lock is freed by the kernel."""
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path), timeout=timeout):
+            yield
+
+    def workdir(self, kind: str, key: str, keep: bool) -> Path:
+        """The folder a step writes into (call under the key's lock). Emptied unless `keep` (resumable stages)."""
+        work = self.root / "work" / f"{kind}-{key}"
+        if work.exists() and not keep:
+            shutil.rmtree(work)
+        (work / "outputs").mkdir(parents=True, exist_ok=True)
+        return work / "outputs"
+
+    def commit(self, kind: str, key: str, outputs: Path, manifest: dict[str, Any]) -> Entry:
+        """Record output hashes, write the manifest, then rename the work folder into place in one atomic step."""
+        work = outputs.parent
+        files = sorted(p for p in outputs.rglob("*") if p.is_file())
+        manifest = {**manifest, "outputs": {
+            p.relative_to(outputs).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files
+        }}
+        _atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        final = self.root / "entries" / kind / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a forced re-run replaces the old entry: move it aside first, then swap in
+            self.quarantine(Entry(kind, key, final))
+        _fsync_dir(work)
+        os.rename(work, final)
+        _fsync_dir(final.parent)
+        entry = Entry(kind, key, final)
+        for rel, meta in manifest["outputs"].items():  # seed the memo so the next lookup needn't re-hash
+            stat = (entry.outputs / rel).stat()
+            self.memo.memo[str((entry.outputs / rel).resolve())] = [stat.st_size, stat.st_mtime_ns, meta["sha256"]]
+            self.memo.changed = True
+        self.memo.save()
+        return entry
+
+    def discard_work(self, kind: str, key: str) -> None:
+        shutil.rmtree(self.root / "work" / f"{kind}-{key}", ignore_errors=True)
+
+    # the per-recipe index of last keys (for explaining why a step is stale)
+
+    def last_run(self, recipe: str) -> dict[str, Any]:
+        path = self.root / "index" / f"{recipe}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def remember(self, recipe: str, kind: str, key: str, material: dict[str, Any]) -> None:
+        path = self.root / "index" / f"{recipe}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            index = self.last_run(recipe)
+            index[kind] = {"key": key, "material": material}
+            _atomic_write(path, json.dumps(index, indent=2, sort_keys=True))
+
+    # housekeeping
+
+    def gc(self, keep: set[str], dry_run: bool = False) -> list[Path]:
+        """Remove entries whose key is not in `keep`, quarantined entries, and work folders no one holds a lock on."""
+        doomed = [e.path for e in self.entries() if e.key not in keep]
+        doomed += sorted((self.root / "quarantine").glob("*"))
+        for work in sorted((self.root / "work").glob("*")):
+            key = work.name.rsplit("-", 1)[-1]
+            try:
+                with self.lock(key, timeout=0):
+                    doomed.append(work)
+            except TimeoutError:
+                continue  # a running step holds it
+        if not dry_run:
+            for path in doomed:
+                shutil.rmtree(path, ignore_errors=True)
+        return doomed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,287 @@
+"""The `recipe` command. Only this module prints.
+
+Exit codes: 0 success, 1 the run/check failed (a step failed, a lock mismatch, a verify difference), 2 bad input
+(a recipe problem, an unknown step name, a missing lock). A user mistake never shows a traceback.
+torch and friends are imported only when a step runs, so `validate`, `plan` and `schema` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from runner.cache import Cache, tree_size
+from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
+from runner.recipe.errors import relative
+
+# Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
+_WIDTH = None if sys.stdout.isatty() else 140
+out = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as exc:
+        for problem in exc.problems:
+            err.print(str(problem), markup=False)
+        n = len(exc.problems)
+        err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/red]")
+        return 2
+    except UsageError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: finished steps stay cached; run again to continue")
+        return 130
+
+
+class UsageError(Exception):
+    pass
+
+
+# --- shared helpers -----------------------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    overrides = [o for o in args.overrides if "=" in o]
+    stray = [o for o in args.overrides if "=" not in o]
+    if stray:
+        raise UsageError(f"unexpected argument(s) {' '.join(stray)}: overrides look like `train.epochs=1`")
+    return load_recipe(find_recipe(args.recipe), overrides)
+
+
+def _cache(args: argparse.Namespace) -> Cache:
+    return Cache(Path(args.cache_dir) if getattr(args, "cache_dir", None) else None)
+
+
+def _plan(loaded: Loaded, cache: Cache):
+    from runner.plan import build_plan
+
+    return build_plan(loaded, cache.memo)
+
+
+def _check_step_names(names: list[str], steps) -> None:
+    known = [s.kind for s in steps]
+    for name in names:
+        if name not in known:
+            raise UsageError(f"no step '{name}' in this recipe (steps: {', '.join(known)})")
+
+
+# --- commands -----------------------------------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    from runner.plan import step_configs
+
+    kinds = " -> ".join(step.kind for step in step_configs(loaded.recipe))
+    extends = f" (extends {', '.join(relative(p) for p in loaded.files[1:])})" if len(loaded.files) > 1 else ""
+    out.print(f"[green]ok[/green] {relative(loaded.path)}{extends}: {loaded.recipe.name}: {kinds}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from runner.plan import plan_status
+
+    loaded = _load(args)
+    cache = _cache(args)
+    rows = plan_status(_plan(loaded, cache), cache, loaded.recipe.name)
+    if args.json:
+        out.print_json(json.dumps([
+            {"step": s.kind, "key": s.key, "depends": s.depends, "cached": c, "why": why} for s, c, why in rows
+        ]))
+        return 0
+    table = Table(title=f"plan for {loaded.recipe.name}", title_justify="left")
+    for column in ("step", "key", "needs", "status", "why"):
+        table.add_column(column, overflow="fold")
+    for step, cached, why in rows:
+        status = "[green]cached[/green]" if cached else "[yellow]will run[/yellow]"
+        table.add_row(step.kind, step.key[:12], ", ".join(step.depends) or "-", status, "\n".join(why))
+    out.print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from runner.execute import execute
+    from runner.plan import plan_status
+
+    loaded = _load(args)
+    cache = _cache(args)
+    steps = _plan(loaded, cache)
+    _check_step_names(list(args.force) + ([args.until] if args.until else []), steps)
+    if args.locked:
+        from runner.lockfile import lock_differences, lock_path, read_lock
+
+        path = lock_path(loaded)
+        if not path.is_file():
+            raise UsageError(f"--locked: no lock file {relative(path)}; create it with `recipe lock {args.recipe}`")
+        differences = lock_differences(read_lock(path), loaded, steps)
+        if differences:
+            err.print(f"[red]refusing to run:[/red] {loaded.recipe.name} resolves differently from {relative(path)}:")
+            for line in differences:
+                err.print(f"  {line}", markup=False)
+            return 1
+    if args.dry_run:
+        for step, cached, why in plan_status(steps, cache, loaded.recipe.name):
+            state = "cached" if cached and step.kind not in args.force else "would run"
+            out.print(f"{step.kind:9} {step.key[:12]}  {state}  {'; '.join(why)}", markup=False)
+        return 0
+    result = execute(loaded, steps, cache, Path(args.runs_dir), set(args.force), args.until, _progress)
+    _summary(result)
+    return 0 if result.ok else 1
+
+
+def _progress(event: str, result, step) -> None:
+    if event == "start":
+        out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
+        return
+    colour = {"cached": "green", "ran": "cyan", "failed": "red"}.get(result.status, "white")
+    out.print(f"[{colour}]{result.status}[/{colour}] ({result.seconds:.1f}s)")
+    if result.error:
+        err.print(f"  {result.error}", markup=False)
+
+
+def _summary(result) -> None:
+    ran = sum(s.status == "ran" for s in result.steps)
+    cached = sum(s.status == "cached" for s in result.steps)
+    state = "[green]succeeded[/green]" if result.ok else "[red]failed[/red]"
+    out.print(f"{result.recipe} {state}: {ran} ran, {cached} cached. Run folder: {relative(result.run_dir)}")
+    report = result.run_dir / "report.md"
+    if report.is_file():
+        out.print(f"Report: {relative(report)}")
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from runner.lockfile import build_lock, lock_path, write_lock
+
+    loaded = _load(args)
+    cache = _cache(args)
+    document, missing = build_lock(loaded, _plan(loaded, cache), cache)
+    if missing:
+        err.print(f"[red]cannot lock:[/red] not run yet: {', '.join(missing)}. Run `recipe run {args.recipe}` first.")
+        return 1
+    path = lock_path(loaded)
+    write_lock(path, document)
+    out.print(f"wrote {relative(path)} ({len(document['steps'])} steps, recipe {document['recipe_sha256'][:12]})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from runner.lockfile import lock_path, read_lock, verify_outputs
+
+    loaded = _load(args)
+    cache = _cache(args)
+    path = lock_path(loaded)
+    if not path.is_file():
+        raise UsageError(f"no lock file {relative(path)}; create it with `recipe lock {args.recipe}`")
+    problems, matched = verify_outputs(read_lock(path), _plan(loaded, cache), cache)
+    for line in problems:
+        out.print(f"[red]differs[/red] {line}")
+    out.print(f"{matched} output file(s) match {relative(path)}; {len(problems)} difference(s)")
+    return 1 if problems else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from runner.recipe.schema import schema_json
+
+    sys.stdout.write(schema_json())
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache = _cache(args)
+    if args.action == "ls":
+        table = Table(title=f"cache {relative(cache.root)}", title_justify="left")
+        for column in ("step", "key", "size", "seconds", "created"):
+            table.add_column(column)
+        for entry in cache.entries():
+            manifest = entry.manifest
+            size = tree_size(entry.outputs)
+            table.add_row(entry.kind, entry.key[:12], _human(size), str(manifest.get("seconds", "")),
+                          str(manifest.get("started", "")))
+        out.print(table)
+        return 0
+    if args.action == "verify":
+        bad = 0
+        for entry in cache.entries():
+            problems = cache.verify(entry, full=True)
+            if problems:
+                bad += 1
+                moved = cache.quarantine(entry)
+                out.print(f"[red]corrupt[/red] {entry.kind} {entry.key[:12]} -> quarantined at {relative(moved)}")
+                for line in problems:
+                    out.print(f"    {line}", markup=False)
+        out.print(f"{len(cache.entries()) + bad} entries checked, {bad} corrupt")
+        return 1 if bad else 0
+    # gc: keep what the given recipes (default: none named = every recipe's last run) still need
+    keep = {item["key"] for index in (cache.root / "index").glob("*.json") for item in _json(index).values()}
+    removed = cache.gc(keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        out.print(f"{verb} {relative(path)}")
+    out.print(f"{verb} {len(removed)} folder(s); kept {len(keep)} entries still named by a recipe's last run")
+    return 0
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
+
+
+# --- argument parsing ---------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recipe", description="Run fine-tuning recipes: validated, planned, cached.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("recipe", help="recipe name (under ./recipes) or path to a recipe file")
+        p.add_argument("overrides", nargs="*", help="field overrides, e.g. train.epochs=1 data.select=200")
+        p.add_argument("--cache-dir", help="cache folder (default: $RECIPE_CACHE or ./.recipe-cache)")
+        p.set_defaults(func=func)
+        return p
+
+    recipe_command("validate", cmd_validate, "Check a recipe; list every problem with file:line:col.")
+    p = recipe_command("plan", cmd_plan, "Show the steps, their cache keys, and why each stale step will run.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = recipe_command("run", cmd_run, "Run a recipe: cached steps are skipped; a run folder records everything.")
+    p.add_argument("--force", action="append", default=[], metavar="STEP", help="re-run this step even if cached")
+    p.add_argument("--until", metavar="STEP", help="stop after this step")
+    p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
+    p.add_argument("--locked", action="store_true", help="refuse to run if anything differs from NAME.lock")
+    p.add_argument("--runs-dir", default="runs", help="where run folders go (default: ./runs)")
+    recipe_command("lock", cmd_lock, "Write NAME.lock beside the recipe: keys, package versions, output hashes.")
+    recipe_command("verify", cmd_verify, "Compare this machine's outputs with NAME.lock, file by file.")
+
+    p = sub.add_parser("schema", help="Print the recipe JSON schema.")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("cache", help="Inspect and maintain the step cache.")
+    p.add_argument("action", choices=["ls", "verify", "gc"])
+    p.add_argument("--cache-dir", help="cache folder (default: $RECIPE_CACHE or ./.recipe-cache)")
+    p.add_argument("--dry-run", action="store_true", help="gc: list what would be removed")
+    p.set_defaults(func=cmd_cache)
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

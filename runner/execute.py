@@ -1,0 +1,219 @@
+"""Executing a plan: skip what is cached, run the rest in order, commit each success, leave a run folder behind.
+
+A run folder `runs/<recipe>/<timestamp>/` holds the resolved recipe, `run.json` (keys, statuses, timings, metrics,
+output folders) and one log per step. A failing step stops the run; every step that succeeded before it stays cached.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.cache import Cache, Entry
+from runner.plan import Step, plan_status
+from runner.recipe import Loaded
+from runner.stages import STAGES, StageError
+
+log = logging.getLogger("runner")
+
+
+@dataclass
+class StepResult:
+    kind: str
+    key: str
+    status: str  # cached | ran | failed | skipped
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: str | None = None
+    error: str | None = None
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    recipe: str
+    run_dir: Path
+    steps: list[StepResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(step.status in ("cached", "ran", "skipped") for step in self.steps)
+
+
+Progress = Callable[[str, StepResult | None, Step], None]  # ("start" | "done", result, step)
+
+
+def execute(
+    loaded: Loaded,
+    steps: list[Step],
+    cache: Cache,
+    runs_root: Path,
+    force: set[str] = frozenset(),  # type: ignore[assignment]
+    until: str | None = None,
+    progress: Progress | None = None,
+) -> RunResult:
+    name = loaded.recipe.name
+    run_dir = new_run_dir(runs_root, name)
+    (run_dir / "logs").mkdir()
+    (run_dir / "recipe.yaml").write_text(resolved_yaml(loaded))
+    result = RunResult(name, run_dir, [])
+    statuses = {step.kind: (cached, reasons) for step, cached, reasons in plan_status(steps, cache, name)}
+    entries: dict[str, Entry] = {}
+    stopped = False
+    for step in steps:
+        if stopped:
+            result.steps.append(StepResult(step.kind, step.key, "skipped"))
+            continue
+        if progress:
+            progress("start", None, step)
+        step_result = _run_step(step, cache, entries, run_dir, name, step.kind in force)
+        step_result.reasons = [] if step_result.status == "cached" else statuses[step.kind][1]
+        result.steps.append(step_result)
+        if progress:
+            progress("done", step_result, step)
+        _write_run_json(result, loaded)
+        stopped = step_result.status == "failed" or step.kind == until
+    _write_run_json(result, loaded)
+    _point_latest(run_dir)
+    return result
+
+
+def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path, recipe: str, force: bool) -> StepResult:
+    if not force and (hit := cache.lookup(step.kind, step.key)):
+        entries[step.kind] = hit
+        cache.remember(recipe, step.kind, step.key, step.material)
+        return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}), outputs=str(hit.outputs))
+    with cache.lock(step.key):
+        # Another run may have committed this key while we waited for the lock.
+        if not force and (hit := cache.lookup(step.kind, step.key)):
+            entries[step.kind] = hit
+            cache.remember(recipe, step.kind, step.key, step.material)
+            return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}),
+                              outputs=str(hit.outputs))
+        spec = STAGES[step.kind]
+        out = cache.workdir(step.kind, step.key, keep=spec.resumable)
+        inputs = {dep: entries[dep].outputs for dep in step.depends}
+        started = time.time()
+        with _step_log(run_dir / "logs" / f"{step.kind}.log"):
+            try:
+                module = importlib.import_module(spec.module)
+                metrics = module.run(step.config, inputs, out) or {}
+            except StageError as exc:
+                log.error("%s failed: %s", step.kind, exc)
+                return _failed(step, cache, spec.resumable, str(exc), started)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a bug or an environment problem: full traceback in the step log
+                log.error("%s crashed:\n%s", step.kind, traceback.format_exc())
+                message = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'logs' / (step.kind + '.log')})"
+                return _failed(step, cache, spec.resumable, message, started)
+        seconds = time.time() - started
+        manifest = {
+            "kind": step.kind,
+            "key": step.key,
+            "material": step.material,
+            "config": step.config,
+            "metrics": metrics,
+            "started": _iso(started),
+            "seconds": round(seconds, 3),
+            "hardware": hardware_summary(),
+        }
+        entry = cache.commit(step.kind, step.key, out, manifest)
+        entries[step.kind] = entry
+        cache.remember(recipe, step.kind, step.key, step.material)
+        return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
+
+
+def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: float) -> StepResult:
+    if not resumable:  # a resumable stage keeps its checkpoints for the next attempt
+        cache.discard_work(step.kind, step.key)
+    return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=message)
+
+
+class _step_log:
+    """Send the runner's and the libraries' log records to the step's log file while the step runs."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def __enter__(self) -> None:
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        self.level = root.level
+        root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self.level)
+        self.handler.close()
+
+
+def new_run_dir(runs_root: Path, recipe: str) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1000):
+        path = runs_root / recipe / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {runs_root / recipe}")
+
+
+def _point_latest(run_dir: Path) -> None:
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, latest)
+    except OSError:
+        pass  # a convenience only (e.g. no symlinks on this file system)
+
+
+def resolved_yaml(loaded: Loaded) -> str:
+    header = f"# Resolved from {loaded.path}" + (f" with overrides: {' '.join(loaded.overrides)}" if loaded.overrides else "")
+    body = yaml.safe_dump(loaded.recipe.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
+    return f"{header}\n{body}"
+
+
+def _write_run_json(result: RunResult, loaded: Loaded) -> None:
+    data = {
+        "recipe": result.recipe,
+        "recipe_file": str(loaded.path),
+        "overrides": loaded.overrides,
+        "ok": result.ok,
+        "steps": [step.__dict__ for step in result.steps],
+        "hardware": hardware_summary(),
+    }
+    tmp = result.run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, result.run_dir / "run.json")
+
+
+def hardware_summary() -> dict[str, Any]:
+    """Cheap facts about the machine for manifests (no torch import: the doctor does the deep probe)."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")

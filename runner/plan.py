@@ -1,0 +1,166 @@
+"""Planning: a validated recipe becomes ordered steps, each with its dependencies and its cache key.
+
+Only this module knows the order of the pipeline and what each step's key is made of. A key is the sha256 of the step's
+*key material*: the stage kind and implementation version, the normalized config the stage sees (fields marked neutral
+left out, local paths replaced by the sha256 of their content), the keys of upstream steps, and the versions of the
+packages that shape the result. Model and dataset ids with their pinned revisions and the seed are part of the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from runner.cache import Cache, HashMemo
+from runner.recipe import Loaded, Recipe
+from runner.recipe.schema import field_has
+from runner.stages import STAGES
+
+ORDER = ("model", "data", "train", "export", "quantize", "serve")
+
+
+@dataclass
+class Step:
+    kind: str
+    config: dict[str, Any]  # exactly what the stage function receives
+    depends: list[str]
+    key: str = ""
+    material: dict[str, Any] = field(default_factory=dict)
+
+
+def step_configs(recipe: Recipe) -> list[Step]:
+    """The steps a recipe needs, in order, with derived dependencies and the config each stage sees."""
+    model = recipe.model.model_dump(mode="json")
+    init = recipe.model.init is not None
+    base = ["model"] if init else []
+    steps: list[Step] = []
+
+    def add(kind: str, section: Any, depends: list[str], extra: dict[str, Any] | None = None) -> None:
+        config = {"model": model, kind: section.model_dump(mode="json"), "seed": recipe.seed, **(extra or {})}
+        steps.append(Step(kind, config, depends))
+
+    if init:
+        # The built model's tokenizer is trained on the recipe's data, so the model step reads the data section too.
+        steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}, []))
+    add("data", recipe.data, base)
+    add("train", recipe.train, ["data", *base])
+    if recipe.export is not None:
+        add("export", recipe.export, ["train", "data", *base])
+    if recipe.quantize is not None:
+        if recipe.quantize.method.startswith("onnx-"):
+            add("quantize", recipe.quantize, ["export", "data"])
+        else:  # bitsandbytes quantizes the trained (merged) model, not the ONNX export
+            add("quantize", recipe.quantize, ["train", "data", *base])
+    if recipe.serve is not None:
+        onnx_quantized = recipe.quantize is not None and recipe.quantize.method.startswith("onnx-")
+        add("serve", recipe.serve, ["quantize" if onnx_quantized else "export"])
+    return steps
+
+
+def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
+    memo = memo or HashMemo(None)
+    steps = step_configs(loaded.recipe)
+    keys: dict[str, str] = {}
+    for step in steps:
+        spec = STAGES[step.kind]
+        step.material = {
+            "stage": step.kind,
+            "version": spec.version,
+            "config": normalize(step.config, (), memo),
+            "upstream": {dep: keys[dep] for dep in step.depends},
+            "packages": {name: package_version(name) for name in spec.packages},
+        }
+        step.key = key_of(step.material)
+        keys[step.kind] = step.key
+    memo.save()
+    return steps
+
+
+def key_of(material: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(material).encode()).hexdigest()[:24]
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
+    """The part of a config that can change a result: neutral fields dropped, local paths as content hashes.
+
+    `loc` is the field's path in the recipe (a step config's top-level keys are recipe sections)."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            here = (*loc, key)
+            if loc and field_has(here, "x-neutral"):
+                continue
+            out[key] = normalize(item, here, memo)
+        return out
+    if isinstance(value, list):
+        return [normalize(item, (*loc, index), memo) for index, item in enumerate(value)]
+    if isinstance(value, str) and loc and field_has(loc, "x-local-path"):
+        return {"sha256": memo.tree(Path(value))}
+    return value
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+# --- why is a step stale ------------------------------------------------------------------------------------------------
+
+
+def why_stale(step: Step, previous: dict[str, Any] | None) -> list[str]:
+    """Human-readable differences between this step's key material and the last run's."""
+    if not previous:
+        return ["never run for this recipe"]
+    if previous.get("key") == step.key:
+        return ["same key as the last run, but its output is not in the cache (failed, removed or quarantined)"]
+    old, new = _flatten(previous.get("material", {})), _flatten(step.material)
+    reasons = []
+    for path in sorted(set(old) | set(new)):
+        if old.get(path) == new.get(path):
+            continue
+        reasons.append(_describe(path, old.get(path, "<unset>"), new.get(path, "<unset>")))
+    return reasons or ["key changed"]
+
+
+def _describe(path: str, old: Any, new: Any) -> str:
+    if path.endswith(".sha256") and path.startswith("config."):
+        return f"{path.removeprefix('config.').removesuffix('.sha256')}: file content changed"
+    if path.startswith("upstream."):
+        return f"upstream step '{path.removeprefix('upstream.')}' changed"
+    if path.startswith("config."):
+        path = path.removeprefix("config.")
+    return f"{path}: {_short(old)} -> {_short(new)}"
+
+
+def _short(value: Any) -> str:
+    text = canonical(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def plan_status(steps: list[Step], cache: Cache, recipe: str) -> list[tuple[Step, bool, list[str]]]:
+    """Each step with whether it is cached and, when not, why it will run."""
+    last = cache.last_run(recipe)
+    rows = []
+    for step in steps:
+        cached = cache.entry(step.kind, step.key) is not None
+        rows.append((step, cached, [] if cached else why_stale(step, last.get(step.kind))))
+    return rows
