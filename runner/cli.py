@@ -26,12 +26,19 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options (`run NAME --force train train.epochs=1`): collect the leftovers as overrides.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except RecipeError as exc:
         for problem in exc.problems:
-            err.print(str(problem), markup=False)
+            err.print(str(problem), markup=False, soft_wrap=True)
         n = len(exc.problems)
         err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/red]")
         return 2
@@ -127,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if differences:
             err.print(f"[red]refusing to run:[/red] {loaded.recipe.name} resolves differently from {relative(path)}:")
             for line in differences:
-                err.print(f"  {line}", markup=False)
+                err.print(f"  {line}", markup=False, soft_wrap=True)
             return 1
     if args.dry_run:
         for step, cached, why in plan_status(steps, cache, loaded.recipe.name):
@@ -146,7 +153,7 @@ def _progress(event: str, result, step) -> None:
     colour = {"cached": "green", "ran": "cyan", "failed": "red"}.get(result.status, "white")
     out.print(f"[{colour}]{result.status}[/{colour}] ({result.seconds:.1f}s)")
     if result.error:
-        err.print(f"  {result.error}", markup=False)
+        err.print(f"  {result.error}", markup=False, soft_wrap=True)
 
 
 def _summary(result) -> None:

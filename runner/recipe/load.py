@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -197,7 +197,9 @@ def _apply_override(raw: dict[str, Any], positions: Positions, override: str) ->
             if not isinstance(target.get(part), (dict, list)):
                 target[part] = [] if isinstance(nxt, int) else {}
             target = target[part]
-        elif isinstance(target, list) and isinstance(part, int) and part < len(target):
+        elif isinstance(target, list) and isinstance(part, int):
+            if part >= len(target):
+                return [Problem(pos, tuple(parts[: depth + 1]), f"list index out of range (the list has {len(target)} items)")]
             target = target[part]
         else:
             return [Problem(pos, tuple(parts[: depth + 1]), "cannot set a field inside this value")]
@@ -234,7 +236,7 @@ def _unknown_schema_path(parts: Loc, raw: dict[str, Any]) -> str | None:
 # --- pydantic errors -> problems ----------------------------------------------------------------------------------------
 
 
-def _problem_from_pydantic(err: dict[str, Any], raw: dict[str, Any], positions: Positions, path: Path) -> Problem:
+def _problem_from_pydantic(err: Any, raw: dict[str, Any], positions: Positions, path: Path) -> Problem:
     loc = _strip_tags(tuple(err["loc"]), raw)
     message = err["msg"]
     if err["type"] == "extra_forbidden":

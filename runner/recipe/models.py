@@ -12,12 +12,13 @@ Two markers ride on fields as JSON-schema extras:
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic.json_schema import JsonDict
 
-NEUTRAL = {"x-neutral": True}
-LOCAL_PATH = {"x-local-path": True}
+NEUTRAL: JsonDict = {"x-neutral": True}
+LOCAL_PATH: JsonDict = {"x-local-path": True}
 
 
 class Strict(BaseModel):
@@ -157,11 +158,9 @@ def _source_kind(value: Any) -> str | None:
 # stripped again when errors are pointed at lines (see errors.py).
 SOURCE_TAGS = ("hub-source", "file-source", "inline-source")
 Source = Annotated[
-    Union[
-        Annotated[HubSource, Tag("hub-source")],
-        Annotated[FileSource, Tag("file-source")],
-        Annotated[InlineSource, Tag("inline-source")],
-    ],
+    Annotated[HubSource, Tag("hub-source")]
+    | Annotated[FileSource, Tag("file-source")]
+    | Annotated[InlineSource, Tag("inline-source")],
     Discriminator(
         _source_kind,
         custom_error_type="source_kind",
@@ -309,7 +308,7 @@ class QloraTrain(TrainCommon):
     quantization: Quantization = Field(description="How the base is quantized (qlora needs this).")
 
 
-Train = Annotated[Union[FullTrain, LoraTrain, QloraTrain], Field(discriminator="method")]
+Train = Annotated[FullTrain | LoraTrain | QloraTrain, Field(discriminator="method")]
 
 
 # --- export, quantize, serve --------------------------------------------------------------------------------------------
@@ -349,7 +348,7 @@ class BnbQuantize(Strict):
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
 
 
-Quantize = Annotated[Union[OnnxDynamicInt8, OnnxStaticInt8, BnbQuantize], Field(discriminator="method")]
+Quantize = Annotated[OnnxDynamicInt8 | OnnxStaticInt8 | BnbQuantize, Field(discriminator="method")]
 
 
 class Probe(Strict):

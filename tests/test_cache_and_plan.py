@@ -1,0 +1,246 @@
+"""The planner and the cache: what re-runs after which change, kill safety, concurrency, tampering, locks.
+
+These tests swap in the fast test-only stage of tests/fake_stages.py through the STAGES table, so they exercise the real
+planner, cache, executor and CLI in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+from tests import fake_stages
+
+REPO = Path(__file__).resolve().parent.parent
+ALL = ["model", "data", "train", "export", "quantize", "serve"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with the core test recipe, its data file, and fake stages installed in this process."""
+    shutil.copy(REPO / "tests/recipes/core.yaml", tmp_path / "core.yaml")
+    shutil.copy(REPO / "tests/recipes/reviews.csv", tmp_path / "reviews.csv")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_STAGE_COUNTER", str(tmp_path / "counter.txt"))
+    monkeypatch.setattr("runner.stages.STAGES", dict(__import__("runner.stages").stages.STAGES))
+    fake_stages.install()
+    return tmp_path
+
+
+def executed(project: Path) -> list[str]:
+    """Stage kinds executed since the last call (and reset the counter)."""
+    counter = project / "counter.txt"
+    kinds = [line.split()[0] for line in counter.read_text().splitlines()] if counter.exists() else []
+    counter.unlink(missing_ok=True)
+    return kinds
+
+
+def last_run(project: Path) -> dict:
+    return json.loads((project / "runs/core/latest/run.json").read_text())
+
+
+def test_first_run_runs_everything_and_second_run_is_fully_cached(project):
+    assert main(["run", "core.yaml"]) == 0
+    assert executed(project) == ALL
+    assert main(["run", "core.yaml"]) == 0
+    assert executed(project) == []
+    assert [s["status"] for s in last_run(project)["steps"]] == ["cached"] * 6
+
+
+def test_changing_a_train_field_reruns_train_and_what_follows(project):
+    main(["run", "core.yaml"])
+    executed(project)
+    assert main(["run", "core.yaml", "train.learning_rate=0.001"]) == 0
+    assert executed(project) == ["train", "export", "quantize", "serve"]
+
+
+def test_editing_one_byte_of_a_data_file_reruns_data_and_what_follows(project):
+    main(["run", "core.yaml"])
+    executed(project)
+    data = project / "reviews.csv"
+    data.write_bytes(data.read_bytes().replace(b"good", b"goad"))
+    assert main(["run", "core.yaml"]) == 0
+    # the built model's tokenizer is trained on the data, so the model step re-runs too
+    assert executed(project) == ALL
+
+
+def test_a_field_that_cannot_change_the_result_reruns_nothing(project):
+    main(["run", "core.yaml"])
+    executed(project)
+    assert main(["run", "core.yaml", "train.logging_steps=1", "description=just words"]) == 0
+    assert executed(project) == []
+
+
+def test_plan_says_why_a_step_is_stale(project, capsys):
+    main(["run", "core.yaml"])
+    capsys.readouterr()
+    assert main(["plan", "core.yaml", "train.epochs=2", "--json"]) == 0
+    rows = {row["step"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["data"]["cached"] and not rows["train"]["cached"]
+    assert rows["train"]["why"] == ["train.epochs: 1.0 -> 2.0"]
+    assert rows["export"]["why"] == ["upstream step 'train' changed"]
+    (project / "reviews.csv").write_text("text,label\nnew,positive\nrows,negative\n")
+    main(["plan", "core.yaml", "--json"])
+    rows = {row["step"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["data"]["why"] == ["data.source.path: file content changed", "upstream step 'model' changed"]
+
+
+def test_a_failing_step_stops_the_run_and_earlier_steps_stay_cached(project, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_STAGE_FAIL", "export")
+    assert main(["run", "core.yaml"]) == 1
+    assert "export failed on purpose" in capsys.readouterr().err
+    assert [s["status"] for s in last_run(project)["steps"]] == ["ran", "ran", "ran", "failed", "skipped", "skipped"]
+    assert not list((project / ".recipe-cache/work").glob("export-*")), "a failed step leaves no work folder"
+    monkeypatch.delenv("FAKE_STAGE_FAIL")
+    executed(project)
+    assert main(["run", "core.yaml"]) == 0
+    assert executed(project) == ["export", "quantize", "serve"]
+
+
+def test_force_until_and_dry_run(project, capsys):
+    assert main(["run", "core.yaml", "--until", "data"]) == 0
+    assert executed(project) == ["model", "data"]
+    assert main(["run", "core.yaml", "--dry-run"]) == 0
+    assert executed(project) == []
+    printed = capsys.readouterr().out
+    assert "data" in printed and "cached" in printed and "would run" in printed
+    assert main(["run", "core.yaml", "--force", "data", "--until", "data"]) == 0
+    assert executed(project) == ["data"]
+    assert main(["run", "core.yaml", "--force", "nosuch"]) == 2
+
+
+def test_tampered_output_is_found_on_use_and_by_verify_then_recomputed(project, capsys):
+    main(["run", "core.yaml"])
+    executed(project)
+    result = next((project / ".recipe-cache/entries/train").glob("*/outputs/result.txt"))
+    result.write_text("0" * 64 + "\n")  # same size: only the content hash can tell
+    assert main(["cache", "verify"]) == 1
+    assert "content changed" in capsys.readouterr().out
+    assert list((project / ".recipe-cache/quarantine").glob("train-*"))
+    assert main(["run", "core.yaml"]) == 0
+    assert executed(project) == ["train"]  # same key, same result: downstream stays valid
+    # tampering is caught on use too, without `cache verify`
+    result = next((project / ".recipe-cache/entries/data").glob("*/outputs/result.txt"))
+    result.write_text("tampered: a different size\n")
+    assert main(["run", "core.yaml"]) == 0
+    assert executed(project) == ["data"]
+    assert main(["cache", "verify"]) == 0
+
+
+def test_entries_record_manifest_with_hashes_versions_and_timings(project):
+    main(["run", "core.yaml"])
+    manifest_path = next((project / ".recipe-cache/entries/train").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["material"]["upstream"].keys() == {"data", "model"}
+    assert manifest["material"]["packages"]["torch"] not in ("", None)
+    assert manifest["outputs"]["result.txt"]["size"] == 65
+    assert len(manifest["outputs"]["result.txt"]["sha256"]) == 64
+    assert manifest["config"]["train"]["learning_rate"] == 5e-05
+    assert {"seconds", "started", "hardware", "metrics"} <= manifest.keys()
+
+
+def test_lock_then_locked_run_and_verify(project, capsys):
+    main(["run", "core.yaml"])
+    assert main(["lock", "core.yaml"]) == 0
+    lock = json.loads((project / "core.lock").read_text())
+    assert set(lock["steps"]) == set(ALL) and lock["env"] == "cpu"
+    assert main(["run", "core.yaml", "--locked"]) == 0
+    assert main(["verify", "core.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["run", "core.yaml", "--locked", "train.epochs=5"]) == 1
+    assert "train: train.epochs: 1.0 -> 5.0" in capsys.readouterr().err
+    result = next((project / ".recipe-cache/entries/serve").glob("*/outputs/result.txt"))
+    entry = result.parent.parent
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["outputs"]["result.txt"]["sha256"] = "0" * 64  # as if this machine had produced other bytes
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", "core.yaml"]) == 1
+    assert "serve/result.txt: sha256" in capsys.readouterr().out
+
+
+def test_lock_refuses_before_a_run(project, capsys):
+    assert main(["lock", "core.yaml"]) == 1
+    assert "not run yet" in capsys.readouterr().err
+
+
+def test_cache_ls_and_gc(project, capsys):
+    main(["run", "core.yaml"])
+    main(["run", "core.yaml", "train.epochs=2"])
+    assert main(["cache", "ls"]) == 0
+    assert capsys.readouterr().out.count("train") >= 2
+    assert main(["cache", "gc"]) == 0
+    assert len(list((project / ".recipe-cache/entries/train").iterdir())) == 1  # only the last run's key is kept
+
+
+# --- real processes: kill -9 and concurrent runs ------------------------------------------------------------------------
+
+
+def cli(project: Path, *args: str, **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_STAGE_COUNTER": str(project / "counter.txt"), **env}
+    return subprocess.Popen([sys.executable, "-m", "tests.fake_stages", *args], cwd=project, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_kill_9_in_the_middle_of_a_step_leaves_nothing_that_looks_complete(project):
+    process = cli(project, "run", "core.yaml", FAKE_STAGE_SLOW="train", FAKE_STAGE_SLEEP="60")
+    cache = project / ".recipe-cache"
+    wait_for(lambda: list(cache.glob("work/train-*/outputs/part1.txt")))
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cache / "entries/train").exists(), "no train entry may look complete"
+    assert executed(project) == ["model", "data", "train"]
+    finished = cli(project, "run", "core.yaml")
+    output, _ = finished.communicate(timeout=60)
+    assert finished.returncode == 0, output
+    assert executed(project) == ["train", "export", "quantize", "serve"]
+    entry = next((cache / "entries/train").iterdir())
+    assert (entry / "outputs/result.txt").exists() and (entry / "manifest.json").exists()
+
+
+def test_two_concurrent_runs_execute_each_step_once_and_agree(project):
+    runs = [cli(project, "run", "core.yaml", FAKE_STAGE_SLOW="data", FAKE_STAGE_SLEEP="1.5") for _ in range(2)]
+    outputs = [run.communicate(timeout=90)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs
+    assert sorted(executed(project)) == sorted(ALL)
+    folders = sorted((project / "runs/core").glob("2*"))
+    assert len(folders) == 2
+    results = [{s["kind"]: (s["key"], s["outputs"]) for s in json.loads((f / "run.json").read_text())["steps"]}
+               for f in folders]
+    assert results[0] == results[1]
+
+
+def test_validate_and_plan_do_not_import_torch(project):
+    code = ("import sys; from runner.cli import main; assert main(['validate', 'core.yaml']) == 0;"
+            "assert main(['plan', 'core.yaml']) == 0; bad = [m for m in ('torch', 'transformers', 'datasets') "
+            "if m in sys.modules]; print('heavy imports:', bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_token_in_the_environment_never_lands_in_runs_or_cache(project):
+    secret = "hf_SECRETtoken1234567890"
+    run = cli(project, "run", "core.yaml", HF_TOKEN=secret, HUGGING_FACE_HUB_TOKEN=secret)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 0, output
+    main(["lock", "core.yaml"])
+    for path in [*(project / "runs").rglob("*"), *(project / ".recipe-cache").rglob("*"), project / "core.lock"]:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
