@@ -86,6 +86,9 @@ def execute(
         _write_run_json(result, loaded)
         stopped = step_result.status == "failed" or step.kind == until
     _write_run_json(result, loaded)
+    from runner.report import write_report
+
+    write_report(result, loaded, environment(steps))
     _point_latest(run_dir)
     return result
 
@@ -203,6 +206,12 @@ def _write_run_json(result: RunResult, loaded: Loaded) -> None:
     tmp = result.run_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, result.run_dir / "run.json")
+
+
+def environment(steps: list[Step]) -> dict[str, Any]:
+    """The machine and the versions of every package that shaped a step (from the steps' key material)."""
+    packages = {name: version for step in steps for name, version in step.material.get("packages", {}).items()}
+    return {**hardware_summary(), "packages": dict(sorted(packages.items()))}
 
 
 def hardware_summary() -> dict[str, Any]:
