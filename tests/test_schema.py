@@ -43,3 +43,10 @@ def test_every_recipe_file_starts_with_how_to_run_it_and_the_schema_line():
         head = recipe.read_text().splitlines()[:4]
         assert head[0] == "# yaml-language-server: $schema=../recipe.schema.json", recipe
         assert any(line.startswith("# Run: nox -s recipe -- ") for line in head), recipe
+
+
+def test_recipe_reference_docs_are_current():
+    from runner.recipe.docs import reference_markdown
+
+    committed = (REPO / "docs" / "recipe-reference.md").read_text()
+    assert committed == reference_markdown(), "docs/recipe-reference.md is stale: python -m runner.recipe.docs > it"
