@@ -1,0 +1,238 @@
+"""Model loading for every stage, and the `model` step that builds a small model from `model.init`.
+
+Every stage loads the base model and its tokenizer through `load_model` / `load_tokenizer`, so hub ids, local folders and
+models built by the model step all take the same `from_pretrained` path, with the same safety switches:
+
+- only safetensors weights are read unless the recipe sets `allow_pickle: true` (a pickle file can run code when loaded);
+- model-shipped Python runs only with `trust_remote_code: true`. We always pass an explicit bool: transformers treats
+  `None` as "ask the user on stdin", which would hang a step.
+
+The model step (planned only when `model.init` is set) trains a real tokenizer on the recipe's training texts, builds a
+DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into
+`out/model`, where downstream stages load it back like any local model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.recipe.models import Model, ModelInit
+from runner.stages import StageError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+CLASSIFY = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+
+
+# --- loading ------------------------------------------------------------------------------------------------------------
+
+
+ModelConfig = dict[str, Any] | Model  # the JSON form from a step's config, or the validated model
+
+
+def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[str, dict[str, Any]]:
+    """What to hand to `from_pretrained`: the id or folder, and the keyword arguments that pin and guard the load.
+
+    hub  -> (hub id, {revision}); path -> (absolute folder, {}); init -> (the model step's `model/` folder, {}).
+    Every source also gets `trust_remote_code` and `use_safetensors` from the recipe.
+    """
+    cfg = Model.model_validate(model_cfg)
+    kwargs: dict[str, Any] = {}
+    if cfg.hub is not None:
+        source = cfg.hub
+        kwargs["revision"] = cfg.revision
+    elif cfg.path is not None:
+        folder = Path(cfg.path).resolve()
+        if not folder.is_dir():
+            # Without this check transformers would take the string for a hub id and fail with an unrelated message.
+            raise StageError(f"model.path {folder} is not a folder; give a folder written by save_pretrained")
+        source = str(folder)
+    else:
+        if "model" not in inputs:
+            raise StageError("model.init is set but the model step's output was not passed in (inputs['model'])")
+        source = str(Path(inputs["model"]) / "model")
+    kwargs["trust_remote_code"] = cfg.trust_remote_code
+    kwargs["use_safetensors"] = not cfg.allow_pickle
+    return source, kwargs
+
+
+def load_tokenizer(model_cfg: ModelConfig, inputs: dict[str, Path]) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, ready for training: a pad token (eos when it has none, as Llama) and right padding."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = pretrained_source(model_cfg, inputs)
+    kwargs.pop("use_safetensors")  # a weights option; tokenizers would keep it as an unknown init kwarg
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, kwargs, "tokenizer")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Llama-like tokenizers ship without one; padded positions are masked by attention_mask (and -100 labels).
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # causal LM training wants the real tokens first; generation sets left itself
+    return tokenizer
+
+
+def load_model(model_cfg: ModelConfig, inputs: dict[str, Path], task: str | None = None, **kwargs: Any) -> PreTrainedModel:
+    """The base model for `task` (default: the recipe's), through `from_pretrained`.
+
+    `kwargs` go through unchanged (num_labels, id2label, label2id, ignore_mismatched_sizes, quantization_config,
+    torch_dtype, device_map ...), except that the recipe's revision, trust_remote_code and use_safetensors always win.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task = task or Model.model_validate(model_cfg).task
+    autos = {CLASSIFY: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
+    if task not in autos:
+        raise StageError(f"unknown task {task!r}; expected one of {sorted(autos)}")
+    source, guarded = pretrained_source(model_cfg, inputs)
+    return _from_pretrained(autos[task].from_pretrained, source, {**kwargs, **guarded}, "model")
+
+
+def _from_pretrained(loader: Callable[..., Any], source: str, kwargs: dict[str, Any], what: str) -> Any:
+    """Call a `from_pretrained`, turning the failures a recipe can fix into StageErrors that say how."""
+    try:
+        return loader(source, **kwargs)
+    except OSError as exc:
+        if kwargs.get("use_safetensors") and "safetensors" in str(exc):
+            raise StageError(
+                f"{source} has no safetensors weights (only pickle `.bin` files?). Pickle files can run code when "
+                "loaded, so they are refused: convert the model to safetensors, or set `model.allow_pickle: true` "
+                f"if you trust its authors. ({exc})"
+            ) from exc
+        raise StageError(f"could not load the {what} from {source}: {exc}") from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise StageError(
+                f"{source} needs to run Python code shipped with it; set `model.trust_remote_code: true` only if "
+                f"you trust its authors. ({exc})"
+            ) from exc
+        raise
+
+
+# --- the model step -----------------------------------------------------------------------------------------------------
+
+
+def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Build `model.init`: a tokenizer trained on the recipe's training texts and a seeded random model, saved to out/model."""
+    from runner.stages import data as data_stage  # imported here: data imports this module for load_tokenizer
+
+    cfg = Model.model_validate(config["model"])
+    if cfg.init is None:
+        raise StageError("the model step builds `model.init`; this recipe has no `model.init`")
+    if cfg.init.architecture == "distilbert" and cfg.task == CAUSAL_LM:
+        raise StageError("a distilbert model cannot be a causal LM; use `architecture: llama` for `task: causal-lm`")
+    seed = int(config["seed"])
+
+    with data_stage.scratch_dir(out) as cache_dir:
+        rows = data_stage.load_rows(config["data"], seed, cfg.task, cache_dir)
+        tokenizer = train_tokenizer(_texts(rows), len(rows), cfg.init)
+        names = data_stage.label_names(config["data"], rows) if cfg.task == CLASSIFY else None
+
+    model = build_model(cfg.init, cfg.task, tokenizer, names, seed)
+    target = out / "model"
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    parameters = model.num_parameters()
+    log.info(
+        "built a %s %s with %d parameters and a %d-token vocabulary", cfg.init.architecture, cfg.task, parameters, len(tokenizer)
+    )
+    return {"parameters": parameters, "vocab_size": len(tokenizer)}
+
+
+def _texts(rows: Any, batch_size: int = 1000) -> Iterator[str]:
+    for batch in rows.iter(batch_size=batch_size):
+        yield from batch["text"]
+
+
+def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer trained on `texts`, with the special tokens of the architecture.
+
+    distilbert: lowercased, [CLS] text [SEP], [PAD]/[UNK]/[MASK]; llama: <s> text, </s> as eos and <pad> of its own.
+    Byte-level BPE for both, not WordPiece for distilbert: tokenizers' WordPieceTrainer assigns its `##` pieces in hash
+    order, so its vocabulary changes from process to process (checked with tokenizers 0.22), while BPE over the sorted
+    byte alphabet is reproducible, and the model step must be. It also never produces an unknown token.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if init.architecture == "distilbert":
+        special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+        single, pair, bracket = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ["[CLS]", "[SEP]"]
+    else:
+        # A pad token of its own (Llama-2 pads with eos) so that a collator masking pads never masks eos.
+        special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+        # Llama prepends <s>; the data step appends eos to training texts, so prompts at inference stay open.
+        single, pair, bracket = "<s> $A", "<s> $A <s>:1 $B:1", ["<s>"]
+    tok = Tokenizer(models.BPE(unk_token=special["unk_token"]))
+    if init.architecture == "distilbert":
+        tok.normalizer = normalizers.Lowercase()  # uncased, as distilbert-base-uncased: more words per small vocabulary
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=init.vocab_size,
+        special_tokens=list(special.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer, length=count)
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(name, tok.token_to_id(name)) for name in bracket]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=init.max_position_embeddings,
+        model_input_names=["input_ids", "attention_mask"],
+        **special,
+    )
+
+
+def build_model(
+    init: ModelInit, task: str, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, seed: int
+) -> PreTrainedModel:
+    """A model with seeded random weights whose config follows `init` and the tokenizer's vocabulary and special ids."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        DistilBertConfig,
+        LlamaConfig,
+        PretrainedConfig,
+    )
+
+    labels: dict[str, Any] = {}
+    if names is not None:
+        labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
+    config: PretrainedConfig
+    if init.architecture == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=len(tokenizer),
+            dim=init.hidden_size,
+            hidden_dim=init.intermediate_size,
+            n_layers=init.num_layers,
+            n_heads=init.num_heads,
+            max_position_embeddings=init.max_position_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            **labels,
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=init.hidden_size,
+            intermediate_size=init.intermediate_size,
+            num_hidden_layers=init.num_layers,
+            num_attention_heads=init.num_heads,
+            num_key_value_heads=init.num_heads,
+            max_position_embeddings=init.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **labels,
+        )
+    auto = AutoModelForSequenceClassification if task == CLASSIFY else AutoModelForCausalLM
+    torch.manual_seed(seed)  # the weights are the only randomness here: same seed, byte-identical safetensors
+    return auto.from_config(config)
