@@ -1,0 +1,676 @@
+"""The train step: full fine-tune, LoRA or QLoRA with transformers' Trainer, peft and bitsandbytes.
+
+Output folder (the stage contract in runner/stages/__init__.py):
+- `model/` (full fine-tune: safetensors, config with the label map, tokenizer) or `adapter/` (peft adapter, tokenizer), each
+  with `labels.json` beside it for classifiers;
+- `metrics.json`, `trainer_state.json`, `loss.png` (train/eval loss curves and the metrics table), `tensorboard/`.
+While it runs the folder also holds `checkpoints/` (and `launch/` under torchrun); both are removed once the step succeeded,
+so the cached result stays small. The step is resumable: a killed attempt's folder comes back, and the next attempt goes on
+from the newest complete checkpoint. Trainer restores the optimizer, scheduler and RNG states from it, so the result equals
+an uninterrupted run's.
+
+Several processes: with `train.distributed` the step relaunches itself through torchrun (`runner.stages.train_worker`),
+one process per device; Trainer then runs DDP (or FSDP with `fsdp`/`fsdp_config`). Multi-node: run the same recipe on every
+machine with MASTER_ADDR, MASTER_PORT (the first machine's address and a free port) and NODE_RANK (0..nnodes-1) set in the
+environment. Every node keeps its own checkpoints and writes the outputs into its own out folder (Trainer's
+save_on_each_node), so each machine can resume and commit the step; TensorBoard events are written on node 0 only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
+from runner.stages import StageError
+from runner.stages import model as model_stage  # called through the module: tests wrap load_model
+
+log = logging.getLogger(__name__)
+
+TrainConfig = FullTrain | LoraTrain | QloraTrain
+CLASSIFIER = "sequence-classification"
+CHECKPOINTS = "checkpoints"
+LAUNCH = "launch"
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+# Classifier heads that a base checkpoint may lack (then freshly initialized): trained and saved with the adapter, or
+# a reloaded base would get different random heads. peft itself adds `classifier` and `score`; DistilBERT also has this.
+EXTRA_HEADS = ("pre_classifier",)
+# How many optimizer steps the gradient guard inspects; fp16 needs more, since the loss scaler skips its first steps
+# (gradients overflow to inf on purpose until the scale has come down).
+GUARD_STEPS = 2
+GUARD_STEPS_FP16 = 20
+
+
+class OutOfMemory(Exception):
+    """An attempt ran out of accelerator memory; `run` retries it with a smaller batch."""
+
+
+# --- the job: parsed config plus what the out-of-memory retry changes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    model: Model
+    train: TrainConfig
+    seed: int
+    inputs: dict[str, Path]
+    out: Path
+    batch_size: int
+    accumulation: int
+    oom_retries: int = 0
+
+    @classmethod
+    def parse(cls, config: dict[str, Any], inputs: dict[str, Path], out: Path) -> Job:
+        train = TypeAdapter(Train).validate_python(config["train"])
+        return cls(
+            model=Model.model_validate(config["model"]),
+            train=train,
+            seed=int(config.get("seed", 42)),
+            inputs={kind: Path(path) for kind, path in inputs.items()},
+            out=Path(out),
+            batch_size=train.batch_size,
+            accumulation=train.gradient_accumulation,
+        )
+
+    @property
+    def model_json(self) -> dict[str, Any]:
+        return self.model.model_dump(mode="json")
+
+    def to_json(self) -> dict[str, Any]:
+        """The form the torchrun workers read back (see train_worker.py)."""
+        return {
+            "config": {"model": self.model_json, "train": self.train.model_dump(mode="json"),
+                       "seed": self.seed},
+            "inputs": {kind: str(path) for kind, path in self.inputs.items()},
+            "out": str(self.out),
+            "retry": {"batch_size": self.batch_size, "accumulation": self.accumulation, "oom_retries": self.oom_retries},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        job = cls.parse(data["config"], data["inputs"], Path(data["out"]))
+        return replace(job, **data["retry"])
+
+
+# --- entry point ---------------------------------------------------------------------------------------------------------
+
+
+def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    job = Job.parse(config, inputs, out)
+    check_hardware(job.train)
+    drop_incomplete_checkpoints(job.out / CHECKPOINTS)
+    attempt = launch_distributed if job.train.distributed else train_here
+    while True:
+        try:
+            metrics = attempt(job)
+            break
+        except OutOfMemory as exc:
+            job = smaller_batch(job, str(exc))
+    # Checkpoints only serve a resume; the committed result keeps the final model alone.
+    shutil.rmtree(job.out / CHECKPOINTS, ignore_errors=True)
+    return metrics
+
+
+def smaller_batch(job: Job, reason: str) -> Job:
+    """Half the batch, twice the accumulation: the same effective batch in less memory."""
+    smaller = job.batch_size // 2
+    if smaller < job.train.min_batch_size:
+        raise StageError(
+            f"out of accelerator memory at batch size {job.batch_size} (min_batch_size is {job.train.min_batch_size}): "
+            "shorten data.max_length, set train.gradient_checkpointing, use qlora, or use a device with more memory "
+            f"({reason.splitlines()[0] if reason else 'no detail'})"
+        )
+    log.warning(
+        "out of memory at batch size %d x accumulation %d; retrying with batch size %d x accumulation %d",
+        job.batch_size, job.accumulation, smaller, job.accumulation * 2,
+    )
+    return replace(job, batch_size=smaller, accumulation=job.accumulation * 2, oom_retries=job.oom_retries + 1)
+
+
+def check_hardware(train: TrainConfig) -> None:
+    """Refuse settings this machine cannot run, before loading anything."""
+    cuda = torch.cuda.is_available()
+    if isinstance(train, QloraTrain) and train.quantization.bits == 4 and not cuda:
+        # Checked here (design.md): on CPU, bitsandbytes repacks 4-bit weights after any no-grad forward and from then
+        # on every gradient is exactly zero; training "runs" and learns nothing.
+        raise StageError(
+            "4-bit QLoRA needs a CUDA GPU: on CPU bitsandbytes' 4-bit layers silently stop passing gradients. "
+            "Use `quantization.bits: 8` (8-bit QLoRA trains on CPU), `method: lora`, or run on a GPU."
+        )
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported()
+    if train.precision == "fp16" and not cuda:
+        raise StageError("`precision: fp16` needs a CUDA GPU; use `fp32` (or `bf16`) on CPU")
+    if train.precision == "bf16" and not bf16_ok:
+        raise StageError("this GPU has no bfloat16 support (needs compute capability 8.0+); use `precision: fp16` or fp32")
+    if isinstance(train, QloraTrain) and train.quantization.compute_dtype == "bfloat16" and not bf16_ok:
+        raise StageError("this GPU has no bfloat16 support; set `quantization.compute_dtype: float16`")
+    if train.distributed and _backend(train) == "nccl" and not cuda:
+        raise StageError("`distributed.backend: nccl` needs CUDA GPUs; use `gloo` (or `auto`) on CPU")
+
+
+# --- one attempt in this process (also what every torchrun worker runs) ----------------------------------------------
+
+
+def train_here(job: Job) -> dict[str, Any]:
+    try:
+        return _train_once(job)
+    except torch.cuda.OutOfMemoryError as exc:
+        reason = str(exc)
+    # Outside the except block the traceback, and the frames holding the model, are gone, so the memory can be freed.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise OutOfMemory(reason)
+
+
+def _train_once(job: Job) -> dict[str, Any]:
+    started = time.perf_counter()
+    set_seed(job.seed)  # before the model is built: fresh heads and LoRA matrices start the same on every run
+    labels = read_labels(job.inputs["data"])
+    splits = read_splits(job.inputs["data"])
+    tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    model = build_model(job, labels, tokenizer)
+    counts = parameter_counts(model)
+    trainer = make_trainer(job, model, tokenizer, splits)
+    # The starting point (chance for a fresh classifier head) for the metrics and the loss plot. Deterministic, and
+    # every attempt runs it at the same point, so it cannot make a resumed run differ from an uninterrupted one.
+    before = trainer.evaluate()
+    resume = resume_point(job.out / CHECKPOINTS)
+    if resume is not None:
+        log.info("resuming from %s (step %d)", resume, checkpoint_step(resume))
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    after = final_eval(trainer)
+    metrics = {
+        "method": job.train.method,
+        **loss_metrics(trainer.state.log_history, job.model.task, before, after),
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "world_size": trainer.args.world_size,
+        **counts,
+        "batch_size": job.batch_size,
+        "gradient_accumulation": job.accumulation,
+        "effective_batch_size": job.batch_size * job.accumulation * trainer.args.world_size,
+        "oom_retries": job.oom_retries,
+        "resumed_from_step": checkpoint_step(resume) if resume else None,
+        "train_runtime_s": round(result.metrics["train_runtime"], 3),
+    }
+    save_outputs(trainer, job, labels, metrics, started)
+    return metrics
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------------
+
+
+def read_labels(data: Path) -> dict[str, Any] | None:
+    path = data / "labels.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_splits(data: Path):  # noqa: ANN201 - datasets.DatasetDict
+    from datasets import load_from_disk
+
+    splits = load_from_disk(str(data / "dataset"))
+    missing = {"train", "test"} - set(splits)
+    if missing:
+        raise StageError(f"the data step's dataset lacks the split(s) {sorted(missing)}")
+    # Only model inputs go to the collator (the `text` column would break padding); done here rather than through
+    # Trainer's signature inspection, which cannot see through a peft wrapper's **kwargs.
+    return splits.select_columns([c for c in MODEL_COLUMNS if c in splits["train"].column_names])
+
+
+# --- model -----------------------------------------------------------------------------------------------------------
+
+
+def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {}
+    if job.model.task == CLASSIFIER:
+        kwargs |= classifier_kwargs(labels, tokenizer)
+    if isinstance(job.train, QloraTrain):
+        kwargs |= {"quantization_config": bnb_config(job.train), "device_map": {"": _device()}}
+    model = model_stage.load_model(job.model_json, job.inputs, job.model.task, **kwargs)
+    if isinstance(job.train, FullTrain):
+        return model
+    if isinstance(job.train, QloraTrain):
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms/heads to fp32 and makes the embedding output require grad (needed with checkpointing).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=job.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return add_lora(model, job)
+
+
+def classifier_kwargs(labels: dict[str, Any] | None, tokenizer: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id  # Llama-like classifiers need it to find the last token
+    if labels is None:
+        return kwargs
+    id2label = {int(i): name for i, name in labels["id2label"].items()}
+    # The label map rides in the model config from here to export and serving. A base whose head has another size gets
+    # a fresh head of the right size instead of a load error.
+    return kwargs | {
+        "num_labels": len(id2label), "id2label": id2label, "label2id": dict(labels["label2id"]),
+        "ignore_mismatched_sizes": True,
+    }
+
+
+def bnb_config(train: QloraTrain):  # noqa: ANN201 - transformers.BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    q = train.quantization
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def add_lora(model: PreTrainedModel, job: Job) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = job.train.lora  # type: ignore[union-attr]
+    classifier = job.model.task == CLASSIFIER
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type] # annotated int; peft scales by alpha / r in floats
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
+        modules_to_save=[h for h in EXTRA_HEADS if h in names] if classifier else None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise StageError(f"LoRA target_modules do not fit this model ({exc}); its linear layers are: {linear}") from exc
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    peft_counts = getattr(model, "get_nb_trainable_parameters", None)
+    if callable(peft_counts):  # peft counts packed 4-bit weights at their real size
+        trainable, total = peft_counts()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": int(trainable), "total_params": int(total)}
+
+
+def _device() -> int | str:
+    return int(os.environ.get("LOCAL_RANK", 0)) if torch.cuda.is_available() else "cpu"
+
+
+# --- trainer ---------------------------------------------------------------------------------------------------------
+
+
+def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) -> Trainer:
+    classifier = job.model.task == CLASSIFIER
+    collator = (
+        DataCollatorWithPadding(tokenizer)
+        if classifier
+        # Pads input_ids/attention_mask with the tokenizer and labels with -100 (ignored by the loss), on the same side.
+        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
+    )
+    return Trainer(
+        model=model,
+        args=training_arguments(job),
+        train_dataset=splits["train"],
+        eval_dataset=splits["test"],
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=classifier_metrics if classifier else None,
+        callbacks=[
+            GradientGuard(GUARD_STEPS_FP16 if job.train.precision == "fp16" else GUARD_STEPS),
+            LogAtCheckpoints(),
+        ],
+    )
+
+
+def training_arguments(job: Job) -> TrainingArguments:
+    t = job.train
+    dist = t.distributed
+    return TrainingArguments(
+        output_dir=str(job.out / CHECKPOINTS),
+        num_train_epochs=float(t.epochs),
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=job.batch_size,
+        per_device_eval_batch_size=job.batch_size,
+        gradient_accumulation_steps=job.accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without the enable_input_require_grads hook.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        eval_strategy=t.eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,  # the newest may be half-written when the step is killed; the one before is still whole
+        save_on_each_node=bool(dist and dist.nnodes > 1),  # every machine resumes from, and commits, its own folder
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        logging_dir=str(job.out / "tensorboard"),
+        report_to=["tensorboard"],
+        seed=job.seed,
+        data_seed=job.seed,
+        label_names=["labels"],  # Trainer cannot read them off a peft model's forward signature
+        remove_unused_columns=False,  # read_splits already kept only model inputs
+        ddp_backend=_backend(t) if dist else None,
+        fsdp=(dist.fsdp or "") if dist else "",
+        fsdp_config=dist.fsdp_config if dist else None,
+        save_safetensors=True,
+    )
+
+
+def _backend(train: TrainConfig) -> str:
+    chosen = train.distributed.backend if train.distributed else "auto"
+    return ("nccl" if torch.cuda.is_available() else "gloo") if chosen == "auto" else chosen
+
+
+def classifier_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Accuracy and macro F1 (sklearn's definition: the mean F1 over every label in the truth or the predictions)."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted = np.argmax(logits, axis=-1)
+    truth = np.asarray(prediction.label_ids)
+    f1 = []
+    for label in np.union1d(truth, predicted):
+        tp = np.sum((predicted == label) & (truth == label))
+        wrong = np.sum((predicted == label) != (truth == label))  # false positives + false negatives
+        f1.append(2 * tp / (2 * tp + wrong))
+    return {"accuracy": float(np.mean(predicted == truth)), "f1": float(np.mean(f1))}
+
+
+class GradientGuard(TrainerCallback):
+    """Fails the step when the first optimizer steps get no usable gradient at all.
+
+    A model can "train" with every gradient exactly zero (4-bit bitsandbytes layers on CPU after an eval pass, a frozen
+    graph, a detached loss) or non-finite; the loss curve then looks plausible while nothing is learned. The check runs in
+    on_pre_optimizer_step: gradients are complete there (accumulated, clipped and, under DDP, all-reduced); by
+    on_step_end Trainer has already zeroed them.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.checked = 0
+        self.usable = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+        if self.checked >= self.steps or model is None:
+            return
+        self.checked += 1
+        self.usable += has_usable_gradient(model)
+        if self.checked == self.steps:
+            self._verdict(state.global_step + 1)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if 0 < self.checked < self.steps:  # a run shorter than the window still gets its verdict
+            self._verdict(state.global_step)
+
+    def _verdict(self, step: int) -> None:
+        if self.usable == 0:
+            raise StageError(
+                f"gradient guard: in the first {self.checked} optimizer step(s) (up to step {step}) every trainable "
+                "gradient was exactly zero or not finite, so training would learn nothing. Common causes: 4-bit "
+                "QLoRA on CPU (use 8-bit or a GPU), fp16 overflow (use bf16 or fp32), a learning setup with no "
+                "trainable parameter on the loss path."
+            )
+
+
+class LogAtCheckpoints(TrainerCallback):
+    """Logs the training loss at every checkpoint and at the last step, on top of `logging_steps`.
+
+    A logged loss is the mean since the previous log, and a resumed run restarts that interval at its checkpoint. Logging
+    at each checkpoint makes the intervals of a resumed run the same as an uninterrupted one's, so the log history (and
+    the mean train loss computed from it) comes out equal; logging at the end leaves no step out of that mean.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if control.should_save or control.should_training_stop:
+            control.should_log = True
+        return control
+
+
+def has_usable_gradient(model: torch.nn.Module) -> bool:
+    for param in model.parameters():
+        grad = param.grad
+        if param.requires_grad and grad is not None and bool(((grad != 0) & torch.isfinite(grad)).any()):
+            return True
+    return False
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states): if it parses, the
+    checkpoint is whole. A step killed while saving leaves a folder without it, or with a truncated one."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resume_point(folder: Path) -> Path | None:
+    """The newest complete checkpoint (transformers' get_last_checkpoint takes the newest folder, whole or not)."""
+    return next((c for c in _checkpoints(folder) if is_complete(c)), None)
+
+
+def drop_incomplete_checkpoints(folder: Path) -> None:
+    """Remove half-written checkpoints, so checkpoint rotation and the resume never meet them."""
+    for checkpoint in _checkpoints(folder):
+        if not is_complete(checkpoint):
+            log.warning("removing incomplete checkpoint %s (the previous attempt was killed while saving it)", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+# --- results ---------------------------------------------------------------------------------------------------------
+
+
+def final_eval(trainer: Trainer) -> dict[str, float]:
+    """The eval at the last step: reused when the eval strategy just ran it, else run now."""
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return last
+    return trainer.evaluate()
+
+
+def loss_metrics(history: list[dict[str, Any]], task: str, before: dict, after: dict) -> dict[str, Any]:
+    names = ("loss", "accuracy", "f1") if task == CLASSIFIER else ("loss",)
+    metrics: dict[str, Any] = {"train_loss": mean_train_loss(history)}
+    metrics["train_loss_last"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
+    for name in names:
+        metrics[f"eval_{name}_before"] = before.get(f"eval_{name}")
+        metrics[f"eval_{name}"] = after.get(f"eval_{name}")
+    if task != CLASSIFIER:
+        metrics["eval_perplexity_before"] = perplexity(before.get("eval_loss"))
+        metrics["eval_perplexity"] = perplexity(after.get("eval_loss"))
+    return metrics
+
+
+def mean_train_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over all steps, from the log history (which comes back with a checkpoint).
+
+    Trainer's own `train_loss` divides the loss summed since the *resume* by all steps, so it is wrong after a resume.
+    Each logged value is the mean since the previous log: weighted by interval length (LogAtCheckpoints keeps the
+    intervals whole across a resume).
+    """
+    total, steps, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and "step" in entry:
+            span = entry["step"] - previous
+            total, steps, previous = total + entry["loss"] * span, steps + span, entry["step"]
+    return round(total / steps, 6) if steps else None
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+
+
+def save_outputs(trainer: Trainer, job: Job, labels: dict | None, metrics: dict[str, Any], started: float) -> None:
+    target = job.out / ("model" if isinstance(job.train, FullTrain) else "adapter")
+    trainer.save_model(str(target))  # on every rank: under FSDP saving gathers the shards; only savers write
+    if not trainer.args.should_save:  # rank 0, or each node's local rank 0 with save_on_each_node
+        return
+    (target / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments; nothing downstream reads it
+    if labels is not None:
+        (target / "labels.json").write_text(json.dumps(labels, indent=2))
+    if target.name == "adapter":
+        metrics["adapter_bytes"] = sum(p.stat().st_size for p in target.glob("adapter_model.*"))
+    metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
+    trainer.state.save_to_json(str(job.out / "trainer_state.json"))
+    (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_losses(trainer.state.log_history, metrics, job.out / "loss.png")
+    log.info("trained %d steps: %s", metrics["steps"], {k: v for k, v in metrics.items() if k.startswith("eval_")})
+
+
+def plot_losses(history: list[dict[str, Any]], metrics: dict[str, Any], path: Path) -> None:
+    # The object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 5))
+    FigureCanvasAgg(figure)
+    curves, table = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(0, metrics["eval_loss_before"])] + [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
+        if points:
+            curves.plot(*zip(*points, strict=True), style, label=label)
+    curves.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    table.axis("off")
+    rows = [[name, _cell(value)] for name, value in metrics.items() if value is not None]
+    table.table(cellText=rows, colLabels=["metric", "value"], loc="center").scale(1, 1.2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# --- several processes: torchrun ---------------------------------------------------------------------------------------
+
+
+def launch_distributed(job: Job) -> dict[str, Any]:
+    """Run the attempt as `torchrun ... -m runner.stages.train_worker`; the workers write the outputs, we read them."""
+    folder = job.out / LAUNCH
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (job.out / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this attempt's result
+    spec = folder / "job.json"
+    spec.write_text(json.dumps(job.to_json()))
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job.train), "-m",
+               "runner.stages.train_worker", str(spec)]
+    log.info("launching: %s", " ".join(command))
+    code, tail = _stream(command)
+    failure = worker_failure(folder)
+    if failure == "oom":
+        raise OutOfMemory("a worker ran out of accelerator memory")
+    if failure:
+        raise StageError(failure)
+    if code != 0 or not (job.out / "metrics.json").exists():
+        raise StageError(f"torchrun exited with status {code}; its last lines:\n" + "".join(tail))
+    shutil.rmtree(folder, ignore_errors=True)
+    return json.loads((job.out / "metrics.json").read_text())
+
+
+def torchrun_args(train: TrainConfig) -> list[str]:
+    dist = train.distributed
+    assert dist is not None
+    args = ["--nproc_per_node", str(dist.nproc_per_node), "--nnodes", str(dist.nnodes)]
+    if dist.nnodes == 1:
+        return [*args, "--standalone"]  # a free local port, no rendezvous setup
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if name not in os.environ]
+    if missing:
+        raise StageError(
+            f"multi-node training (nnodes={dist.nnodes}) needs {', '.join(missing)} in the environment on every machine: "
+            "MASTER_ADDR/MASTER_PORT of node 0, and NODE_RANK 0..nnodes-1"
+        )
+    return [*args, "--node_rank", os.environ["NODE_RANK"], "--master_addr", os.environ["MASTER_ADDR"],
+            "--master_port", os.environ["MASTER_PORT"]]
+
+
+def _stream(command: list[str]) -> tuple[int, deque[str]]:
+    """Run the command, passing its output line by line to our log (the executor's step log) and keeping the tail."""
+    root = str(Path(__file__).resolve().parents[2])  # the workers import `runner` from the same tree as we do
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.info("%s", line.rstrip())
+            tail.append(line)
+    return process.returncode, tail
+
+
+def worker_failure(folder: Path) -> str | None:
+    """What a worker reported before it exited: "oom", a StageError message, or None."""
+    if any(folder.glob("oom-*")):
+        return "oom"
+    reports = sorted(folder.glob("error-*"))
+    return reports[0].read_text() if reports else None
+
+
+def report_failure(job: Job, rank: int, exc: BaseException) -> None:
+    """Called by a worker: leave the reason where launch_distributed looks for it."""
+    folder = job.out / LAUNCH
+    if isinstance(exc, OutOfMemory):
+        (folder / f"oom-{rank}").write_text(str(exc))
+    else:
+        (folder / f"error-{rank}").write_text(str(exc))
+
