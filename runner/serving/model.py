@@ -1,0 +1,282 @@
+"""The served model: an ONNX Runtime session and tokenizer over an exported artifact folder, plus the offline helpers.
+
+The server and the offline helpers both go through `load_model`, so tokenization and session settings cannot drift
+between what is served and what the smoke test compares it with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+# Ops that only appear in a quantized graph (dynamic int8, QOperator, QDQ and 4-bit weight-only layouts).
+QUANT_OPS = frozenset(
+    {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "ConvInteger",
+     "QuantizeLinear", "DequantizeLinear", "QAttention", "MatMulNBits"}
+)
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class InputError(ValueError):
+    """A request the model cannot take (longer than its context); the server answers 422 with this message."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    name: str
+    task: str  # "sequence-classification" or "causal-lm", as in the recipe's model.task
+    sha256: str
+    quantized: bool
+    quantization_ops: list[str]
+    labels: list[str] | None
+    max_positions: int
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """The one place session settings live: served and offline outputs must come from identical sessions."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # ORT's warnings about unused initializers are noise in a server log
+    # Idle ORT worker threads spin by default, burning the cores that the event loop, the tokenizer and concurrent
+    # requests need (on a shared 2-core machine: about 1.6x more texts per CPU-second with spinning off).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def scan_artifact(artifact_dir: Path) -> tuple[str, list[str]]:
+    """sha256 over model.onnx then its external-data files (sorted), and the quantization ops found in the graph.
+
+    With no external data the hash equals `sha256sum model.onnx`, so anyone can check it by hand."""
+    import onnx  # only the graph structure is read; the weights in external files are hashed, not loaded
+
+    model_path = artifact_dir / "model.onnx"
+    proto = onnx.load(str(model_path), load_external_data=False)
+    external = sorted(
+        {entry.value for tensor in proto.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+         for entry in tensor.external_data if entry.key == "location"}
+    )
+    ops = sorted({node.op_type for node in proto.graph.node} & QUANT_OPS)
+    del proto
+    digest = hashlib.sha256()
+    for path in [model_path, *(artifact_dir / name for name in external)]:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest(), ops
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _labels(artifact_dir: Path, config: dict[str, Any]) -> list[str] | None:
+    id2label = _read_json(artifact_dir / "labels.json").get("id2label") or config.get("id2label")
+    if not id2label:
+        return None
+    return [id2label[key] for key in sorted(id2label, key=int)]
+
+
+def detect_task(artifact_dir: Path) -> str:
+    """The model's task from config.json's architecture (cheap: the server registers its routes before loading);
+    when the name says nothing, from the rank of the graph's `logits` output (2: classifier, 3: causal LM)."""
+    for arch in _read_json(Path(artifact_dir) / "config.json").get("architectures") or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+        if arch.endswith("ForCausalLM"):
+            return "causal-lm"
+    import onnx
+
+    graph = onnx.load(str(Path(artifact_dir) / "model.onnx"), load_external_data=False).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    return "sequence-classification" if len(logits.type.tensor_type.shape.dim) == 2 else "causal-lm"
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+class _Base:
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo) -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.info = info
+        self.input_names = {i.name for i in session.get_inputs()}
+
+
+def length_groups(lengths: list[int], slack: float = 0.25) -> list[list[int]]:
+    """Indices grouped by similar length, so that padding adds at most `slack` to each group's real tokens.
+
+    One padded run over texts of 8 and 30 words costs more than the texts alone: attention and the feed-forward layers
+    work on every pad position. Sorted, similar-length groups keep most of batching's gain without paying for padding."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > (1 + slack) * (tokens + lengths[i]):
+            groups.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    return [*groups, current] if current else groups
+
+
+class Classifier(_Base):
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo, pad_id: int) -> None:
+        super().__init__(session, tokenizer, info)
+        self.pad_id = pad_id
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Label and per-label probabilities for each text: one ORT run per group of similar-length texts."""
+        encodings = self.tokenizer.encode_batch(texts)
+        probs: np.ndarray | None = None
+        for group in length_groups([len(e.ids) for e in encodings]):
+            width = max(len(encodings[i].ids) for i in group)
+            ids = np.full((len(group), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(group), width), dtype=np.int64)
+            for row, i in enumerate(group):  # right padding, as transformers' tokenizers do
+                ids[row, : len(encodings[i].ids)] = encodings[i].ids
+                mask[row, : len(encodings[i].ids)] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self.input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            (logits,) = self.session.run(["logits"], feeds)
+            if probs is None:
+                probs = np.empty((len(texts), logits.shape[1]))
+            probs[group] = _softmax(logits.astype(np.float64))
+        assert probs is not None  # texts is never empty: the request model and the batcher guarantee it
+        labels = self.info.labels or [str(i) for i in range(probs.shape[1])]
+        return [
+            {"label": labels[int(row.argmax())], "scores": {label: float(p) for label, p in zip(labels, row, strict=True)}}
+            for row in probs
+        ]
+
+    def warmup(self) -> None:
+        self.predict(["warm up"])
+
+
+def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = _softmax(logits.astype(np.float64) / temperature)
+    if top_p < 1:
+        order = np.argsort(-probs)
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]  # smallest set with mass >= top_p
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class Generator(_Base):
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo,
+                 config: dict[str, Any], eos_ids: set[int]) -> None:
+        super().__init__(session, tokenizer, info)
+        self.eos_ids = eos_ids
+        heads = config.get("num_key_value_heads") or config.get("num_attention_heads", 1)
+        head_dim = config.get("head_dim") or config.get("hidden_size", 1) // config.get("num_attention_heads", 1)
+        # Empty past tensors for the first step: [batch, heads, 0, head_dim], dims the graph left symbolic from config.
+        self.empty_past = {
+            i.name: np.zeros(
+                [1, i.shape[1] if isinstance(i.shape[1], int) else heads, 0,
+                 i.shape[3] if isinstance(i.shape[3], int) else head_dim], dtype=_DTYPES[i.type])
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")
+        }
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def generate(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Greedy (temperature 0) or sampled decoding, feeding the KV cache back between steps; stops at eos."""
+        prompt_ids = self.tokenizer.encode(prompt).ids
+        if len(prompt_ids) + max_new_tokens > self.info.max_positions:
+            raise InputError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's {self.info.max_positions} positions")
+        rng = np.random.default_rng(seed)
+        past = dict(self.empty_past)
+        step_ids, total, out, finish = prompt_ids, len(prompt_ids), [], "length"
+        for _ in range(max_new_tokens):
+            if stop is not None and stop.is_set():  # the request timed out: stop spending CPU on it
+                finish = "cancelled"
+                break
+            feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
+                     "attention_mask": np.ones((1, total), dtype=np.int64), **past}
+            if "position_ids" in self.input_names:
+                feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
+            outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+            token = _pick(outputs["logits"][0, -1], temperature, top_p, rng)
+            if token in self.eos_ids:
+                finish = "eos"
+                break
+            out.append(token)
+            total += 1
+            if past:  # with a KV cache only the new token goes in; without one, the whole sequence again
+                past = {name: outputs[name.replace("past_key_values", "present")] for name in past}
+                step_ids = [token]
+            else:
+                step_ids = prompt_ids + out
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        return {"text": text, "tokens": out, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
+
+    def warmup(self) -> None:
+        self.generate("warm up", max_new_tokens=2)
+
+
+def load_model(artifact_dir: Path, threads: int = 0) -> Classifier | Generator:
+    """Load an artifact folder (model.onnx, config.json, tokenizer.json, labels.json for classifiers)."""
+    artifact_dir = Path(artifact_dir)
+    config = _read_json(artifact_dir / "config.json")
+    tok_config = _read_json(artifact_dir / "tokenizer_config.json")
+    session = ort.InferenceSession(
+        str(artifact_dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    sha256, quant_ops = scan_artifact(artifact_dir)
+    task = detect_task(artifact_dir)
+    max_positions = min(config.get("max_position_embeddings") or 2048, int(tok_config.get("model_max_length", 1 << 30)))
+    labels = _labels(artifact_dir, config) if task == "sequence-classification" else None
+    info = ArtifactInfo(
+        name=(config.get("architectures") or [config.get("model_type", artifact_dir.name)])[0], task=task,
+        sha256=sha256, quantized=bool(quant_ops), quantization_ops=quant_ops, labels=labels, max_positions=max_positions,
+    )
+    tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    if task == "causal-lm":
+        eos = config.get("eos_token_id", _read_json(artifact_dir / "generation_config.json").get("eos_token_id"))
+        eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+        return Generator(session, tokenizer, info, config, eos_ids)
+    pad_token = _token_text(tok_config.get("pad_token"))
+    pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
+    pad_id = pad_id if pad_id is not None else config.get("pad_token_id") or 0
+    tokenizer.enable_truncation(max_length=max_positions)  # like transformers' truncation=True: the model can't take more
+    return Classifier(session, tokenizer, info, pad_id)
+
+
+def predict_offline(artifact_dir: Path, texts: list[str], threads: int = 0) -> list[dict[str, Any]]:
+    """What /predict answers for `texts`, computed in-process (same tokenization and session settings)."""
+    model = load_model(artifact_dir, threads)
+    if not isinstance(model, Classifier):
+        raise TypeError(f"{artifact_dir} holds a {model.info.task} model, not a classifier")
+    return model.predict(texts)
+
+
+def generate_offline(artifact_dir: Path, prompt: str, max_new_tokens: int = 16, *, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, threads: int = 0) -> dict[str, Any]:
+    """What /generate answers for `prompt`, computed in-process (same tokenization and session settings)."""
+    model = load_model(artifact_dir, threads)
+    if not isinstance(model, Generator):
+        raise TypeError(f"{artifact_dir} holds a {model.info.task} model, not a causal LM")
+    return model.generate(prompt, max_new_tokens, temperature, top_p, seed)

@@ -1,0 +1,52 @@
+"""Run the app with uvicorn: `serve()` in-process, or `python -m runner.serving` as its own process (the smoke stage).
+
+The API key never goes on the command line (every local user can read it from `ps`): `--api-key-env VAR` names an
+environment variable that holds it, and a named but empty variable stops the server instead of starting it unprotected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import uvicorn
+
+from runner.serving.app import create_app
+from runner.serving.settings import ServerSettings
+
+
+def serve(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
+          access_log: bool = False) -> None:
+    """Serve until interrupted. Loopback by default: exposing a model is a decision, so `host` must be given for it."""
+    app = create_app(Path(artifact_dir), settings or ServerSettings())
+    # A short graceful shutdown: the smoke stage sends SIGTERM and only waits a few seconds before SIGKILL.
+    uvicorn.run(app, host=host, port=port, access_log=access_log, timeout_graceful_shutdown=3, log_level="info")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runner.serving", description="Serve an ONNX artifact folder.")
+    parser.add_argument("--artifact", type=Path, required=True, help="Folder with model.onnx, config.json, tokenizer.")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key-env", metavar="VAR", help="Environment variable holding the API key.")
+    parser.add_argument("--access-log", action="store_true", help="Log every request (off: it costs throughput).")
+    # One flag per setting, generated from the model, so the CLI cannot fall behind ServerSettings.
+    for name, field in ServerSettings.model_fields.items():
+        if name != "api_key":
+            kind = int if field.annotation is int else float  # every setting but the key is an int or a float
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=field.description)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name, None) is not None}
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise SystemExit(f"--api-key-env {args.api_key_env}: the variable is unset or empty; not starting unprotected")
+        values["api_key"] = key
+    serve(args.artifact, args.host, args.port, ServerSettings(**values), access_log=args.access_log)
