@@ -415,6 +415,10 @@ class Recipe(Strict):
         onnx_quantize = self.quantize is not None and self.quantize.method.startswith("onnx-")
         if onnx_quantize and (self.export is None or self.export.format != "onnx"):
             raise ValueError("an ONNX quantize needs an `export` section with `format: onnx`")
+        fused = self.export is not None and (self.export.optimization_level or 0) >= 2
+        if onnx_quantize and fused:
+            raise ValueError("ONNX Runtime cannot quantize a fused graph: use `export.optimization_level` 0 or 1 with an "
+                             "ONNX quantize")
         if self.serve is not None and (self.export is None or self.export.format != "onnx"):
             raise ValueError("a `serve` section needs an `export` section with `format: onnx` (the server runs ONNX)")
         if self.serve is not None:

@@ -50,6 +50,9 @@ STAGES: dict[str, StageSpec] = {
     "data": StageSpec("data", "runner.stages.data", 1, ("datasets", "transformers", "tokenizers")),
     "train": StageSpec("train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True),
     "export": StageSpec("export", "runner.stages.export", 1, (*_TORCH, "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime")),
-    "quantize": StageSpec("quantize", "runner.stages.quantize", 1, (*_TORCH, "onnx", "onnxruntime", "bitsandbytes")),
+    "quantize": StageSpec(
+        "quantize", "runner.stages.quantize", 1,
+        (*_TORCH, "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime", "bitsandbytes"),
+    ),
     "serve": StageSpec("serve", "runner.stages.serve", 1, ("onnxruntime", "fastapi", "uvicorn", "tokenizers")),
 }

@@ -1,0 +1,147 @@
+"""Quantize stage: ONNX Runtime dynamic and static int8 of the tiny exports, bitsandbytes 8/4-bit of the merged models
+(both load and run on CPU with bitsandbytes 0.50), sizes and metric drops reported, the drop gate enforced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_stage_export import classifier_export_for, classifier_inputs_for, llama_export_for, llama_inputs_for
+
+
+@pytest.fixture(scope="session")
+def classifier_inputs(tiny_classifier_dir, tmp_path_factory) -> dict[str, Path]:
+    return classifier_inputs_for(tiny_classifier_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    return llama_inputs_for(tiny_llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def classifier_export(tiny_classifier_dir, classifier_inputs, tmp_path_factory) -> tuple[Path, dict]:
+    return classifier_export_for(tiny_classifier_dir, classifier_inputs, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_export(tiny_llama_dir, llama_inputs, tmp_path_factory) -> tuple[Path, dict]:
+    return llama_export_for(tiny_llama_dir, llama_inputs, tmp_path_factory)
+
+
+def quantize_config(model_dir: Path, task: str, **quantize) -> dict:
+    return {"model": {"path": str(model_dir), "task": task}, "quantize": quantize, "seed": 0}
+
+
+def onnx_inputs(inputs: dict[str, Path], export_out: Path) -> dict[str, Path]:
+    return {"export": export_out, "data": inputs["data"]}
+
+
+def test_cpu_preset_is_detected():
+    from runner.stages.quantize import cpu_preset
+
+    preset, reason = cpu_preset()
+    assert preset in {"avx512_vnni", "avx512", "avx2", "arm64"} and reason
+
+
+def test_dynamic_int8_classifier(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
+    import onnx
+
+    from runner.stages import quantize
+
+    config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-dynamic-int8", eval_samples=24)
+    report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)
+    files = {p.name for p in (tmp_path / "onnx").iterdir()}
+    assert {"model.onnx", "config.json", "labels.json", "tokenizer.json"} <= files
+    assert report["size_after_bytes"] < report["size_before_bytes"] and report["metric"] == "accuracy"
+    assert report["comparison"]["samples"] == 24 and report["metric_drop"] <= 0.01
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    assert json.loads((tmp_path / "quantize_report.json").read_text()) == report
+
+
+def test_static_int8_llama_with_past(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
+    import onnx
+
+    from runner.stages import quantize
+
+    config = quantize_config(
+        tiny_llama_dir,
+        "causal-lm",
+        method="onnx-static-int8",
+        calibration_samples=16,
+        eval_samples=16,
+        max_metric_drop=0.2,
+    )
+    report = quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
+    assert report["format"] == "QDQ" and report["calibration_samples"] == 16 and report["metric"] == "loss"
+    assert report["size_after_bytes"] < report["size_before_bytes"] and abs(report["metric_drop"]) <= 0.2
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and not (tmp_path / "_calibration").exists()
+
+
+def test_static_int8_classifier(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
+    from runner.stages import quantize
+
+    config = quantize_config(
+        tiny_classifier_dir,
+        "sequence-classification",
+        method="onnx-static-int8",
+        calibration_samples=16,
+        eval_samples=24,
+        max_metric_drop=1.0,
+    )
+    report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)
+    assert report["size_after_bytes"] < report["size_before_bytes"]
+    assert report["comparison"]["top1_agreement"] >= 0.5
+
+
+def test_drop_gate_fails(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
+    """int8 moves a causal LM's loss by a little; with max_metric_drop 0 any increase must fail the step."""
+    from runner.stages import StageError, quantize
+
+    config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-dynamic-int8", eval_samples=16, max_metric_drop=0)
+    with pytest.raises(StageError, match=r"lost too much: loss .* > max_metric_drop 0"):
+        quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
+    report = json.loads((tmp_path / "quantize_report.json").read_text())  # written before the gate, for the post-mortem
+    assert report["metric_drop"] > 0
+
+
+@pytest.mark.parametrize("method", ["bnb-8bit", "bnb-4bit"])
+def test_bnb_lora_llama_on_cpu(method, tiny_llama_dir, llama_inputs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from runner.stages import quantize
+
+    config = quantize_config(tiny_llama_dir, "causal-lm", method=method, eval_samples=8, max_metric_drop=0.5)
+    report = quantize.run(config, {"train": llama_inputs["train"], "data": llama_inputs["data"]}, tmp_path)
+    assert report["merge"]["merged"] and report["size_after_bytes"] < report["size_before_bytes"]
+    assert not (tmp_path / "_merged").exists() and (tmp_path / "model" / "tokenizer.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "cpu"})
+    key = "load_in_8bit" if method == "bnb-8bit" else "load_in_4bit"
+    assert getattr(reloaded.config.quantization_config, key)
+
+
+def test_bnb_8bit_classifier_full(tiny_classifier_dir, classifier_inputs, tmp_path):
+    from runner.stages import quantize
+
+    config = quantize_config(
+        tiny_classifier_dir, "sequence-classification", method="bnb-8bit", eval_samples=24, max_metric_drop=1.0
+    )
+    report = quantize.run(config, classifier_inputs, tmp_path)
+    assert report["merge"] == {"merged": False} and (tmp_path / "model" / "labels.json").is_file()
+    assert report["size_after_bytes"] < report["size_before_bytes"]
+
+
+def test_fused_export_is_refused_clearly(tiny_classifier_dir, classifier_inputs, tmp_path):
+    """ORT's quantizer crashes on fused contrib ops; the stage says which export setting to change instead."""
+    from runner.stages import StageError, export, quantize
+    from tests.test_stage_export import classifier_config
+
+    export.run(classifier_config(tiny_classifier_dir, optimization_level=99, validation_samples=4), classifier_inputs, tmp_path)
+    config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-dynamic-int8")
+    (tmp_path / "q").mkdir()
+    with pytest.raises(StageError, match="optimization_level"):
+        quantize.run(config, onnx_inputs(classifier_inputs, tmp_path), tmp_path / "q")
