@@ -234,6 +234,13 @@ def _artifact_of(args: argparse.Namespace) -> Path:
     raise UsageError(f"nothing to serve for {loaded.recipe.name}: run it first (`recipe run {args.recipe}`)")
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when every recipe fits, 1 when one does not, 2 on bad input."""
+    from runner.hardware import doctor
+
+    return doctor(args.recipes + args.overrides, args.json, args.profile)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from runner.recipe.schema import schema_json
 
@@ -322,6 +329,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding an API key to require")
+    p = sub.add_parser("doctor", help="Check recipes against this machine or a hardware profile: needs and memory.")
+    p.add_argument("recipes", nargs="*", help="recipe names or paths (default: every recipe under ./recipes); overrides")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--profile", metavar="NAME_OR_FILE", help="check against a hardware profile instead of this machine")
+    p.set_defaults(func=cmd_doctor, overrides=[])
     p = sub.add_parser("schema", help="Print the recipe JSON schema.")
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("cache", help="Inspect and maintain the step cache.")

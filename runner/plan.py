@@ -15,10 +15,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from runner import stages
 from runner.cache import Cache, HashMemo
 from runner.recipe import Loaded, Recipe
 from runner.recipe.schema import field_has
-from runner.stages import STAGES
 
 ORDER = ("model", "data", "train", "export", "quantize", "serve")
 
@@ -57,7 +57,8 @@ def step_configs(recipe: Recipe) -> list[Step]:
             add("quantize", recipe.quantize, ["train", "data", *base])
     if recipe.serve is not None:
         onnx_quantized = recipe.quantize is not None and recipe.quantize.method.startswith("onnx-")
-        add("serve", recipe.serve, ["quantize" if onnx_quantized else "export"])
+        # data: the served classifier's accuracy is measured on the test split through the running server
+        add("serve", recipe.serve, ["quantize" if onnx_quantized else "export", "data"])
     return steps
 
 
@@ -66,7 +67,7 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
     steps = step_configs(loaded.recipe)
     keys: dict[str, str] = {}
     for step in steps:
-        spec = STAGES[step.kind]
+        spec = stages.STAGES[step.kind]
         step.material = {
             "stage": step.kind,
             "version": spec.version,

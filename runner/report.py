@@ -49,6 +49,28 @@ def write_report(result: RunResult, loaded: Loaded, environment: dict[str, Any])
     return result.run_dir / "report.md", result.run_dir / "report.html"
 
 
+# The metric that follows the model from training to the server: (step, path in its details, what it measures).
+HEADLINE = [
+    ("train", ("eval_accuracy",), "PyTorch after training"),
+    ("export", ("validation", "metric_candidate"), "ONNX export"),
+    ("quantize", ("comparison", "metric_candidate"), "int8 ONNX"),
+    ("serve", ("served_eval", "accuracy"), "served by the running server"),
+]
+
+
+def headline(sections: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The eval accuracy at each stage (classifiers), from the stages' own reports."""
+    by_kind = {section["kind"]: section["details"] for section in sections}
+    rows = []
+    for kind, path, label in HEADLINE:
+        value: Any = by_kind.get(kind)
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            rows.append((label, value))
+    return rows
+
+
 def _sections(result: RunResult) -> list[dict[str, Any]]:
     sections = []
     for step in result.steps:
@@ -91,8 +113,12 @@ def _fmt(value: Any) -> str:
 
 def _markdown(result: RunResult, sections: list[dict[str, Any]], recipe_yaml: str, environment: dict[str, Any]) -> str:
     verdict = "succeeded" if result.ok else "FAILED"
-    lines = [f"# {result.recipe}: {verdict}", "", "## Plan", "", "| step | key | status | seconds | why it ran |",
-             "|---|---|---|---|---|"]
+    lines = [f"# {result.recipe}: {verdict}", ""]
+    accuracy = headline(sections)
+    if accuracy:
+        lines += ["## Eval accuracy at each stage", "", "| stage | accuracy |", "|---|---|"]
+        lines += [f"| {label} | {value:.4f} |" for label, value in accuracy] + [""]
+    lines += ["## Plan", "", "| step | key | status | seconds | why it ran |", "|---|---|---|---|---|"]
     for step in result.steps:
         why = "; ".join(step.reasons) if step.status == "ran" else ""
         lines.append(f"| {step.kind} | `{step.key[:12]}` | {step.status} | {step.seconds:.1f} | {why} |")
@@ -139,6 +165,8 @@ def _html(result: RunResult, sections: list[dict[str, Any]], recipe_yaml: str, e
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result.recipe)} report</title>"
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(result.recipe)}: {verdict}</h1><p class='muted'>{html.escape(str(result.run_dir))}</p>",
+        (f"<section><h2>Eval accuracy at each stage</h2>{_table(headline(sections), ('stage', 'accuracy'))}</section>"
+         if headline(sections) else ""),
         "<section><h2>Plan</h2><table><tr><th>step</th><th>key</th><th>status</th><th>seconds</th>"
         f"<th>why it ran</th></tr>{plan_rows}</table></section>",
     ]

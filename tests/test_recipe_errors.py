@@ -108,6 +108,8 @@ BROKEN = [
     (edit("    - {text: great, expect_label: positive}", "    - {text: great, prompt: hi}"),
      "r.yaml:17:7: serve.probes.0: a probe has exactly one of `text` (classifier) or `prompt` (generator)"),
     (edit("  max_length: 64", "  max_length: 64\n  mask_prompt: true"), "r.yaml:6:1: data: `mask_prompt` needs `response_template`"),
+    (edit("{format: onnx}", "{format: onnx, optimization_level: 99}"),
+     "r.yaml:1:1: (recipe): ONNX Runtime cannot quantize a fused graph"),
     # missing local files
     (edit("{path: reviews.csv}", "{path: nothere.csv}"), "r.yaml:7:12: data.source.path: no such file or folder:"),
     (edit("  init: {architecture: distilbert}", "  path: ./no-model"), "r.yaml:4:3: model.path: no such file or folder:"),
@@ -140,6 +142,11 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 
 # --- overrides --------------------------------------------------------------------------------------------------------
+
+
+def test_null_override_removes_a_key_so_a_method_can_change(tmp_path):
+    loaded = load_recipe(write(tmp_path, GOOD), ["train.method=full", "train.lora=null"])
+    assert loaded.recipe.train.method == "full"
 
 
 def test_override_sets_a_yaml_typed_value(tmp_path):

@@ -57,7 +57,7 @@ def dotted(loc: Loc) -> str:
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, [c for c in choices if c != word], n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

@@ -211,6 +211,8 @@ def _apply_override(raw: dict[str, Any], positions: Positions, override: str) ->
             target.append(value)
         else:
             target[last] = value
+    elif isinstance(target, dict) and value is None:
+        target.pop(last, None)  # `field=null` removes a key (e.g. `train.lora=null` with `train.method=full`)
     elif isinstance(target, dict):
         target[last] = value
     else:

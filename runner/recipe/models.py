@@ -225,6 +225,11 @@ class Lora(Strict):
         description="Module names to adapt, e.g. `[q_proj, v_proj]`, or `all-linear`."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters, e.g. `[embed_tokens, lm_head]` for new tokens or a "
+        "randomly initialized base (peft `modules_to_save`); a classifier's head is always included.",
+    )
 
     @model_validator(mode="after")
     def _targets(self) -> Lora:
@@ -382,6 +387,9 @@ class Serve(Strict):
 
     probes: list[Probe] = Field(min_length=1, description="Requests whose answers must be right.")
     max_p95_ms: PositiveFloat = Field(2000, description="Largest allowed 95th-percentile latency after warm-up.")
+    eval_samples: PositiveInt = Field(
+        200, description="Classifier: test-split examples sent through the server to measure served accuracy."
+    )
     latency_requests: PositiveInt = Field(50, description="Requests timed for the latency figures.")
     concurrency: PositiveInt = Field(8, description="Identical requests sent at once; all answers must agree.")
     startup_timeout_s: PositiveFloat = Field(120, description="How long to wait for /ready.")

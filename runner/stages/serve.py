@@ -278,6 +278,23 @@ def _measure(client: httpx.Client, route: str, payload: dict[str, Any], n: int, 
             "throughput_concurrency": concurrency, "errors": errors}
 
 
+def _served_accuracy(client: httpx.Client, data_dir: Path, samples: int, batch: int) -> dict[str, Any]:
+    """Accuracy of the served model on the data step's test split: the number that matters is the one users get."""
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(data_dir / "dataset"))["test"]
+    test = test.select(range(min(samples, len(test))))
+    id2label = json.loads((data_dir / "labels.json").read_text())["id2label"]
+    expected = [id2label[str(label)] for label in test["labels"]]
+    answers: list[str] = []
+    for start in range(0, len(test), batch):
+        response = client.post("/predict", json={"texts": test["text"][start:start + batch]})
+        response.raise_for_status()
+        answers += [item["label"] for item in response.json()["predictions"]]
+    correct = sum(a == e for a, e in zip(answers, expected, strict=True))
+    return {"samples": len(expected), "accuracy": round(correct / max(len(expected), 1), 4)}
+
+
 def _artifact(inputs: dict[str, Path]) -> Path:
     for kind in ("quantize", "export"):  # the quantized model is the one that ships, when there is one
         if kind in inputs and (Path(inputs[kind]) / "onnx" / "model.onnx").is_file():
@@ -321,6 +338,9 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
                 batch_dependent=settings.batching and "DynamicQuantizeLinear" in info.quantization_ops,
             )
             failures += found
+            if task == "sequence-classification" and "data" in inputs:
+                report["served_eval"] = _served_accuracy(client, Path(inputs["data"]), serve.eval_samples,
+                                                         settings.max_batch_size)
             report["latency"] = _measure(client, route, _payload(serve.probes[0]), serve.latency_requests,
                                          serve.concurrency)
             if report["latency"]["errors"]:

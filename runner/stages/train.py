@@ -309,7 +309,8 @@ def add_lora(model: PreTrainedModel, job: Job) -> torch.nn.Module:
         target_modules=lora.target_modules,
         bias=lora.bias,
         task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
-        modules_to_save=[h for h in EXTRA_HEADS if h in names] if classifier else None,
+        # Fully trained (not adapted) modules: the recipe's, plus a classifier's head, which starts untrained.
+        modules_to_save=sorted({*lora.modules_to_save, *(h for h in EXTRA_HEADS if h in names and classifier)}) or None,
     )
     try:
         return get_peft_model(model, config)

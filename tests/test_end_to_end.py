@@ -1,0 +1,65 @@
+"""The shipped offline recipes, end to end through the real `recipe` CLI and every real stage (the slow checks).
+
+What a newcomer sees: the quickstart classifier keeps its accuracy from training through the served int8 model, a second
+run is fully cached, and the tiny Llama LoRA recipe serves /generate probes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runner.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of recipes/ (recipes and shipped data) in a fresh folder, with its own cache and runs."""
+    root = tmp_path_factory.mktemp("e2e")
+    shutil.copytree(REPO / "recipes", root / "recipes", ignore=shutil.ignore_patterns("*.lock"))
+    return root
+
+
+def run_recipe(workdir: Path, monkeypatch, *args: str) -> dict:
+    monkeypatch.chdir(workdir)
+    assert main(["run", *args]) == 0
+    return json.loads((workdir / "runs" / args[0] / "latest" / "run.json").read_text())
+
+
+def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, monkeypatch):
+    run = run_recipe(workdir, monkeypatch, "quickstart")
+    steps = {s["kind"]: s for s in run["steps"]}
+    assert [s["status"] for s in run["steps"]] == ["ran"] * 6
+    outputs = {kind: Path(step["outputs"]) for kind, step in steps.items()}
+    train = json.loads((outputs["train"] / "metrics.json").read_text())
+    export = json.loads((outputs["export"] / "export_report.json").read_text())
+    quantize = json.loads((outputs["quantize"] / "quantize_report.json").read_text())
+    serve = json.loads((outputs["serve"] / "serve_report.json").read_text())
+    assert train["eval_accuracy_before"] < 0.6 <= 0.85 <= train["eval_accuracy"]
+    assert export["validation"]["passed"] and export["validation"]["max_abs_diff"] <= 1e-4
+    assert quantize["comparison"]["metric_candidate"] >= 0.85
+    assert serve["served_eval"]["accuracy"] >= 0.85 and serve["passed"]
+    report = (workdir / "runs/quickstart/latest/report.md").read_text()
+    assert "## Eval accuracy at each stage" in report and (workdir / "runs/quickstart/latest/report.html").is_file()
+
+
+def test_quickstart_again_is_fully_cached(workdir, monkeypatch):
+    run = run_recipe(workdir, monkeypatch, "quickstart")
+    assert [s["status"] for s in run["steps"]] == ["cached"] * 6
+
+
+def test_tiny_llama_lora_serves_generation_probes(workdir, monkeypatch):
+    run = run_recipe(workdir, monkeypatch, "tiny_llama_lora")
+    steps = {s["kind"]: s for s in run["steps"]}
+    train = json.loads((Path(steps["train"]["outputs"]) / "metrics.json").read_text())
+    assert train["eval_loss"] < train["eval_loss_before"]
+    export = json.loads((Path(steps["export"]["outputs"]) / "export_report.json").read_text())
+    assert export["validation"]["passed"]
+    serve = json.loads((Path(steps["serve"]["outputs"]) / "serve_report.json").read_text())
+    assert serve["passed"] and all(probe["passed"] for probe in serve["probes"])
