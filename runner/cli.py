@@ -151,10 +151,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+_status = None
+
+
 def _progress(event: str, result, step) -> None:
+    """One line per step; while a step runs, a spinner on a terminal (its output goes to the step's log file)."""
+    global _status
     if event == "start":
-        out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
+        if out.is_terminal:
+            _status = out.status(f"[bold]{step.kind}[/bold] {step.key[:12]} running (log: logs/{step.kind}.log)")
+            _status.start()
+        else:
+            out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
         return
+    if _status is not None:
+        _status.stop()
+        _status = None
+        out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
     colour = {"cached": "green", "ran": "cyan", "failed": "red"}.get(result.status, "white")
     out.print(f"[{colour}]{result.status}[/{colour}] ({result.seconds:.1f}s)")
     if result.error:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -147,9 +148,11 @@ def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: fl
 
 
 class _step_log:
-    """Send the runner's and the libraries' log records to the step's log file while the step runs."""
+    """Send everything a step prints to its log file while it runs: log records, and the stdout/stderr of Python and of
+    native libraries (progress bars, ONNX Runtime and tracer warnings), so the console shows one line per step."""
 
     def __init__(self, path: Path):
+        self.path = path
         self.handler = logging.FileHandler(path, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
@@ -158,8 +161,20 @@ class _step_log:
         root.addHandler(self.handler)
         self.level = root.level
         root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = (os.dup(1), os.dup(2))
+        self.log_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(self.log_fd, 1)
+        os.dup2(self.log_fd, 2)
 
     def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in (*self.saved, self.log_fd):
+            os.close(fd)
         root = logging.getLogger()
         root.removeHandler(self.handler)
         root.setLevel(self.level)
