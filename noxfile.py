@@ -2,10 +2,14 @@
 
     nox -s recipe -- quickstart [train.epochs=1] [--force train]   run a recipe in the env its `env:` names
     nox -s tests                                                   the test suite (what CI runs)
-    nox -s lint                                                    ruff and mypy
+    nox -s lint                                                    ruff, mypy, hadolint on Dockerfile.cuda
+    nox -s hwcheck [-- --env cuda12]                               on a GPU runner: doctor for every recipe + GPU smoke
+    nox -s lock [-- cpu dev] [-- --check]                          re-resolve envs/*.txt from envs/*.in
+    nox -s docker                                                  build Dockerfile.cuda where an engine answers
 
-Every session installs exact pins from envs/, so a recipe runs in the environment it was written for.
-Venvs are reused between runs (pip then finds everything satisfied in seconds).
+Every session installs exact pins from envs/, so a recipe runs in the environment it was written for. Venvs are reused
+between runs (pip then finds everything satisfied in seconds): one per environment, so `recipe` hands over to
+`recipe-cpu`, `recipe-cuda12` or `recipe-cuda13`, each with its own venv under .nox/.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import nox
 
@@ -22,43 +30,126 @@ nox.options.default_venv_backend = "venv"  # pip-based: uv ignores pip's configu
 nox.options.sessions = ["tests"]
 
 ROOT = Path(__file__).parent
+ENVS = ROOT / "envs"
 PYTHON = "3.11"
+VARIANTS = ("cpu", "cuda12", "cuda13")
+GPU_VARIANT = "cuda13"  # hwcheck's default: the fully resolved CUDA file, the one Dockerfile.cuda installs
+LOCK_PIP = "pip==26.3"  # must match PIP_VERSION in envs/lock.py
+NO_GPU_EXIT = 3  # hwcheck on a machine without an NVIDIA GPU
+HWCHECK_OUT = "runs/hwcheck"
+IMAGE = "recipe-runner:cuda13"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+# --- helpers (no third-party imports: nox runs this file with its own interpreter) -------------------------------------
+
+
+def extra_index(pins: Path) -> str | None:
+    """The `# extra-index-url:` an env file records (where its torch build lives), if any."""
+    match = re.search(r"^# extra-index-url: (\S+)$", pins.read_text(), re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def install_env(session: nox.Session, variant: str, dev: bool = False) -> None:
-    pins = ROOT / "envs" / f"{variant}.txt"
-    args = ["-r", str(pins)]
+    pins = ENVS / f"{variant}.txt"
+    args = []
+    index = extra_index(pins)
+    if index and reachable(index):
+        args += ["--extra-index-url", index]
+    elif index:
+        # pip would retry the unreachable index for every package (minutes); the torch build must then come from pip's
+        # own configuration (a find-links folder or a mirror), and pip says so plainly if it does not
+        session.log(f"{index} cannot be reached from here: envs/{variant}.txt's torch build must come from pip's "
+                    "configured sources (find-links, mirrors)")
+    args += ["-r", str(pins)]
     if dev:
-        args += ["-r", str(ROOT / "envs" / "dev.txt"), "-c", str(pins)]
+        args += ["-r", str(ENVS / "dev.txt"), "-c", str(pins)]
     session.install(*args)
     session.install("--no-deps", "-e", str(ROOT))
 
 
-def recipe_env(recipe_arg: str) -> str:
-    """The `env:` a recipe names (read without importing the runner: the env may not exist yet)."""
-    for candidate in (Path(recipe_arg), ROOT / "recipes" / f"{recipe_arg}.yaml", ROOT / "recipes" / recipe_arg):
-        if candidate.is_file():
-            match = re.search(r"^env:\s*([\w-]+)", candidate.read_text(), re.MULTILINE)
-            return match.group(1) if match else "cpu"
+def recipe_env(recipe_arg: str, overrides: list[str]) -> str:
+    """The `env:` a recipe names, following `extends`, read without importing the runner (its env may not exist yet)."""
+    for arg in overrides:
+        if arg.startswith("env="):
+            return arg.partition("=")[2]
+    candidates = [Path(recipe_arg), ROOT / "recipes" / f"{recipe_arg}.yaml", ROOT / "recipes" / recipe_arg]
+    path = next((c for c in candidates if c.is_file()), None)
+    for _ in range(10):  # extends chain
+        if path is None:
+            break
+        text = path.read_text()
+        match = re.search(r"^env:\s*['\"]?([\w-]+)", text, re.MULTILINE)
+        if match:
+            return match.group(1)
+        parent = re.search(r"^extends:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+        path = (path.parent / parent.group(1)) if parent else None
     return "cpu"
 
 
-def has_cuda() -> bool:
-    return shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia/version").exists()
+def gpu_names() -> list[str]:
+    """NVIDIA GPUs this machine has (nvidia-smi -L, else the driver's /proc entries); empty without one."""
+    if shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+            names = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
+            if done.returncode == 0 and names:
+                return names
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return [p.name for p in gpus.iterdir()] if gpus.is_dir() else []
 
 
-@nox.session(python=PYTHON)
+def run_env() -> dict[str, str]:
+    return OFFLINE if os.environ.get("CI") else {}
+
+
+# --- running recipes ---------------------------------------------------------------------------------------------------
+
+
+@nox.session(python=False)
 def recipe(session: nox.Session) -> None:
-    """Run a recipe: `nox -s recipe -- NAME [field=value ...] [runner flags]`."""
+    """Run a recipe in the env its `env:` names: `nox -s recipe -- NAME [field=value ...] [runner flags]`."""
     if not session.posargs:
         session.error("name a recipe: nox -s recipe -- quickstart")
-    variant = recipe_env(session.posargs[0])
-    if variant != "cpu" and not has_cuda():
-        session.warn(f"the recipe asks for env '{variant}' but this machine has no NVIDIA GPU: using envs/cpu.txt")
+    wanted = recipe_env(session.posargs[0], list(session.posargs[1:]))
+    if wanted not in VARIANTS:
+        session.error(f"the recipe names env '{wanted}', but envs/ has only {', '.join(VARIANTS)}")
+    variant = wanted
+    if wanted != "cpu" and not gpu_names():
+        session.warn(f"the recipe asks for env '{wanted}', but this machine has no NVIDIA GPU (no working nvidia-smi, "
+                     f"no /proc/driver/nvidia/gpus): running it in the cpu environment (envs/cpu.txt) instead")
         variant = "cpu"
-    install_env(session, variant)
-    session.run("recipe", "run", *session.posargs, env=OFFLINE if os.environ.get("CI") else {})
+    session.log(f"handing over to: nox -s recipe-{variant} -- {' '.join(session.posargs)}")
+    session.notify(f"recipe-{variant}", posargs=session.posargs)
+
+
+def _recipe_session(variant: str):  # noqa: ANN202 - a nox session function
+    def run_recipe(session: nox.Session) -> None:
+        if not session.posargs:
+            session.error(f"name a recipe: nox -s recipe-{variant} -- quickstart")
+        install_env(session, variant)
+        session.run("recipe", "run", *session.posargs, env=run_env())
+
+    run_recipe.__doc__ = f"Run a recipe in envs/{variant}.txt (what `recipe` hands over to)."
+    return nox.session(name=f"recipe-{variant}", python=PYTHON, default=False)(run_recipe)
+
+
+for _variant in VARIANTS:
+    globals()[f"recipe_{_variant}"] = _recipe_session(_variant)
+
+
+# --- the project's own checks ------------------------------------------------------------------------------------------
 
 
 @nox.session(python=PYTHON)
@@ -70,7 +161,55 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff (style and bugs) and mypy (types) on the runner."""
+    """ruff (style and bugs), mypy (types) on the runner, hadolint on Dockerfile.cuda (warnings fail)."""
     install_env(session, "cpu", dev=True)
-    session.run("ruff", "check", "runner", "tests", "noxfile.py")
+    session.run("ruff", "check", "runner", "tests", "noxfile.py", "envs/lock.py")
     session.run("mypy", "runner")
+    session.run("hadolint", "--failure-threshold", "warning", "Dockerfile.cuda")
+
+
+@nox.session(python=PYTHON)
+def hwcheck(session: nox.Session) -> None:
+    """For GPU runners: `recipe doctor --json` for every recipe, then a GPU micro-smoke (4-bit QLoRA steps, ONNX Runtime
+    CUDA provider); JSON and JUnit XML under runs/hwcheck/. Exits 3 on a machine without an NVIDIA GPU.
+
+    `nox -s hwcheck -- --env cuda12` checks the cuda12 environment instead of cuda13."""
+    args = list(session.posargs)
+    variant = GPU_VARIANT
+    if "--env" in args:
+        at = args.index("--env")
+        variant = args[at + 1] if at + 1 < len(args) else ""
+        del args[at:at + 2]
+    if variant not in VARIANTS[1:]:
+        session.error(f"--env takes one of {', '.join(VARIANTS[1:])}")
+    gpus = gpu_names()
+    if not gpus:
+        session.log(f"hwcheck: NO NVIDIA GPU on this machine (no working nvidia-smi, no /proc/driver/nvidia/gpus). "
+                    f"Nothing was installed or checked. Exit code {NO_GPU_EXIT} means exactly this; run hwcheck on a GPU "
+                    f"runner, and `recipe doctor --profile NAME` to check hardware you do not have.")
+        raise SystemExit(NO_GPU_EXIT)
+    session.log(f"GPUs: {'; '.join(gpus)}")
+    install_env(session, variant)
+    session.run("python", "-m", "runner.hwcheck", "--out", HWCHECK_OUT, "--env", variant, *args, env=OFFLINE)
+
+
+@nox.session(python=PYTHON)
+def lock(session: nox.Session) -> None:
+    """Re-resolve envs/*.txt from envs/*.in (envs/lock.py with pip's resolver); `-- --check` only compares."""
+    session.install(LOCK_PIP)
+    find_links = os.environ.get("PIP_FIND_LINKS", "").split()  # local copies of an unreachable index's files
+    session.run("python", str(ENVS / "lock.py"), *[a for d in find_links for a in ("--find-links", d)], *session.posargs)
+
+
+@nox.session(python=False)
+def docker(session: nox.Session) -> None:
+    """Build Dockerfile.cuda as recipe-runner:cuda13 where docker or podman answers; fail clearly where none does."""
+    sys.path.insert(0, str(ROOT))
+    from runner.container import find_engine
+
+    engine = find_engine()
+    command = ["build", "-f", "Dockerfile.cuda", "-t", IMAGE, *session.posargs, "."]
+    if engine is None:
+        session.error("no container engine answers here (`docker info` and `podman info` fail or are not installed): "
+                      f"nothing was built. On a machine with one, this builds it: `docker {' '.join(command)}`")
+    session.run(engine, *command, external=True)

@@ -28,8 +28,13 @@ def by_hand(model_dir: str, data_dir: str, out: str, train_cfg: str) -> None:
     """What a user writes without the runner: the seed guide's Trainer script, with the recipe's settings."""
     import numpy as np
     from datasets import load_from_disk
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     cfg = json.loads(train_cfg)
     labels = json.loads((Path(data_dir) / "labels.json").read_text())

@@ -143,7 +143,8 @@ _STYLE = """
 body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#1d2330}
 h1{margin-bottom:.2em} .ok{color:#137333} .bad{color:#b3261e} .muted{color:#667}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px} td,th{border:1px solid #dde;padding:4px 10px;text-align:left}
-th{background:#f3f5f9} code,pre{font-family:ui-monospace,monospace;font-size:13px} pre{background:#f6f8fa;padding:1em;overflow:auto}
+th{background:#f3f5f9} code,pre{font-family:ui-monospace,monospace;font-size:13px}
+pre{background:#f6f8fa;padding:1em;overflow:auto}
 .cached{color:#137333} .ran{color:#0b57d0} .failed{color:#b3261e} .skipped{color:#999} img{max-width:100%;border:1px solid #eee}
 section{margin-top:1.5em}
 """

