@@ -6,6 +6,7 @@
     nox -s hwcheck [-- --env cuda12]                               on a GPU runner: doctor for every recipe + GPU smoke
     nox -s lock [-- cpu dev] [-- --check]                          re-resolve envs/*.txt from envs/*.in
     nox -s docker                                                  build Dockerfile.cuda where an engine answers
+    nox -s bench | faults | fuzz                                   benchmarks P1-P6; kill -9 trials and stress; fuzzing
 
 Every session installs exact pins from envs/, so a recipe runs in the environment it was written for. Venvs are reused
 between runs (pip then finds everything satisfied in seconds): one per environment, so `recipe` hands over to
@@ -166,6 +167,39 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "runner", "tests", "noxfile.py", "envs/lock.py")
     session.run("mypy", "runner")
     session.run("hadolint", "--failure-threshold", "warning", "Dockerfile.cuda")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """P1-P6, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
+    install_env(session, "cpu", dev=True)
+    out = "bench/results"
+    env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
+    session.run("python", "bench/validate_speed.py", "--json", f"{out}/p3.json", env=env)
+    session.run("python", "bench/cached_rerun.py", "--json", f"{out}/p2.json", env=env)
+    session.run("python", "bench/train_overhead.py", "--json", f"{out}/p1.json", env=env)
+    # a missed target is a result to report, not a reason to stop measuring the others
+    session.run("python", "bench/onnx_latency.py", f"{out}/p4.json", env=env, success_codes=[0, 1])
+    session.run("python", "bench/serve_throughput.py", "--json", f"{out}/p5.json", env=env, success_codes=[0, 1])
+    session.run("python", "bench/memory_estimate.py", f"{out}/p6.json", env=env, success_codes=[0, 1])
+    session.run("python", "bench/summary.py", out, env=env)
+
+
+@nox.session(python=PYTHON)
+def faults(session: nox.Session) -> None:
+    """kill -9 at random points in every stage of a real recipe (>= 20 trials), concurrent runs, tampered outputs."""
+    install_env(session, "cpu", dev=True)
+    env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
+    session.run("python", "bench/faults.py", "--json", "bench/results/faults.json", *session.posargs, env=env)
+    session.run("python", "bench/serve_stress.py", "--json", "bench/results/serve_stress.json", env=env)
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """The recipe fuzzer at full strength (>= 5,000 generated recipes; the test suite runs >= 200)."""
+    install_env(session, "cpu", dev=True)
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_fuzz_recipes.py", *session.posargs,
+                env={**OFFLINE, "FUZZ_EXAMPLES": "5000"})
 
 
 @nox.session(python=PYTHON)

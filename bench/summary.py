@@ -1,0 +1,65 @@
+"""Merge the benchmark JSON files of one `nox -s bench` run into bench/results/summary.md (and summary.json).
+
+    python bench/summary.py bench/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+
+def _get(data: dict, *path: str):
+    for part in path:
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data if data != {} else None
+
+
+def rows(results: Path) -> list[tuple[str, str, str, str]]:
+    def load(name: str) -> dict:
+        file = results / name
+        return json.loads(file.read_text()) if file.is_file() else {}
+
+    p1, p2, p3 = load("p1.json").get("P1", {}), load("p2.json").get("P2", {}), load("p3.json").get("P3", {})
+    out = []
+    if p1:
+        out.append(("P1 train: runner / by hand", f"{p1['ratio']:.3f}", "<= 1.03", str(p1["met"])))
+    if p2:
+        out.append(("P2 quickstart: cached / cold", f"{p2['ratio']:.4f} ({p2['cached_s']:.2f} s)", "<= 0.03, <= 2 s",
+                    str(p2["met"])))
+    if p3:
+        out.append(("P3 validate / import torch", f"{p3['ratio']:.3f}", "<= 0.3", str(p3["met"])))
+    p4 = load("p4.json")
+    ratio = _get(p4, "int8_over_torch_p50")
+    if ratio is not None:
+        out.append(("P4 ORT int8 / torch fp32 p50", f"{ratio:.3f}", "<= 0.15", str(ratio <= 0.15)))
+    p5 = load("p5.json")
+    ratio = _get(p5, "ratio")
+    if ratio is not None:
+        out.append(("P5 throughput batching / none (c=16)", f"{ratio:.2f}", ">= 1.5", str(ratio >= 1.5)))
+    p6 = load("p6.json")
+    errors = [row[mode]["error"] for row in p6.get("rows", []) for mode in ("pinned", "glibc") if mode in row]
+    worst = max(errors, key=abs) if errors else None
+    if worst is not None:
+        out.append(("P6 memory estimate vs measured (worst)", f"{worst:+.1%}", "within ±15%", str(abs(worst) <= 0.15)))
+    return out
+
+
+def main() -> int:
+    results = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+    table = rows(results)
+    lines = ["| figure | measured | target | met |", "|---|---|---|---|"] + [f"| {' | '.join(r)} |" for r in table]
+    machine = machine_info()
+    text = "\n".join(["# Benchmarks", "", *lines, "", f"Machine: {json.dumps(machine)}", ""])
+    (results / "summary.md").write_text(text)
+    (results / "summary.json").write_text(json.dumps({"rows": table, "machine": machine}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
