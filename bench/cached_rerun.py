@@ -8,24 +8,15 @@ The cold run starts from an empty cache; the cached runs follow it (median taken
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from machine import machine_info  # noqa: E402
-
-
-def timed(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+from common import save, timed  # noqa: E402
 
 
 def main() -> int:
@@ -42,13 +33,10 @@ def main() -> int:
         cached = statistics.median(timed(command, env) for _ in range(args.cached_runs))
     ratio = cached / cold
     met = ratio <= 0.03 and cached <= 2.0
-    result = {"P2": {"cold_s": cold, "cached_s": cached, "ratio": ratio, "target": "<= 0.03 and <= 2 s", "met": met},
-              "machine": machine_info()}
+    result = {"P2": {"cold_s": cold, "cached_s": cached, "ratio": ratio, "target": "<= 0.03 and <= 2 s", "met": met}}
     print("| figure | cold (s) | cached (s) | ratio | target |\n|---|---|---|---|---|")
     print(f"| P2 quickstart re-run | {cold:.1f} | {cached:.2f} | {ratio:.4f} | <= 0.03 and <= 2 s |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    save(args.json, result)
     return 0
 
 

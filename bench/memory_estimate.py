@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return 0
-    from machine import machine_info
+    from common import machine_info
 
     rows = []
     for name in args.only or list(CONFIGS):

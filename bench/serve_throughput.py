@@ -196,7 +196,7 @@ def main() -> None:
     print(f"\nbatching / no batching: throughput **{ratio:.2f}** (target >= {TARGET}), "
           f"requests per server CPU-second {cpu_ratio:.2f}; errors: {sum(r['errors'] for r in best.values())}")
     try:
-        from bench.machine import machine_info
+        from bench.common import machine_info
 
         machine: dict[str, Any] = machine_info()
     except ImportError:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from common import machine_info  # noqa: E402
 
 
 def _get(data: dict, *path: str):

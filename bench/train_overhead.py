@@ -14,10 +14,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +58,6 @@ def by_hand(model_dir: str, data_dir: str, out: str, train_cfg: str) -> None:
     trainer.save_model(out)
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -76,7 +70,7 @@ def main() -> int:
     if args.by_hand:
         by_hand(*args.by_hand)
         return 0
-    from machine import machine_info
+    from common import save, timed
 
     from runner.cache import Cache
     from runner.plan import build_plan
@@ -102,12 +96,10 @@ def main() -> int:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["runner"] / medians["by hand"]
     result = {"P1": {"runner_s": medians["runner"], "by_hand_s": medians["by hand"], "ratio": ratio, "target": 1.03,
-                     "met": ratio <= 1.03, "rounds": times}, "machine": machine_info()}
+                     "met": ratio <= 1.03, "rounds": times}}
     print("| figure | runner (s) | by hand (s) | ratio | target |\n|---|---|---|---|---|")
     print(f"| P1 train wall time | {medians['runner']:.1f} | {medians['by hand']:.1f} | {ratio:.3f} | <= 1.03 |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    save(args.json, result)
     return 0
 
 

@@ -8,22 +8,13 @@ Each round runs both commands once, alternating, as fresh processes; the medians
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from machine import machine_info  # noqa: E402
-
-
-def wall(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+from common import save, timed  # noqa: E402
 
 
 def main() -> int:
@@ -34,21 +25,19 @@ def main() -> int:
     args = parser.parse_args()
     validate = [sys.executable, "-m", "runner.cli", "validate", args.recipe]
     torch = [sys.executable, "-c", "import torch"]
-    wall(validate), wall(torch)  # warm the file-system cache for both
+    timed(validate), timed(torch)  # warm the file-system cache for both
     times: dict[str, list[float]] = {"validate": [], "import torch": []}
     for _ in range(args.repeat):
-        times["validate"].append(wall(validate))
-        times["import torch"].append(wall(torch))
+        times["validate"].append(timed(validate))
+        times["import torch"].append(timed(torch))
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratio = medians["validate"] / medians["import torch"]
     result = {"P3": {"validate_s": medians["validate"], "import_torch_s": medians["import torch"], "ratio": ratio,
-                     "target": 0.3, "met": ratio <= 0.3, "repeat": args.repeat}, "machine": machine_info()}
+                     "target": 0.3, "met": ratio <= 0.3, "repeat": args.repeat}}
     print("| figure | validate (s) | import torch (s) | ratio | target |")
     print("|---|---|---|---|---|")
     print(f"| P3 | {medians['validate']:.3f} | {medians['import torch']:.3f} | {ratio:.3f} | <= 0.3 |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    save(args.json, result)
     return 0
 
 
