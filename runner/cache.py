@@ -136,7 +136,7 @@ class Cache:
         if entry is None:
             return None
         if self.verify(entry, full=False):
-            self.quarantine(entry)
+            self._quarantine_if_present(entry)
             return None
         return entry
 
@@ -155,15 +155,29 @@ class Cache:
         present = {p.relative_to(entry.outputs).as_posix() for p in entry.outputs.rglob("*") if p.is_file()}
         for rel, meta in recorded.items():
             file = entry.outputs / rel
-            if rel not in present:
-                problems.append(f"{rel}: missing")
-            elif file.stat().st_size != meta["size"]:
-                problems.append(f"{rel}: size {file.stat().st_size} != {meta['size']}")
-            elif (sha256_file(file) if full else self.memo.file(file)) != meta["sha256"]:
-                problems.append(f"{rel}: content changed (sha256 differs)")
+            try:
+                if rel not in present:
+                    problems.append(f"{rel}: missing")
+                elif file.stat().st_size != meta["size"]:
+                    problems.append(f"{rel}: size {file.stat().st_size} != {meta['size']}")
+                elif (sha256_file(file) if full else self.memo.file(file)) != meta["sha256"]:
+                    problems.append(f"{rel}: content changed (sha256 differs)")
+            except FileNotFoundError:  # another process quarantined the entry while we read it
+                problems.append(f"{rel}: vanished while being verified")
         problems += [f"{rel}: not in the manifest" for rel in sorted(present - set(recorded))]
         self.memo.save()
         return problems
+
+    def _quarantine_if_present(self, entry: Entry) -> None:
+        """Quarantine, unless another process (a run racing this one, `cache verify`) already moved the entry away.
+
+        Lookups verify outside the key's lock, so two readers can find the same damaged entry; the second one's rename
+        then fails with FileNotFoundError, which means the entry is gone: a miss, not a crash."""
+        try:
+            self.quarantine(entry)
+        except FileNotFoundError:
+            if entry.path.exists():
+                raise
 
     def quarantine(self, entry: Entry) -> Path:
         target = self.root / "quarantine" / f"{entry.kind}-{entry.key}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -200,7 +214,7 @@ class Cache:
         final = self.root / "entries" / kind / key
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a forced re-run replaces the old entry: move it aside first, then swap in
-            self.quarantine(Entry(kind, key, final))
+            self._quarantine_if_present(Entry(kind, key, final))
         _fsync_dir(work)
         os.rename(work, final)
         _fsync_dir(final.parent)

@@ -22,8 +22,9 @@ from runner.recipe.errors import relative
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
 _WIDTH = None if sys.stdout.isatty() else 140
-out = Console(highlight=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
+# emoji=False: a key written `:thumbs_up:` must be reported as written
+out = Console(highlight=False, emoji=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 140)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,8 +288,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
             problems = cache.verify(entry, full=True)
             if problems:
                 bad += 1
-                moved = cache.quarantine(entry)
-                out.print(f"[red]corrupt[/red] {entry.kind} {entry.key[:12]} -> quarantined at {relative(moved)}")
+                try:
+                    where = f"quarantined at {relative(cache.quarantine(entry))}"
+                except FileNotFoundError:  # a run found it damaged first and moved it away
+                    where = "already moved away by another process"
+                out.print(f"[red]corrupt[/red] {entry.kind} {entry.key[:12]} -> {where}")
                 for line in problems:
                     out.print(f"    {line}", markup=False)
         out.print(f"{len(cache.entries()) + bad} entries checked, {bad} corrupt")

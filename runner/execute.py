@@ -144,7 +144,31 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
 def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: float) -> StepResult:
     if not resumable:  # a resumable stage keeps its checkpoints for the next attempt
         cache.discard_work(step.kind, step.key)
-    return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=message)
+    return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=redact(message))
+
+
+# Environment variables whose values are secrets: a library error may quote them (some HTTP errors quote headers).
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "RECIPE_API_KEY")
+
+
+def redact(text: str) -> str:
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+class _Redact(logging.Filter):
+    """Replaces secret values in every record that reaches a step log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:  # render the traceback now, so the redaction covers it too
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = record.exc_text = None
+        record.msg, record.args = redact(message), None
+        return True
 
 
 class _step_log:
@@ -155,6 +179,7 @@ class _step_log:
         self.path = path
         self.handler = logging.FileHandler(path, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.addFilter(_Redact())
 
     def __enter__(self) -> None:
         root = logging.getLogger()

@@ -336,12 +336,15 @@ def _hub_config(hub: str, revision: str | None) -> tuple[PretrainedConfig, str]:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(hub, revision=revision, local_files_only=True), f"{hub}@{_short(revision)} (HF cache)"
+        # trust_remote_code=False: the doctor needs the config only, never the model's own code
+        config = AutoConfig.from_pretrained(hub, revision=revision, local_files_only=True, trust_remote_code=False)
+        return config, f"{hub}@{_short(revision)} (HF cache)"
     except (OSError, ValueError):
         pass
     if _hub_reachable():
         try:
-            return AutoConfig.from_pretrained(hub, revision=revision), f"{hub}@{_short(revision)} (hub)"
+            return (AutoConfig.from_pretrained(hub, revision=revision, trust_remote_code=False),
+                    f"{hub}@{_short(revision)} (hub)")
         except (OSError, ValueError):
             pass
     bundled = MODEL_CONFIGS_DIR / f"{hub.replace('/', '--')}.json"

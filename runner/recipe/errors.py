@@ -65,5 +65,5 @@ def relative(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when below it."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (OSError, ValueError):  # not below it, or a name the OS refuses (a NUL byte, too long): as given
         return str(path)

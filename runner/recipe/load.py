@@ -17,9 +17,42 @@ from pydantic import ValidationError
 
 from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
 from runner.recipe.models import SOURCE_TAGS, Recipe
+from runner.recipe.schema import _resolve as _schema_alternatives
 from runner.recipe.schema import field_has, recipe_schema, schema_children
 
 Positions = dict[Loc, Pos]
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader (no Python objects, ever) that also refuses the other non-plain YAML tags: a recipe holds plain values
+    (strings, numbers, booleans, null, lists, mappings), so `!!binary` bytes or `!!set` values cannot sneak into a field
+    (pydantic would quietly turn b"..." into a str)."""
+
+    def _refuse(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"the tag '{node.tag}' is not allowed in a recipe (plain values only)", node.start_mark
+        )
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, LookupError, TypeError, AttributeError, OverflowError) as exc:
+            # PyYAML's scalar constructors raise these, not a YAMLError, for an explicit tag the value does not fit
+            # (`!!bool yesname`, `!!int x`, `!!float` with no value, `!!timestamp soon`) and for an int longer than
+            # sys.get_int_max_str_digits()
+            text = node.value if isinstance(node.value, str) else ""
+            text = text if len(text) <= 40 else text[:40] + "..."
+            message = f"cannot read {text!r} as {node.tag.rsplit(':', 1)[-1]} ({type(exc).__name__}: {exc})"
+            raise yaml.constructor.ConstructorError(None, None, message, node.start_mark) from None
+
+
+for _tag in ("binary", "set", "omap", "pairs"):
+    _RecipeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _RecipeLoader._refuse)
+
+# Aliases (*name) may make a short file expand to billions of values ("billion laughs"); more than this is refused.
+MAX_EXPANDED_VALUES = 100_000
 
 
 @dataclass
@@ -36,11 +69,11 @@ class Loaded:
 def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
     """A recipe given by path, or by name under ./recipes (NAME or NAME.yaml)."""
     direct = Path(name_or_path)
-    if direct.is_file():
+    if _lookup(direct, want_file=True):
         return direct
     folder = recipes_dir or Path("recipes")
     for candidate in (folder / name_or_path, folder / f"{name_or_path}.yaml", folder / f"{name_or_path}.yml"):
-        if candidate.is_file():
+        if _lookup(candidate, want_file=True):
             return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
     hint = did_you_mean(name_or_path, known) or (f"; recipes here: {', '.join(known)}" if known else "")
@@ -79,12 +112,19 @@ def _load_yaml(path: Path) -> tuple[dict[str, Any], Positions]:
         raise RecipeError([Problem(Pos(shown), (), "file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([Problem(Pos(shown), (), f"cannot read file: {exc}")]) from None
-    loader = yaml.SafeLoader(text)  # safe: tags that would construct Python objects are refused
+    try:
+        # safe: tags that would construct Python objects are refused (and the other non-plain tags, see _RecipeLoader)
+        loader = _RecipeLoader(text)
+    except yaml.reader.ReaderError as exc:  # control characters are refused before parsing starts, with no line
+        line, col = _line_col(text, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        message = f"YAML: unacceptable character #x{code:04x}: {exc.reason}"
+        raise RecipeError([Problem(Pos(shown, line, col), (), message)]) from None
     try:
         node = loader.get_single_node()
         if node is None:
             raise RecipeError([Problem(Pos(shown), (), "the recipe file is empty")])
-        problems = _duplicate_keys(node, (), shown)
+        problems = _alias_problems(node, shown) or _duplicate_keys(node, (), shown)
         if problems:
             raise RecipeError(problems)
         data = loader.construct_document(node)
@@ -95,6 +135,8 @@ def _load_yaml(path: Path) -> tuple[dict[str, Any], Positions]:
         raise RecipeError([Problem(Pos(shown, line, col), (), f"YAML: {message}")]) from None
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(Pos(shown), (), f"YAML: {exc}")]) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise RecipeError([Problem(Pos(shown), (), "YAML: lists or mappings nested too deeply")]) from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -120,11 +162,54 @@ def _record_positions(node: yaml.Node, loc: Loc, shown: str, positions: Position
             _record_positions(item, (*loc, index), shown, positions)
 
 
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _alias_problems(root: yaml.Node, shown: str) -> list[Problem]:
+    """Aliases reuse a node: one inside the value it names (`a: &x [*x]`) is a cycle that every walk below would follow
+    forever (RecursionError), and nested ones can expand a few lines into billions of values. Refuse both before walking.
+    Sizes are memoized per node, so this costs one visit per distinct node however often aliases repeat it."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise _AliasCycle(node)
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(id(node))
+        return total
+
+    try:
+        expanded = size(root)
+    except _AliasCycle as cycle:
+        return [Problem(_pos(cycle.node, shown), (), "YAML: an alias refers to the value that contains it (a cycle)")]
+    if expanded > MAX_EXPANDED_VALUES and expanded > len(sizes):  # only aliases make it larger than its distinct nodes
+        message = f"YAML: aliases expand this recipe to {expanded} values (at most {MAX_EXPANDED_VALUES})"
+        return [Problem(_pos(root, shown), (), message)]
+    return []
+
+
+class _AliasCycle(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
 def _duplicate_keys(node: yaml.Node, loc: Loc, shown: str) -> list[Problem]:
     problems = []
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]: 1`: unhashable, and no field is named so
+                problems.append(Problem(_pos(key_node, shown), loc, "a key must be a plain name, not a list or mapping"))
+                continue
             key = key_node.value
             if key in seen:
                 problems.append(Problem(_pos(key_node, shown), (*loc, key), "key given twice in the same mapping"))
@@ -147,12 +232,12 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, A
     here = positions[("extends",)]
     if not isinstance(base_name, str) or not base_name:
         raise RecipeError([Problem(here, ("extends",), "`extends` names a base recipe file (a path)")])
-    base_path = (path.parent / base_name).resolve()
+    base_path = _lookup(path.parent / base_name, want_file=True)
+    if base_path is None:
+        raise RecipeError([Problem(here, ("extends",), f"base recipe not found: {relative(path.parent / base_name)}")])
     if base_path in chain or base_path == path.resolve():
         cycle = " -> ".join(relative(p) for p in (*chain, path.resolve(), base_path))
         raise RecipeError([Problem(here, ("extends",), f"extends itself in a cycle: {cycle}")])
-    if not base_path.is_file():
-        raise RecipeError([Problem(here, ("extends",), f"base recipe not found: {relative(base_path)}")])
     base, base_positions, files = _load_with_extends(base_path, (*chain, path.resolve()))
     base.pop("extends", None)
     merged = _deep_merge(base, data)
@@ -182,11 +267,14 @@ def _apply_override(raw: dict[str, Any], positions: Positions, override: str) ->
     match = _OVERRIDE.match(override)
     if not match:
         return [Problem(pos, (), "an override looks like `section.field=value`, e.g. `train.epochs=1`")]
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in match["path"].split(".")]
+    # ASCII digits only: '²'.isdigit() is True but int('²') raises
+    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() else p for p in match["path"].split(".")]
     try:
-        value = yaml.safe_load(match["value"]) if match["value"].strip() else None
+        value = _override_value(match["value"]) if match["value"].strip() else None
     except yaml.YAMLError as exc:
         return [Problem(pos, tuple(parts), f"the value is not valid YAML: {exc}")]
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        return [Problem(pos, tuple(parts), "the value is not valid YAML: lists or mappings nested too deeply")]
     unknown = _unknown_schema_path(tuple(parts), raw)
     if unknown:
         return [Problem(pos, tuple(parts), unknown)]
@@ -223,6 +311,22 @@ def _apply_override(raw: dict[str, Any], positions: Positions, override: str) ->
     return []
 
 
+def _override_value(text: str) -> Any:
+    """An override's value, parsed under the rules of a recipe file: plain tags only, and no alias cycle or alias bomb
+    (`x=&a [*a]` made a list containing itself, which the local-path walk followed until RecursionError)."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems = _alias_problems(node, "<override>")
+        if problems:
+            raise yaml.YAMLError(problems[0].message.removeprefix("YAML: "))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _unknown_schema_path(parts: Loc, raw: dict[str, Any]) -> str | None:
     nodes = [recipe_schema()]
     for depth, part in enumerate(parts):
@@ -256,13 +360,14 @@ def _strip_tags(loc: Loc, raw: Any) -> Loc:
     """Drop the union tags pydantic puts into error locations (`train.lora.lora.r` -> `train.lora.r`).
 
     A tag always comes right after the location of the union's value: a train section's `method` value, or one of the
-    data-source tags."""
+    data-source tags. Only where the schema has a union: elsewhere a user's key that happens to read `file-source` (or
+    equal a sibling `method:` value) is a key, and dropping it left `()` for an unknown top-level key (IndexError)."""
     kept: list[str | int] = []
     node = raw
     just_entered = True
     for part in loc:
         is_tag = isinstance(node, dict) and (part in SOURCE_TAGS or (part == node.get("method") and just_entered))
-        if just_entered and is_tag:
+        if just_entered and is_tag and _is_union(tuple(kept)):
             just_entered = False
             continue
         kept.append(part)
@@ -274,6 +379,14 @@ def _strip_tags(loc: Loc, raw: Any) -> Loc:
             node = None
         just_entered = True
     return tuple(kept)
+
+
+def _is_union(loc: Loc) -> bool:
+    """Whether the schema offers several kinds of section at `loc` (train, quantize, a data source)."""
+    nodes = [recipe_schema()]
+    for part in loc:
+        nodes = [child for node in nodes for child in schema_children(node, part)]
+    return sum("properties" in alt for node in nodes for alt in _schema_alternatives(node)) > 1
 
 
 def _known_fields(loc: Loc, raw: dict[str, Any]) -> list[str]:
@@ -302,12 +415,22 @@ def _resolve_local_paths(raw: dict[str, Any], positions: Positions) -> tuple[dic
             continue
         pos = _nearest_position(loc, positions, Path("recipe"))
         base = Path.cwd() if pos.override is not None else Path(pos.file).parent
-        target = (base / value).resolve()
-        if target.exists():
+        target = _lookup(base / value)
+        if target is not None:
             resolved[loc] = str(target)
         else:
-            problems.append(Problem(pos, loc, f"no such file or folder: {relative(target)}"))
+            problems.append(Problem(pos, loc, f"no such file or folder: {relative(base / value)}"))
     return resolved, problems
+
+
+def _lookup(path: Path, want_file: bool = False) -> Path | None:
+    """`path` resolved when it exists (and is a file, with want_file), else None. A name the OS refuses (a NUL byte, longer
+    than the OS allows) exists nowhere: pathlib would raise ValueError or OSError instead, a traceback for the user."""
+    try:
+        resolved = path.resolve()
+        return resolved if (resolved.is_file() if want_file else resolved.exists()) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, Any]]:

@@ -377,7 +377,7 @@ class Probe(Strict):
         if self.expect_pattern:
             try:
                 re.compile(self.expect_pattern)
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; deep nesting
                 raise ValueError(f"`expect_pattern` is not a valid regular expression: {exc}") from None
         return self
 
@@ -403,7 +403,9 @@ class Serve(Strict):
 class Recipe(Strict):
     """One fine-tune, end to end: data -> train -> export -> quantize -> smoke-serve."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Recipe name; names the run folder and lock file.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100, description="Recipe name; names the run folder and lock file."
+    )
     description: str | None = Field(None, description="What the recipe is for.", json_schema_extra=NEUTRAL)
     extends: str | None = Field(
         None, description="A base recipe file this one deep-merges over (path relative to this file)."

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from runner.serving.batching import Batcher
@@ -71,6 +72,13 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
         title="recipe runner model server", version="1", lifespan=lifespan, max_body_size=settings.max_body_bytes,
         description=f"ONNX Runtime server for the {task} artifact in `{artifact_dir.name}`.",
     )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Any, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the bad input, and input JSON cannot always encode (a lone surrogate, NaN):
+        # that turned a 422 into a 500. The location and the reason are what a client needs.
+        detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     def ready_model() -> Classifier | Generator:
         if state.model is None:

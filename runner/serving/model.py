@@ -172,7 +172,9 @@ class Classifier(_Base):
 def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    probs = _softmax(logits.astype(np.float64) / temperature)
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore"):  # a denormal temperature: the best token gets all the mass
+        probs = _softmax((z - z.max()) / temperature)
     if top_p < 1:
         order = np.argsort(-probs)
         keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]  # smallest set with mass >= top_p

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -40,8 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_with_parent(parent: int) -> None:
+    """The smoke stage starts this server in a session of its own so it can stop the whole group; if the stage's
+    process dies without stopping it (kill -9), nothing else would: poll for the parent and leave when it is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if os.environ.get("RECIPE_SERVE_PARENT_PID", "").isdigit():
+        _exit_with_parent(int(os.environ["RECIPE_SERVE_PARENT_PID"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = {name: getattr(args, name) for name in ServerSettings.model_fields if getattr(args, name, None) is not None}
     if args.api_key_env:

@@ -505,7 +505,8 @@ def _freeze(split: Dataset) -> Dataset:
     datasets derives fingerprints from cache-file paths and modification times, which differ between runs; a content
     hash makes the saved folder (state.json included) byte-identical whenever the data is identical. Dropped here:
     `n_tokens`, the untruncated lengths the stats were computed from."""
-    table = split.flatten_indices(keep_in_memory=True).data.table.select(COLUMNS)
+    # one chunk per column: the chunk layout depends on how the rows were processed, and it would leak into the hash
+    table = split.flatten_indices(keep_in_memory=True).data.table.select(COLUMNS).combine_chunks()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

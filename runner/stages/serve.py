@@ -35,6 +35,7 @@ from runner.stages import StageError
 log = logging.getLogger(__name__)
 SCORE_ATOL = 1e-5
 KEY_ENV = "RUNNER_SERVE_API_KEY"
+PARENT_ENV = "RECIPE_SERVE_PARENT_PID"  # the server exits when this pid is no longer its parent
 
 
 def free_port() -> int:
@@ -53,7 +54,7 @@ class ServerProcess:
         self.grace_s = grace_s
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.model_dump(exclude={"api_key"}).items()]
         repo = str(Path(runner.__file__).resolve().parent.parent)  # importable even when the package isn't installed
-        env = {**os.environ, KEY_ENV: self.api_key,
+        env = {**os.environ, KEY_ENV: self.api_key, PARENT_ENV: str(os.getpid()),
                "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "runner.serving", "--artifact", str(artifact), "--port", str(self.port),
                "--api-key-env", KEY_ENV, *flags]

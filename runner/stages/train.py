@@ -336,6 +336,29 @@ def _device() -> int | str:
 # --- trainer ---------------------------------------------------------------------------------------------------------
 
 
+class RngPreservingTrainer(Trainer):
+    """Evaluation leaves the random state as it found it.
+
+    A checkpoint saved at an epoch boundary is written before that epoch's evaluation, which draws from the global torch
+    RNG (dropout off or not, the eval DataLoader does). A run resumed from it skips that evaluation, so without this its
+    next epoch would see another random state than the uninterrupted run's: different weights under the same cache key.
+    """
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        import random
+
+        states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+            if states[3] is not None:
+                torch.cuda.set_rng_state_all(states[3])
+
+
 def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) -> Trainer:
     classifier = job.model.task == CLASSIFIER
     collator = (
@@ -344,7 +367,7 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) 
         # Pads input_ids/attention_mask with the tokenizer and labels with -100 (ignored by the loss), on the same side.
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
     )
-    return Trainer(
+    return RngPreservingTrainer(
         model=model,
         args=training_arguments(job),
         train_dataset=splits["train"],
