@@ -353,7 +353,8 @@ def validate_onnx(onnx_dir: Path, torch_model: PreTrainedModel, samples: list[di
     from transformers import AutoTokenizer
 
     task = task_of(torch_model)
-    tokenizer = AutoTokenizer.from_pretrained(onnx_dir)
+    # explicit False: left unset, transformers would ask on stdin (mid-step) for a tokenizer config with an auto_map
+    tokenizer = AutoTokenizer.from_pretrained(onnx_dir, trust_remote_code=False)
     pad_id = pad_token_id(tokenizer)
     result = compare(torch_runner(torch_model), ort_runner(ort_session(onnx_dir / ONNX_NAME)), samples, task, pad_id)
     result["metric_diff"] = abs(result["metric_candidate"] - result["metric_reference"])
