@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -98,17 +96,11 @@ def recipe_env(recipe_arg: str, overrides: list[str]) -> str:
 
 
 def gpu_names() -> list[str]:
-    """NVIDIA GPUs this machine has (nvidia-smi -L, else the driver's /proc entries); empty without one."""
-    if shutil.which("nvidia-smi"):
-        try:
-            done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-            names = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
-            if done.returncode == 0 and names:
-                return names
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return [p.name for p in gpus.iterdir()] if gpus.is_dir() else []
+    """NVIDIA GPUs this machine has; runner.hwcheck is standard library only, so nox's own interpreter can import it."""
+    sys.path.insert(0, str(ROOT))
+    from runner.hwcheck import gpu_names as names
+
+    return names()
 
 
 def run_env() -> dict[str, str]:

@@ -116,3 +116,32 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
+
+
+# Tiny train/data/export folders shared by the export and quantize tests (built once per session; see test_stage_export).
+@pytest.fixture(scope="session")
+def classifier_inputs(tiny_classifier_dir, tmp_path_factory) -> dict[str, Path]:
+    from tests.test_stage_export import classifier_inputs_for
+
+    return classifier_inputs_for(tiny_classifier_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    from tests.test_stage_export import llama_inputs_for
+
+    return llama_inputs_for(tiny_llama_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def classifier_export(tiny_classifier_dir, classifier_inputs, tmp_path_factory) -> tuple[Path, dict]:
+    from tests.test_stage_export import classifier_export_for
+
+    return classifier_export_for(tiny_classifier_dir, classifier_inputs, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def llama_export(tiny_llama_dir, llama_inputs, tmp_path_factory) -> tuple[Path, dict]:
+    from tests.test_stage_export import llama_export_for
+
+    return llama_export_for(tiny_llama_dir, llama_inputs, tmp_path_factory)

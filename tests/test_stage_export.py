@@ -130,24 +130,6 @@ def llama_export_for(model_dir: Path, inputs: dict[str, Path], factory: pytest.T
     return shared("llama-export", build)
 
 
-@pytest.fixture(scope="session")
-def classifier_inputs(tiny_classifier_dir, tmp_path_factory) -> dict[str, Path]:
-    return classifier_inputs_for(tiny_classifier_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    return llama_inputs_for(tiny_llama_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def classifier_export(tiny_classifier_dir, classifier_inputs, tmp_path_factory) -> tuple[Path, dict]:
-    return classifier_export_for(tiny_classifier_dir, classifier_inputs, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_export(tiny_llama_dir, llama_inputs, tmp_path_factory) -> tuple[Path, dict]:
-    return llama_export_for(tiny_llama_dir, llama_inputs, tmp_path_factory)
 
 
 def test_classifier_export_layout_and_gate(classifier_export):

@@ -8,28 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_stage_export import classifier_export_for, classifier_inputs_for, llama_export_for, llama_inputs_for
-
-
-@pytest.fixture(scope="session")
-def classifier_inputs(tiny_classifier_dir, tmp_path_factory) -> dict[str, Path]:
-    return classifier_inputs_for(tiny_classifier_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_inputs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    return llama_inputs_for(tiny_llama_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def classifier_export(tiny_classifier_dir, classifier_inputs, tmp_path_factory) -> tuple[Path, dict]:
-    return classifier_export_for(tiny_classifier_dir, classifier_inputs, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def llama_export(tiny_llama_dir, llama_inputs, tmp_path_factory) -> tuple[Path, dict]:
-    return llama_export_for(tiny_llama_dir, llama_inputs, tmp_path_factory)
-
 
 def quantize_config(model_dir: Path, task: str, **quantize) -> dict:
     return {"model": {"path": str(model_dir), "task": task}, "quantize": quantize, "seed": 0}
