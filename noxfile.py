@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import nox
+
+sys.path.insert(0, str(Path(__file__).parent / "envs"))
+from lock import reachable  # noqa: E402 - envs/lock.py, standard library only
 
 nox.options.reuse_venv = "yes"
 nox.options.default_venv_backend = "venv"  # pip-based: uv ignores pip's configuration and would pull a CUDA torch
@@ -47,15 +48,6 @@ def extra_index(pins: Path) -> str | None:
     """The `# extra-index-url:` an env file records (where its torch build lives), if any."""
     match = re.search(r"^# extra-index-url: (\S+)$", pins.read_text(), re.MULTILINE)
     return match.group(1) if match else None
-
-
-def reachable(url: str, timeout: float = 5.0) -> bool:
-    parsed = urlparse(url)
-    try:
-        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def install_env(session: nox.Session, variant: str, dev: bool = False) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import numpy as np
 
 # a script run as `python bench/onnx_latency.py` from a checkout: make the runner package importable without installing it
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from runner.hardware import cpu_model  # noqa: E402
 
 SEQ_LEN = 128
 VARIANTS = {  # table row -> exported variant
@@ -47,16 +47,6 @@ VARIANTS = {  # table row -> exported variant
     "ORT int8 s8 7-bit weights": "int8_s8",
 }
 TARGET_RATIO = 0.15
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_model(folder: Path):

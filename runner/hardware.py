@@ -159,7 +159,7 @@ def probe(cache_dir: Path | None = None) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "name": platform.node() or "this machine",
         "source": "probe",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores": psutil.cpu_count(logical=True),
         "ram_gib": round(mem.total / GIB, 2),
         "ram_available_gib": round(mem.available / GIB, 2),
@@ -186,7 +186,7 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

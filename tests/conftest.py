@@ -145,3 +145,21 @@ def llama_export(tiny_llama_dir, llama_inputs, tmp_path_factory) -> tuple[Path, 
     from tests.test_stage_export import llama_export_for
 
     return llama_export_for(tiny_llama_dir, llama_inputs, tmp_path_factory)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder with tests/recipes/core.yaml and its data, and the fast test-only stages (tests/fake_stages.py)
+    installed in this process; each execution is appended to counter.txt."""
+    import shutil
+
+    import runner.stages
+    from tests import fake_stages
+
+    shutil.copy(REPO / "tests/recipes/core.yaml", tmp_path / "core.yaml")
+    shutil.copy(REPO / "tests/recipes/reviews.csv", tmp_path / "reviews.csv")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FAKE_STAGE_COUNTER", str(tmp_path / "counter.txt"))
+    monkeypatch.setattr("runner.stages.STAGES", dict(runner.stages.STAGES))
+    fake_stages.install()
+    return tmp_path

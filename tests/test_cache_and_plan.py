@@ -8,32 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from runner.cli import main
-from tests import fake_stages
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ["model", "data", "train", "export", "quantize", "serve"]
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A project folder with the core test recipe, its data file, and fake stages installed in this process."""
-    shutil.copy(REPO / "tests/recipes/core.yaml", tmp_path / "core.yaml")
-    shutil.copy(REPO / "tests/recipes/reviews.csv", tmp_path / "reviews.csv")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FAKE_STAGE_COUNTER", str(tmp_path / "counter.txt"))
-    monkeypatch.setattr("runner.stages.STAGES", dict(__import__("runner.stages").stages.STAGES))
-    fake_stages.install()
-    return tmp_path
 
 
 def executed(project: Path) -> list[str]:

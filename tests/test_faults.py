@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,19 +23,6 @@ from runner.cache import Cache, HashMemo
 from runner.cli import main
 from tests import fake_stages
 from tests.test_cache_and_plan import ALL, REPO, executed, last_run
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):  # noqa: ANN001, ANN201 - as in tests/test_cache_and_plan.py
-    """A project folder with the core test recipe, its data file, and fake stages installed in this process."""
-    shutil.copy(REPO / "tests/recipes/core.yaml", tmp_path / "core.yaml")
-    shutil.copy(REPO / "tests/recipes/reviews.csv", tmp_path / "reviews.csv")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FAKE_STAGE_COUNTER", str(tmp_path / "counter.txt"))
-    monkeypatch.setattr("runner.stages.STAGES", dict(__import__("runner.stages").stages.STAGES))
-    fake_stages.install()
-    return tmp_path
-
 
 # A prelude for subprocesses: the real CLI with the fake stages, and a hook that SIGKILLs this process at one moment.
 PRELUDE = textwrap.dedent("""
