@@ -44,7 +44,7 @@ VARIANTS = {  # table row -> exported variant
     "ORT fp32": "fp32",
     "ORT int8 (stage preset)": "int8",
     "ORT int8 fused (O2)": "fused_int8",
-    "ORT int8 s8 7-bit weights": "int8_s8",
+    "ORT int8 (weights: s8-7bit)": "int8_s8",
 }
 TARGET_RATIO = 0.15
 
@@ -75,7 +75,7 @@ def export_variants(model, work: Path) -> dict[str, Path]:
         AutoOptimizationConfig.O2(), work / "fused", file_suffix=""
     )
     quantize_direct(work / "fused" / "model.onnx", work / "fused_int8" / "model.onnx", qconfig)
-    # signed 7-bit weights: lets MLAS use its faster u8*s8 AVX2 kernel without the saturation the avx2 preset avoids
+    # the quantize stage's `weights: s8-7bit`: MLAS's faster u8*s8 kernel without the saturation the avx2 preset avoids
     s8 = replace(qconfig, weights_dtype=QuantType.QInt8, reduce_range=True)
     quantize_direct(work / "fp32" / "model.onnx", work / "int8_s8" / "model.onnx", s8)
     return {name: work / name / "model.onnx" for name in ("fp32", "int8", "fused_int8", "int8_s8")}
@@ -124,6 +124,28 @@ def ort_call(path: Path, threads: int) -> Callable[[dict], np.ndarray]:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feed: session.run(["logits"], feed)[0]
+
+
+def op_profile(path: Path, threads: int, calls: int = 20) -> dict[str, float]:
+    """ONNX Runtime's own per-op timing (ms per call, by op type): where the time goes, e.g. how much of an int8 run is
+    the integer matrix multiplications that only VNNI/AMX instructions make much faster."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.parent / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = random_feed(np.random.default_rng(0))
+    for _ in range(calls):
+        session.run(["logits"], feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0.0) + event["dur"] / 1000 / calls
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
 
 
 def random_feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -192,6 +214,8 @@ def main() -> None:
         times = time_round_robin(calls, args.iterations, args.rounds, args.warmup)
         load_after = os.getloadavg()
         agree = agreement(calls, args.agreement_samples)
+        profiled = ("ORT fp32", "ORT int8 (weights: s8-7bit)")
+        profiles = {name: op_profile(paths[VARIANTS[name]], args.threads) for name in profiled}
 
     from runner.stages.quantize import cpu_preset
 
@@ -230,6 +254,7 @@ def main() -> None:
         "target_ratio": TARGET_RATIO,
         "meets_target": rows[best]["ratio_to_torch_p50"] <= TARGET_RATIO,
         "metric_drop_proxy": 1 - rows[best]["top1_agreement"],
+        "op_profile_ms": profiles,
         "metric_note": "random weights: metric drop = 1 - top-1 agreement with torch fp32 on random token sequences",
         "versions": versions(),
     }
@@ -266,7 +291,12 @@ def markdown(result: dict) -> str:
         "",
         f"best int8 ({result['best_int8']}) / torch fp32 p50 = {result['int8_over_torch_p50']:.3f} "
         f"({verdict} the <= {TARGET_RATIO} target); metric-drop proxy {result['metric_drop_proxy']:.3f}",
+        "",
+        "Where the time goes (ONNX Runtime profiler, ms per call, top op types):",
     ]
+    for name, ops in result["op_profile_ms"].items():
+        top = ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:5])
+        lines.append(f"- {name}: {sum(ops.values()):.1f} in kernels; {top}")
     return "\n".join(lines)
 
 

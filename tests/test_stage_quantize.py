@@ -40,6 +40,25 @@ def test_dynamic_int8_classifier(tiny_classifier_dir, classifier_inputs, classif
     assert json.loads((tmp_path / "quantize_report.json").read_text()) == report
 
 
+def test_signed_7bit_weights_are_quantized_as_asked(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
+    """weights: s8-7bit stores int8 weights in 7 bits whatever the CPU preset would pick, and still passes the gate."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from runner.stages import quantize
+
+    config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-dynamic-int8",
+                             weights="s8-7bit", eval_samples=24)
+    report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)
+    assert (report["weights"], report["weights_dtype"], report["reduce_range"]) == ("s8-7bit", "QInt8", True)
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    matmul_weights = {node.input[1] for node in graph.node if node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")}
+    quantized = [numpy_helper.to_array(t) for t in graph.initializer if t.name in matmul_weights]
+    assert quantized and all(w.dtype.name == "int8" and np.abs(w.astype(int)).max() <= 64 for w in quantized)
+    assert report["metric_drop"] <= 0.01
+
+
 def test_static_int8_llama_with_past(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
     import onnx
 

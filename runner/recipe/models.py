@@ -336,6 +336,12 @@ class Export(Strict):
 
 class OnnxDynamicInt8(Strict):
     method: Literal["onnx-dynamic-int8"] = Field(description="Dynamic int8 quantization with ONNX Runtime.")
+    weights: Literal["preset", "s8-7bit"] = Field(
+        "preset",
+        description="Weight type: the CPU preset's (u8 on x86 without VNNI, s8 with VNNI or on arm64), or signed 7-bit, "
+        "which lets ONNX Runtime use its faster u8*s8 kernel on x86 without VNNI and without saturation (about 15% "
+        "lower latency on AVX2, a slightly larger logit error).",
+    )
     max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the export.")
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
 
@@ -343,6 +349,12 @@ class OnnxDynamicInt8(Strict):
 class OnnxStaticInt8(Strict):
     method: Literal["onnx-static-int8"] = Field(description="Static int8 quantization calibrated on training samples.")
     calibration_samples: PositiveInt = Field(64, description="Examples used for calibration.")
+    weights: Literal["preset", "s8-7bit"] = Field(
+        "preset",
+        description="Weight type: the CPU preset's (u8 on x86 without VNNI, s8 with VNNI or on arm64), or signed 7-bit, "
+        "which lets ONNX Runtime use its faster u8*s8 kernel on x86 without VNNI and without saturation (about 15% "
+        "lower latency on AVX2, a slightly larger logit error).",
+    )
     max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the export.")
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
 

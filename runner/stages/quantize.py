@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +105,7 @@ def cpu_preset() -> tuple[str, str]:
 
 
 def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path, samples: list[dict]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType
     from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
 
     src, dst = inputs["export"] / "onnx", out / "onnx"
@@ -111,6 +113,8 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
     static = isinstance(cfg, OnnxStaticInt8)
     preset, why = cpu_preset()
     qconfig = getattr(AutoQuantizationConfig, preset)(is_static=static)
+    if cfg.weights == "s8-7bit":
+        qconfig = replace(qconfig, weights_dtype=QuantType.QInt8, reduce_range=True)
     external = any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in src.iterdir())
     pad_id = pad_token_id(tokenizer_from(src, model_cfg))
     reference = ort_session(src / ONNX_NAME)
@@ -123,6 +127,7 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
     return {
         "preset": preset,
         "preset_reason": why,
+        "weights": cfg.weights,
         "per_channel": qconfig.per_channel,
         "reduce_range": qconfig.reduce_range,
         "format": qconfig.format.name,
