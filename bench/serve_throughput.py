@@ -147,6 +147,35 @@ def batch_metrics(server: ServerProcess) -> tuple[float, float]:
     return samples["serve_batch_size_sum"], samples["serve_batch_size_count"]
 
 
+def inference_ceiling(artifact: Path, texts: list[str], rounds: int) -> dict[str, float]:
+    """The most batching can give here, without HTTP: ms per text when CONCURRENCY threads each run one text at a time
+    (what the server does without batching) against one thread running batches of CONCURRENCY texts. Same model,
+    tokenization and session settings as the server (runner.serving.model); alternating rounds, medians."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runner.serving.model import load_model
+
+    model = load_model(artifact)
+    work = texts[: 16 * CONCURRENCY]
+    for text in work[:CONCURRENCY]:
+        model.predict([text])
+
+    def ms_per_text(run: Any) -> float:
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1000 / len(work)
+
+    singles, batches = [], []
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        for _ in range(rounds):
+            singles.append(ms_per_text(lambda: list(pool.map(lambda t: model.predict([t]), work))))
+            batches.append(ms_per_text(
+                lambda: [model.predict(work[i : i + CONCURRENCY]) for i in range(0, len(work), CONCURRENCY)]))
+    single, batch = statistics.median(singles), statistics.median(batches)
+    return {"concurrent_single_ms_per_text": round(single, 2), "batched_ms_per_text": round(batch, 2),
+            "ratio": round(single / batch, 3)}
+
+
 def run_mode(artifact: Path, settings: ServerSettings, texts: list[str], args: argparse.Namespace, log: Path) -> dict:
     server = ServerProcess(artifact, settings, log)
     try:
@@ -176,6 +205,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         artifact = build_artifact(Path(tmp), args.dim, args.layers)
         params = int((artifact / "params.txt").read_text())
+        ceiling = inference_ceiling(artifact, texts, args.rounds)
+        print(f"inference only: {ceiling}", file=sys.stderr)
         rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
         for r in range(args.rounds):
             for mode, settings in (modes.items() if r % 2 == 0 else reversed(modes.items())):
@@ -195,6 +226,9 @@ def main() -> None:
               f"{row['server_cores_used']} | {row['requests_per_cpu_s']} |")
     print(f"\nbatching / no batching: throughput **{ratio:.2f}** (target >= {TARGET}), "
           f"requests per server CPU-second {cpu_ratio:.2f}; errors: {sum(r['errors'] for r in best.values())}")
+    print(f"ceiling without HTTP (ONNX Runtime alone, {CONCURRENCY} threads of single texts vs batches of "
+          f"{CONCURRENCY}): {ceiling['concurrent_single_ms_per_text']} vs {ceiling['batched_ms_per_text']} ms per text, "
+          f"**{ceiling['ratio']:.2f}**")
     try:
         from bench.common import machine_info
 
@@ -204,7 +238,8 @@ def main() -> None:
     result = {"benchmark": "serve_throughput", "model": {"dim": args.dim, "layers": args.layers, "params": params},
               "concurrency": CONCURRENCY, "settings": {m: s.model_dump(exclude={"api_key"}) for m, s in modes.items()},
               "words": [args.min_words, args.max_words], "rounds": rounds, "median": best, "ratio": round(ratio, 3),
-              "cpu_efficiency_ratio": round(cpu_ratio, 3), "target": TARGET, "passed": ratio >= TARGET,
+              "cpu_efficiency_ratio": round(cpu_ratio, 3),
+              "inference_ceiling": ceiling, "target": TARGET, "passed": ratio >= TARGET,
               "load_average": [load_before[0], os.getloadavg()[0]], "machine": machine}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
