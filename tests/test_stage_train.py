@@ -163,6 +163,20 @@ def test_qlora_8bit_trains_on_cpu(tiny_llama_dir, causal_data, tmp_path):
     assert metrics["adapter_bytes"] > 0
 
 
+def test_eval_before_training_can_be_skipped(tiny_llama_dir, causal_data, tmp_path, monkeypatch):
+    """`eval_before_training: false` saves the pass over the eval set before training; the final eval still runs."""
+    from transformers import Trainer
+
+    evaluations = []
+    original = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: evaluations.append(1) or original(self, *a, **k))
+    out = tmp_path / "out"
+    metrics = _run(_config(tiny_llama_dir, CAUSAL, _lora(max_steps=2, eval_before_training=False)), causal_data, out)
+    assert len(evaluations) == 1  # eval_strategy "no": only the final evaluation
+    assert metrics["eval_loss_before"] is None and metrics["eval_perplexity_before"] is None
+    assert isinstance(metrics["eval_loss"], float) and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_4bit_qlora_is_refused_without_cuda(tiny_llama_dir, causal_data, tmp_path):
     import torch
 

@@ -274,6 +274,10 @@ class TrainCommon(Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("epoch", description="When to evaluate.")
     eval_steps: PositiveInt | None = Field(None, description="Evaluate every this many steps (with `eval_strategy: steps`).")
+    eval_before_training: bool = Field(
+        True, description="Evaluate once before training: the starting point in the metrics, the loss plot and the "
+        "report. Off saves one pass over the eval set (minutes for a large model and eval set)."
+    )
     save_steps: PositiveInt = Field(
         50, description="Checkpoint every this many steps; a killed step resumes from the newest.", json_schema_extra=NEUTRAL
     )

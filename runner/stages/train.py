@@ -199,7 +199,7 @@ def _train_once(job: Job) -> dict[str, Any]:
     trainer = make_trainer(job, model, tokenizer, splits)
     # The starting point (chance for a fresh classifier head) for the metrics and the loss plot. Deterministic, and
     # every attempt runs it at the same point, so it cannot make a resumed run differ from an uninterrupted one.
-    before = trainer.evaluate()
+    before = trainer.evaluate() if job.train.eval_before_training else {}
     resume = resume_point(job.out / CHECKPOINTS)
     if resume is not None:
         log.info("resuming from %s (step %d)", resume, checkpoint_step(resume))
@@ -609,7 +609,8 @@ def plot_losses(history: list[dict[str, Any]], metrics: dict[str, Any], path: Pa
     FigureCanvasAgg(figure)
     curves, table = figure.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(0, metrics["eval_loss_before"])] + [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    evals = [(0, metrics["eval_loss_before"])] if metrics["eval_loss_before"] is not None else []
+    evals += [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o--")):
         if points:
             curves.plot(*zip(*points, strict=True), style, label=label)
