@@ -101,7 +101,8 @@ def tiny_classifier_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A Llama-like causal LM (random weights) with a byte-level BPE tokenizer, saved as safetensors."""
+    """A Llama-like causal LM (random weights) with a byte-level BPE tokenizer, saved as safetensors. Hidden size 64, not
+    less: bitsandbytes 4-bit on CPUs with AVX-512 BF16 repacks weights per 64-wide block of inputs and fails below that."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,7 +111,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     tok = train_tokenizer([*texts, "### Instruction:\n### Response:\n"], "bpe", out)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
     )
