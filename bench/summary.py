@@ -41,6 +41,10 @@ def rows(results: Path) -> list[tuple[str, str, str, str]]:
     ratio = _get(p4, "int8_over_torch_p50")
     if ratio is not None:
         out.append(("P4 ORT int8 / torch fp32 p50", f"{ratio:.3f}", "<= 0.15", str(ratio <= 0.15)))
+        gemm = _get(p4, "int8_gemm")
+        if gemm:
+            out.append(("P4 floor: int8 matmul kernels alone / torch fp32 p50", f"{gemm['ratio_to_torch_p50']:.3f}", "-",
+                        "-"))
     p5 = load("p5.json")
     ratio = _get(p5, "ratio")
     if ratio is not None:
