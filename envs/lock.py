@@ -38,9 +38,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ENVS = Path(__file__).resolve().parent
-VARIANTS = ("cpu", "dev", "cuda13", "cuda12")  # in dependency order: dev and the CUDA files are constrained by cpu.txt
+VARIANTS = ("cpu", "dev", "cuda13")  # in dependency order: dev and the CUDA files are constrained by cpu.txt
 PIP_VERSION = "26.3"  # --uploaded-prior-to and PEP 658 metadata (no 500 MB wheel downloads) need a recent pip
-CUTOFF = "2026-11-29T00:00:00Z"
+CUTOFF = "2026-12-01T00:00:00Z"
 PYTHON = "3.11"
 ABI = "cp311"
 GLIBC_MAX = 28  # manylinux_2_28: torch's own baseline; every pin then has a wheel for glibc >= 2.28

@@ -323,19 +323,46 @@ Train = Annotated[FullTrain | LoraTrain | QloraTrain, Field(discriminator="metho
 # --- export, quantize, serve --------------------------------------------------------------------------------------------
 
 
+# Export tolerance relative to the largest reference logit, per precision: rounding grows with the logits' scale and
+# depth, so a fixed absolute tolerance either fails a correct fp32 export of a 30-layer model (1e-4 at logits near 20)
+# or passes a broken tiny one. A broken export or merge misses by orders of magnitude more than these.
+EXPORT_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}
+
+
 class Export(Strict):
-    """Export the trained model (adapters merged) to ONNX behind an accuracy gate, or as merged safetensors."""
+    """Export the trained model (adapters merged) to ONNX behind an accuracy gate, or as merged safetensors.
+
+    Classifiers go through `torch.onnx.export(dynamo=True)`; causal LMs through onnxruntime-genai's model builder (a
+    decoder with KV cache that onnxruntime-genai serves)."""
 
     format: Literal["onnx", "safetensors"] = Field("onnx", description="ONNX for ONNX Runtime, or merged safetensors.")
     merge_adapter: bool = Field(True, description="Merge LoRA adapters into a full-precision base before export.")
-    opset: PositiveInt | None = Field(None, description="ONNX opset; the exporter's default when unset.")
-    with_past: bool = Field(True, description="Causal LM: export with past key values (KV cache).")
-    atol: PositiveFloat = Field(1e-4, description="Largest allowed absolute logit difference against PyTorch.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Causal LM: weight and activation precision of the ONNX decoder (fp16/bf16 need `cuda`)."
+    )
+    execution_provider: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Causal LM: the ONNX Runtime execution provider the decoder is built and validated for."
+    )
+    opset: PositiveInt | None = Field(None, description="Classifier: ONNX opset; the exporter's default when unset.")
+    rtol: PositiveFloat | None = Field(
+        None,
+        description="Largest allowed logit difference against PyTorch, relative to the largest reference logit "
+        "(default by precision: fp32 1e-4, fp16 1e-2, bf16 4e-2). Also gates the LoRA merge.",
+    )
+    atol: PositiveFloat | None = Field(
+        None, description="An absolute logit tolerance instead of `rtol` (for a model whose logit scale you know)."
+    )
     min_top1_agreement: Fraction = Field(0.995, description="Classifier: smallest share of equal top-1 predictions.")
     validation_samples: PositiveInt = Field(64, description="Eval examples compared against PyTorch.")
     optimization_level: Literal[0, 1, 2, 99] | None = Field(
-        None, description="ONNX Runtime graph optimization applied to the exported graph (0 none ... 99 all)."
+        None, description="Classifier: ONNX Runtime graph optimization applied to the exported graph (0 none ... 99 all)."
     )
+
+    def tolerance(self, reference_scale: float) -> float:
+        """The absolute logit tolerance for reference logits whose largest magnitude is `reference_scale`."""
+        if self.atol is not None:
+            return self.atol
+        return (self.rtol or EXPORT_RTOL[self.precision]) * max(reference_scale, 1.0)
 
 
 class OnnxDynamicInt8(Strict):
@@ -363,13 +390,45 @@ class OnnxStaticInt8(Strict):
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
 
 
+class OnnxWeightOnly(Strict):
+    """Causal LM: block-wise int8/int4 weights (ONNX Runtime MatMulNBits), built by onnxruntime-genai's model builder
+    from the merged checkpoint that the export step saved. Activations stay in float; gated on eval loss and on greedy
+    agreement with the unquantized export."""
+
+    method: Literal["onnx-weight-only"] = Field(description="Weight-only int8/int4 quantization of a causal LM.")
+    bits: Literal[4, 8] = Field(8, description="Weight bits: 8 keeps greedy output close to fp32, 4 is smaller and faster.")
+    algorithm: Literal["default", "rtn", "k_quant"] = Field(
+        "default",
+        description="How weights are rounded: `default` (ONNX Runtime's block-wise round-to-nearest), `rtn`, or "
+        "`k_quant` (llama.cpp-style search for each block's scale).",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="Weights per quantization block (one scale each).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None, description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest on CPU)."
+    )
+    last_matmul_int8: bool = Field(False, description="Keep the output projection (lm_head) at int8 when bits is 4.")
+    max_metric_drop: PositiveFloat = Field(
+        0.05, description="Largest allowed relative eval-loss increase against the unquantized export (0.05 = 5% worse)."
+    )
+    min_greedy_agreement: Fraction = Field(
+        0.75, description="Smallest share of prompts whose first greedy tokens equal the unquantized export's."
+    )
+    greedy_prompts: PositiveInt = Field(8, description="Test-split prompts (first half of each text) decoded greedily.")
+    greedy_tokens: PositiveInt = Field(16, description="Greedy tokens compared per prompt.")
+    eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the loss increase.")
+
+
 class BnbQuantize(Strict):
     method: Literal["bnb-4bit", "bnb-8bit"] = Field(description="A bitsandbytes-quantized copy for GPU inference.")
-    max_metric_drop: Fraction = Field(0.01, description="Largest allowed drop of the eval metric against the merged model.")
+    max_metric_drop: PositiveFloat = Field(
+        0.01,
+        description="Largest allowed drop of the eval metric against the merged model (accuracy points for a "
+        "classifier, relative loss increase for a causal LM).",
+    )
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the drop.")
 
 
-Quantize = Annotated[OnnxDynamicInt8 | OnnxStaticInt8 | BnbQuantize, Field(discriminator="method")]
+Quantize = Annotated[OnnxDynamicInt8 | OnnxStaticInt8 | OnnxWeightOnly | BnbQuantize, Field(discriminator="method")]
 
 
 class Probe(Strict):
@@ -380,14 +439,15 @@ class Probe(Strict):
     prompt: str | None = Field(None, description="Generator prompt.")
     expect_nonempty: bool = Field(False, description="The generated text must not be empty.")
     expect_pattern: str | None = Field(None, description="A regular expression the generated text must match.")
+    expect_contains: str | None = Field(None, description="Text the generated answer must contain (case-insensitive).")
     max_new_tokens: PositiveInt = Field(16, description="Tokens to generate for a prompt probe.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Probe:
         if (self.text is None) == (self.prompt is None):
             raise ValueError("a probe has exactly one of `text` (classifier) or `prompt` (generator)")
-        if self.text is not None and (self.expect_nonempty or self.expect_pattern):
-            raise ValueError("`expect_nonempty`/`expect_pattern` apply to `prompt` probes")
+        if self.text is not None and (self.expect_nonempty or self.expect_pattern or self.expect_contains):
+            raise ValueError("`expect_nonempty`/`expect_pattern`/`expect_contains` apply to `prompt` probes")
         if self.prompt is not None and self.expect_label:
             raise ValueError("`expect_label` applies to `text` probes")
         if self.expect_pattern:
@@ -426,14 +486,17 @@ class Recipe(Strict):
     extends: str | None = Field(
         None, description="A base recipe file this one deep-merges over (path relative to this file)."
     )
-    env: Literal["cpu", "cuda12", "cuda13"] = Field("cpu", description="Which pinned environment in envs/ nox installs.")
+    env: Literal["cpu", "cuda13"] = Field("cpu", description="Which pinned environment in envs/ nox installs.")
     seed: int = Field(42, ge=0, description="Seed for shuffling, splitting, initialization and training.")
     requires: Requires = Field(default_factory=Requires, description="Hardware the recipe needs.")
     model: Model = Field(description="The base model.")
     data: Data = Field(description="The data step.")
     train: Train = Field(description="The train step: `method` is full, lora or qlora.")
     export: Export | None = Field(None, description="The export step (ONNX or merged safetensors).")
-    quantize: Quantize | None = Field(None, description="The quantize step: ONNX Runtime int8 or bitsandbytes.")
+    quantize: Quantize | None = Field(
+        None, description="The quantize step: ONNX Runtime int8 (classifiers), weight-only int8/int4 (causal LMs) or "
+        "bitsandbytes."
+    )
     serve: Serve | None = Field(None, description="The smoke-serve step.")
 
     @model_validator(mode="after")
@@ -457,4 +520,27 @@ class Recipe(Strict):
         if self.export is not None and self.export.format == "onnx" and not self.export.merge_adapter:
             if self.train.method != "full":
                 raise ValueError("ONNX export of a LoRA model needs `merge_adapter: true`")
+        self._precision_rules()
+        self._quantize_fits_task()
         return self
+
+    def _precision_rules(self) -> None:
+        if self.export is None or self.export.format != "onnx":
+            return
+        if self.model.task == "sequence-classification" and self.export.precision != "fp32":
+            raise ValueError("a classifier is exported in fp32 (`export.precision: fp32`); quantize it afterwards")
+        if self.export.precision in ("fp16", "bf16") and self.export.execution_provider != "cuda":
+            raise ValueError(f"`export.precision: {self.export.precision}` builds a decoder for the CUDA provider: set "
+                             "`export.execution_provider: cuda`, or use fp32 on cpu")
+
+    def _quantize_fits_task(self) -> None:
+        if self.quantize is None:
+            return
+        method = self.quantize.method
+        if self.model.task == "causal-lm" and method in ("onnx-dynamic-int8", "onnx-static-int8"):
+            raise ValueError(f"{method} quantizes activations, which ruins a causal LM (a real 135M model's eval loss "
+                             "went 0.87 -> 1.93 dynamic, 4.19 static): use `method: onnx-weight-only` (int8 or int4 "
+                             "weights, float activations)")
+        if self.model.task == "sequence-classification" and method == "onnx-weight-only":
+            raise ValueError("onnx-weight-only is built by the causal-LM exporter; a classifier takes onnx-dynamic-int8 "
+                             "or onnx-static-int8")

@@ -1,7 +1,13 @@
-"""The served model: an ONNX Runtime session and tokenizer over an exported artifact folder, plus the offline helpers.
+"""The served model over an exported artifact folder, plus the offline helpers.
+
+- Classifiers: an ONNX Runtime session over the dynamo-exported graph.
+- Causal LMs: onnxruntime-genai (the builder's decoder with its KV cache), on the CUDA provider when this environment
+  has onnxruntime-gpu and a GPU, else on the CPU. Text is tokenized and detokenized with the Hugging Face tokenizer
+  (`tokenizers`, the same tokenizer.json the model was trained with), never with onnxruntime-genai's own: token ids in
+  and out are what training and the torch reference use.
 
 The server and the offline helpers both go through `load_model`, so tokenization and session settings cannot drift
-between what is served and what the smoke test compares it with.
+between what is served and what the smoke test and the export gate compare it with.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,6 @@ QUANT_OPS = frozenset(
     {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "ConvInteger",
      "QuantizeLinear", "DequantizeLinear", "QAttention", "MatMulNBits"}
 )
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 class InputError(ValueError):
@@ -38,6 +44,7 @@ class ArtifactInfo:
     quantization_ops: list[str]
     labels: list[str] | None
     max_positions: int
+    provider: str = "cpu"  # the execution provider inference runs on
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -93,6 +100,8 @@ def _labels(artifact_dir: Path, config: dict[str, Any]) -> list[str] | None:
 def detect_task(artifact_dir: Path) -> str:
     """The model's task from config.json's architecture (cheap: the server registers its routes before loading);
     when the name says nothing, from the rank of the graph's `logits` output (2: classifier, 3: causal LM)."""
+    if (Path(artifact_dir) / "genai_config.json").is_file():  # the causal-LM builder's output
+        return "causal-lm"
     for arch in _read_json(Path(artifact_dir) / "config.json").get("architectures") or []:
         if arch.endswith("ForSequenceClassification"):
             return "sequence-classification"
@@ -108,14 +117,6 @@ def detect_task(artifact_dir: Path) -> str:
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
-
-
-class _Base:
-    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo) -> None:
-        self.session = session
-        self.tokenizer = tokenizer
-        self.info = info
-        self.input_names = {i.name for i in session.get_inputs()}
 
 
 def length_groups(lengths: list[int], slack: float = 0.25) -> list[list[int]]:
@@ -135,9 +136,12 @@ def length_groups(lengths: list[int], slack: float = 0.25) -> list[list[int]]:
     return [*groups, current] if current else groups
 
 
-class Classifier(_Base):
+class Classifier:
     def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo, pad_id: int) -> None:
-        super().__init__(session, tokenizer, info)
+        self.session = session
+        self.tokenizer = tokenizer
+        self.info = info
+        self.input_names = {i.name for i in session.get_inputs()}
         self.pad_id = pad_id
 
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
@@ -169,97 +173,123 @@ class Classifier(_Base):
         self.predict(["warm up"])
 
 
-def _pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature == 0:
-        return int(logits.argmax())
-    z = logits.astype(np.float64)
-    with np.errstate(over="ignore", divide="ignore"):  # a denormal temperature: the best token gets all the mass
-        probs = _softmax((z - z.max()) / temperature)
-    if top_p < 1:
-        order = np.argsort(-probs)
-        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]  # smallest set with mass >= top_p
-        kept = np.zeros_like(probs)
-        kept[keep] = probs[keep]
-        probs = kept / kept.sum()
-    return int(rng.choice(len(probs), p=probs))
+def lm_provider() -> str:
+    """`cuda` when this environment's ONNX Runtime has the CUDA provider and a GPU answers, else `cpu`."""
+    import onnxruntime_genai as og
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() and og.is_cuda_available() else "cpu"
 
 
-class Generator(_Base):
-    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo,
-                 config: dict[str, Any], eos_ids: set[int]) -> None:
-        super().__init__(session, tokenizer, info)
+class Generator:
+    """Decoding through onnxruntime-genai, one og.Generator per request, with token ids from the HF tokenizer.
+
+    One request decodes at a time (a lock): onnxruntime-genai does not batch separate requests here, so serializing
+    them keeps every answer equal to the same request sent alone, which the smoke test checks."""
+
+    def __init__(self, artifact_dir: Path, tokenizer: Tokenizer, info: ArtifactInfo, eos_ids: set[int]) -> None:
+        import onnxruntime_genai as og
+
+        self._og = og
+        config = og.Config(str(artifact_dir))
+        config.clear_providers()
+        if info.provider == "cuda":
+            config.append_provider("cuda")
+        self.model = og.Model(config)
+        self.tokenizer = tokenizer
+        self.info = info
         self.eos_ids = eos_ids
-        heads = config.get("num_key_value_heads") or config.get("num_attention_heads", 1)
-        head_dim = config.get("head_dim") or config.get("hidden_size", 1) // config.get("num_attention_heads", 1)
-        # Empty past tensors for the first step: [batch, heads, 0, head_dim], dims the graph left symbolic from config.
-        self.empty_past = {
-            i.name: np.zeros(
-                [1, i.shape[1] if isinstance(i.shape[1], int) else heads, 0,
-                 i.shape[3] if isinstance(i.shape[3], int) else head_dim], dtype=_DTYPES[i.type])
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")
-        }
-        self.output_names = [o.name for o in session.get_outputs()]
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.info.max_positions:
+            raise InputError(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.info.max_positions} tokens")
+        if prompt_tokens == 0:
+            raise InputError("the prompt encodes to no tokens")
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int | None = None, stop: threading.Event | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time; ends at eos (not yielded), after max_new_tokens, or when `stop` is set."""
+        self.check_length(len(prompt_ids), max_new_tokens)
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {"max_length": len(prompt_ids) + max_new_tokens, "do_sample": temperature > 0,
+                                   "batch_size": 1}
+        if temperature > 0:
+            options.update(temperature=temperature, top_p=top_p, top_k=0)
+            if seed is not None:
+                options["random_seed"] = seed
+        params.set_search_options(**options)
+        with self._lock:
+            generator = og.Generator(self.model, params)
+            generator.append_tokens(np.array(prompt_ids, dtype=np.int32))
+            produced = 0
+            while produced < max_new_tokens and not generator.is_done():
+                if stop is not None and stop.is_set():  # the request timed out or the client left
+                    return
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self.eos_ids:
+                    return
+                produced += 1
+                yield token
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 16, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+        tokens = list(self.stream_ids(prompt_ids, max_new_tokens, temperature, top_p, seed, stop))
+        cancelled = stop is not None and stop.is_set()
+        finish = "cancelled" if cancelled else ("length" if len(tokens) >= max_new_tokens else "stop")
+        return {"tokens": tokens, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def generate(self, prompt: str, max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
-        """Greedy (temperature 0) or sampled decoding, feeding the KV cache back between steps; stops at eos."""
-        prompt_ids = self.tokenizer.encode(prompt).ids
-        if len(prompt_ids) + max_new_tokens > self.info.max_positions:
-            raise InputError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's {self.info.max_positions} positions")
-        rng = np.random.default_rng(seed)
-        past = dict(self.empty_past)
-        step_ids, total, out, finish = prompt_ids, len(prompt_ids), [], "length"
-        for _ in range(max_new_tokens):
-            if stop is not None and stop.is_set():  # the request timed out: stop spending CPU on it
-                finish = "cancelled"
-                break
-            feeds = {"input_ids": np.array([step_ids], dtype=np.int64),
-                     "attention_mask": np.ones((1, total), dtype=np.int64), **past}
-            if "position_ids" in self.input_names:
-                feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
-            outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
-            token = _pick(outputs["logits"][0, -1], temperature, top_p, rng)
-            if token in self.eos_ids:
-                finish = "eos"
-                break
-            out.append(token)
-            total += 1
-            if past:  # with a KV cache only the new token goes in; without one, the whole sequence again
-                past = {name: outputs[name.replace("past_key_values", "present")] for name in past}
-                step_ids = [token]
-            else:
-                step_ids = prompt_ids + out
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        return {"text": text, "tokens": out, "prompt_tokens": len(prompt_ids), "finish_reason": finish}
+        """Greedy (temperature 0) or sampled continuation of `prompt`; `finish_reason` is stop (eos), length or
+        cancelled."""
+        result = self.generate_ids(self.encode(prompt), max_new_tokens, temperature, top_p, seed, stop)
+        return {"text": self.decode(result["tokens"]), **result}
 
     def warmup(self) -> None:
         self.generate("warm up", max_new_tokens=2)
 
 
 def load_model(artifact_dir: Path, threads: int = 0) -> Classifier | Generator:
-    """Load an artifact folder (model.onnx, config.json, tokenizer.json, labels.json for classifiers)."""
+    """Load an artifact folder: a classifier (model.onnx, config.json, tokenizer.json, labels.json) or a causal LM (the
+    builder's model.onnx + genai_config.json, tokenizer.json)."""
     artifact_dir = Path(artifact_dir)
     config = _read_json(artifact_dir / "config.json")
     tok_config = _read_json(artifact_dir / "tokenizer_config.json")
-    session = ort.InferenceSession(
-        str(artifact_dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
-    )
     sha256, quant_ops = scan_artifact(artifact_dir)
     task = detect_task(artifact_dir)
-    max_positions = min(config.get("max_position_embeddings") or 2048, int(tok_config.get("model_max_length", 1 << 30)))
-    labels = _labels(artifact_dir, config) if task == "sequence-classification" else None
-    info = ArtifactInfo(
-        name=(config.get("architectures") or [config.get("model_type", artifact_dir.name)])[0], task=task,
-        sha256=sha256, quantized=bool(quant_ops), quantization_ops=quant_ops, labels=labels, max_positions=max_positions,
-    )
     tokenizer = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.no_truncation()
+    model_max = int(tok_config.get("model_max_length", 1 << 30))
     if task == "causal-lm":
-        eos = config.get("eos_token_id", _read_json(artifact_dir / "generation_config.json").get("eos_token_id"))
+        genai = _read_json(artifact_dir / "genai_config.json")["model"]
+        provider = lm_provider()
+        info = ArtifactInfo(
+            name=genai.get("type", artifact_dir.name), task=task, sha256=sha256, quantized=bool(quant_ops),
+            quantization_ops=quant_ops, labels=None, max_positions=min(int(genai["context_length"]), model_max),
+            provider=provider,
+        )
+        eos = genai.get("eos_token_id")
         eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-        return Generator(session, tokenizer, info, config, eos_ids)
+        return Generator(artifact_dir, tokenizer, info, eos_ids)
+    session = ort.InferenceSession(
+        str(artifact_dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    max_positions = min(config.get("max_position_embeddings") or 2048, model_max)
+    info = ArtifactInfo(
+        name=(config.get("architectures") or [config.get("model_type", artifact_dir.name)])[0], task=task,
+        sha256=sha256, quantized=bool(quant_ops), quantization_ops=quant_ops, labels=_labels(artifact_dir, config),
+        max_positions=max_positions,
+    )
     pad_token = _token_text(tok_config.get("pad_token"))
     pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
     pad_id = pad_id if pad_id is not None else config.get("pad_token_id") or 0

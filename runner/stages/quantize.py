@@ -1,6 +1,11 @@
-"""Quantize stage: ONNX Runtime int8 (dynamic, or static calibrated on training samples) of the exported graph, or a
-bitsandbytes 4/8-bit copy of the merged model. Every method reports the size before and after and the eval-metric drop
-against the unquantized model on the same eval samples, and fails when the drop exceeds `max_metric_drop`.
+"""Quantize stage, by method:
+- onnx-dynamic-int8 / onnx-static-int8 (classifiers): ONNX Runtime's own quantizer over the exported graph, int8 weights
+  and activations, with a weight type chosen for this CPU (`cpu_preset`);
+- onnx-weight-only (causal LMs): int8/int4 block-wise weights (MatMulNBits), float activations, rebuilt by
+  onnxruntime-genai's model builder from the merged checkpoint the export step kept;
+- bnb-4bit / bnb-8bit: a bitsandbytes copy of the merged model, for GPU inference with transformers.
+Every method reports the size before and after and the eval-metric drop against the unquantized model on the same eval
+samples, and fails when the drop exceeds `max_metric_drop`; onnx-weight-only also gates greedy agreement.
 
 The metric is accuracy for classifiers (drop = accuracy points lost) and mean token loss for causal LMs (drop = relative
 loss increase, so the same `max_metric_drop` means "1% worse" for a 70M or a 7B model).
@@ -12,13 +17,13 @@ import json
 import logging
 import platform
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter
 
-from runner.recipe.models import BnbQuantize, Model, OnnxStaticInt8, Quantize
+from runner import genai
+from runner.recipe.models import BnbQuantize, Export, Model, OnnxStaticInt8, OnnxWeightOnly, Quantize
 from runner.stages import StageError
 from runner.stages.export import (
     ONNX_NAME,
@@ -42,10 +47,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The merge check inside a bnb quantize has no export atol to borrow; fp32 merge noise on a 7B model's logits stays
-# far below this, a broken merge far above it.
-MERGE_ATOL = 1e-3
-
+# The merge check inside a bnb quantize uses the fp32 export tolerance (relative to the logits' scale).
+MERGE_TOLERANCE = Export()
+# Weight type and symmetry per CPU preset. VNNI (and arm64's dot-product) CPUs multiply u8 activations by s8 weights in
+# one instruction; plain AVX2/AVX-512 can saturate on u8*s8, so their presets use u8 weights.
+PRESETS = {"avx512_vnni": "QInt8", "arm64": "QInt8", "avx512": "QUInt8", "avx2": "QUInt8"}
+INT8_OPS = ["MatMul", "Gemm"]  # the layers that hold the weights; quantizing Add/Gather only adds error
 
 def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
     model_cfg = Model.model_validate(config["model"])
@@ -53,12 +60,16 @@ def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
     samples = load_samples(inputs["data"], "test", cfg.eval_samples)
     if isinstance(cfg, BnbQuantize):
         report = quantize_bnb(model_cfg, cfg, inputs, out, samples)
+    elif isinstance(cfg, OnnxWeightOnly):
+        report = quantize_weight_only(cfg, inputs, out, samples)
     else:
         report = quantize_onnx(model_cfg, cfg, inputs, out, samples)
     report = {"method": cfg.method, "task": model_cfg.task, **report, **metric_drop(report["comparison"], model_cfg.task)}
     (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
     log.info("quantize: %s", json.dumps(report))
     check_drop(report, cfg.max_metric_drop)
+    if isinstance(cfg, OnnxWeightOnly):
+        check_greedy(report, cfg.min_greedy_agreement)
     return report
 
 
@@ -88,7 +99,7 @@ def check_drop(report: dict[str, Any], max_drop: float) -> None:
 
 
 def cpu_preset() -> tuple[str, str]:
-    """The optimum AutoQuantizationConfig preset for this CPU, and why. VNNI CPUs do u8*s8 in one instruction; plain
+    """The int8 preset for this CPU (a key of PRESETS), and why. VNNI CPUs do u8*s8 in one instruction; plain
     AVX2/AVX512 can saturate on u8*s8, so their presets quantize weights to u8 (the presets carry that choice)."""
     machine = platform.machine().lower()
     if machine in ("arm64", "aarch64"):
@@ -105,33 +116,40 @@ def cpu_preset() -> tuple[str, str]:
 
 
 def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path, samples: list[dict]) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantType
-    from optimum.onnxruntime import AutoQuantizationConfig, ORTQuantizer
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src, dst = inputs["export"] / "onnx", out / "onnx"
     refuse_fused(src / ONNX_NAME)
     static = isinstance(cfg, OnnxStaticInt8)
     preset, why = cpu_preset()
-    qconfig = getattr(AutoQuantizationConfig, preset)(is_static=static)
+    weight_type, reduce_range = getattr(QuantType, PRESETS[preset]), False
     if cfg.weights == "s8-7bit":
-        qconfig = replace(qconfig, weights_dtype=QuantType.QInt8, reduce_range=True)
+        weight_type, reduce_range = QuantType.QInt8, True
     external = any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in src.iterdir())
     pad_id = pad_token_id(tokenizer_from(src, model_cfg))
     reference = ort_session(src / ONNX_NAME)
-    ranges = calibrate(src, reference, qconfig, cfg, inputs["data"], out, pad_id, external) if static else None
-    quantizer = ORTQuantizer.from_pretrained(src, file_name=ONNX_NAME)
-    # file_suffix="" keeps the name model.onnx: the server loads an export or a quantized graph the same way
-    quantizer.quantize(qconfig, dst, file_suffix="", calibration_tensors_range=ranges, use_external_data_format=external)
+    dst.mkdir(parents=True)
+    # symmetric weights (zero point 0) as the presets had them; activations asymmetric u8
+    common = {"op_types_to_quantize": INT8_OPS, "per_channel": True, "reduce_range": reduce_range,
+              "weight_type": weight_type, "use_external_data_format": external,
+              "extra_options": {"WeightSymmetric": True, "ActivationSymmetric": False}}
+    if static:
+        calibration = load_samples(inputs["data"], "train", cfg.calibration_samples)  # eval rows stay unseen
+        quantize_static(str(src / ONNX_NAME), str(dst / ONNX_NAME), calibration_reader(reference, calibration, pad_id),
+                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax, **common)
+    else:
+        quantize_dynamic(str(src / ONNX_NAME), str(dst / ONNX_NAME), **common)
     copy_side_files(src, dst)
     comparison = compare(ort_runner(reference), ort_runner(ort_session(dst / ONNX_NAME)), samples, model_cfg.task, pad_id)
     return {
         "preset": preset,
         "preset_reason": why,
         "weights": cfg.weights,
-        "per_channel": qconfig.per_channel,
-        "reduce_range": qconfig.reduce_range,
-        "format": qconfig.format.name,
-        "weights_dtype": qconfig.weights_dtype.name,
+        "per_channel": True,
+        "reduce_range": reduce_range,
+        "format": "QDQ" if static else "QOperator",
+        "weights_dtype": weight_type.name,
         **({"calibration_samples": cfg.calibration_samples} if static else {}),
         "size_before_bytes": onnx_size(src),
         "size_after_bytes": onnx_size(dst),
@@ -177,41 +195,75 @@ def calibration_reader(session: onnxruntime.InferenceSession, samples: list[dict
     return Feeds()
 
 
-def calibrate(
-    src: Path,
-    session: onnxruntime.InferenceSession,
-    qconfig: Any,
-    cfg: OnnxStaticInt8,
-    data_dir: Path,
-    out: Path,
-    pad_id: int,
-    external: bool,
-) -> dict:
-    """Activation ranges (MinMax) from `calibration_samples` training rows: the eval rows stay unseen for the drop."""
-    from onnxruntime.quantization import CalibrationMethod
-    from optimum.onnxruntime.configuration import CalibrationConfig
+# --- weight-only int8/int4 for causal LMs ------------------------------------------------------------------------------
 
-    samples = load_samples(data_dir, "train", cfg.calibration_samples)
-    calibration = CalibrationConfig(
-        dataset_name="data-step",
-        dataset_config_name="default",
-        dataset_split="train",
-        dataset_num_samples=len(samples),
-        method=CalibrationMethod.MinMax,
-    )
-    work = out / "_calibration"
-    work.mkdir()
+
+def builder_options(cfg: OnnxWeightOnly) -> dict[str, str]:
+    """The model builder's --extra_options for this recipe section."""
+    options = {"algo_config": cfg.algorithm, "block_size": str(cfg.block_size)}
+    if cfg.accuracy_level is not None:
+        options["accuracy_level"] = str(cfg.accuracy_level)
+    if cfg.last_matmul_int8 and cfg.bits == 4:
+        options["matmul_mixed_precision"] = "last_matmul:int8"
+    return options
+
+
+def quantize_weight_only(cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path, samples: list[dict]) -> dict[str, Any]:
+    """Rebuild the export's merged checkpoint with int8/int4 weights, then compare it with the unquantized export (both
+    through ONNX Runtime): eval loss, and greedy continuations through onnxruntime-genai, as served."""
+    from runner.serving.model import load_model as load_served
+
+    export = inputs["export"]
+    merged, src, dst = export / "merged", export / "onnx", out / "onnx"
+    if not (merged / "config.json").is_file():
+        raise StageError(f"the export step's output {export} has no merged/ checkpoint to quantize: rerun the export step")
+    precision = f"int{cfg.bits}"
+    provider = json.loads((export / "export_report.json").read_text()).get("execution_provider", "cpu")
+    options = builder_options(cfg)
     try:
-        calibrator = calibration.create_calibrator(
-            onnx_model_path=src / ONNX_NAME,
-            operators_to_quantize=qconfig.operators_to_quantize,
-            use_external_data_format=external,
-            augmented_model_name=str(work / "augmented.onnx"),
+        log.info("%s", genai.build(merged, dst, precision, provider, options))
+    except genai.BuildError as exc:
+        raise StageError(str(exc)) from None
+    pad_id = pad_token_id(tokenizer_from(src, Model(path=str(src), task="causal-lm")))
+    reference, candidate = ort_session(src / ONNX_NAME, provider=provider), ort_session(dst / ONNX_NAME, provider=provider)
+    comparison = compare(ort_runner(reference), ort_runner(candidate), samples, "causal-lm", pad_id)
+    del reference, candidate
+    greedy = greedy_agreement(load_served(src), load_served(dst), samples[: cfg.greedy_prompts], cfg.greedy_tokens)
+    return {
+        "bits": cfg.bits,
+        "algorithm": cfg.algorithm,
+        "block_size": cfg.block_size,
+        "accuracy_level": cfg.accuracy_level,
+        "builder_options": options,
+        "execution_provider": provider,
+        "size_before_bytes": onnx_size(src),
+        "size_after_bytes": onnx_size(dst),
+        "size_ratio": onnx_size(dst) / onnx_size(src),
+        "comparison": comparison,
+        "greedy": greedy,
+    }
+
+
+def greedy_agreement(reference: Any, candidate: Any, samples: list[dict], tokens: int) -> dict[str, Any]:
+    """The share of prompts (first half of each test text) whose first `tokens` greedy tokens are equal."""
+    rows = []
+    for sample in samples:
+        prompt = sample["input_ids"][: max(1, len(sample["input_ids"]) // 2)]
+        want = reference.generate_ids(prompt, max_new_tokens=tokens)["tokens"]
+        got = candidate.generate_ids(prompt, max_new_tokens=tokens)["tokens"]
+        rows.append({"prompt_tokens": len(prompt), "reference": want, "quantized": got, "identical": want == got})
+    agreed = sum(row["identical"] for row in rows)
+    return {"prompts": len(rows), "agreed": agreed, "agreement": agreed / max(len(rows), 1), "rows": rows}
+
+
+def check_greedy(report: dict[str, Any], minimum: float) -> None:
+    greedy = report["greedy"]
+    if not greedy["agreement"] >= minimum:
+        raise StageError(
+            f"{report['method']} int{report['bits']} changed the greedy output: {greedy['agreed']} of {greedy['prompts']} "
+            f"prompts kept their first tokens (agreement {greedy['agreement']:.2f} < min_greedy_agreement {minimum}); "
+            "use bits: 8, algorithm: k_quant, a smaller block_size, last_matmul_int8: true, or keep the unquantized export"
         )
-        calibrator.collect_data(calibration_reader(session, samples, pad_id))
-        return calibrator.compute_data()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- bitsandbytes -------------------------------------------------------------------------------------------------------
@@ -222,7 +274,7 @@ def quantize_bnb(model_cfg: Model, cfg: BnbQuantize, inputs: dict[str, Path], ou
     4-bit and 8-bit on CPU, so the drop is measured here too; the copy is meant for GPU inference with transformers."""
     import torch
 
-    reference, tokenizer, merge = load_trained(model_cfg, inputs, True, samples, MERGE_ATOL)
+    reference, tokenizer, merge = load_trained(model_cfg, inputs, True, samples, MERGE_TOLERANCE)
     source = inputs["train"] / "model"
     if merge["merged"]:  # bitsandbytes quantizes while loading, so the merged fp32 weights go to disk first
         source = out / "_merged"
