@@ -6,6 +6,7 @@ would fail instead of hanging.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -117,6 +118,39 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     return out
+
+
+# Served artifacts: the tiny models exported as the export stage does (dynamo / onnxruntime-genai's builder).
+def export_artifact(model_dir: Path, out: Path, task: str) -> Path:
+    """The export stage's exporters with its layout: tokenizer beside the graph, labels.json for classifiers."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from runner import genai
+    from runner.recipe.models import Export
+    from runner.stages.export import export_encoder
+
+    if task == "causal-lm":
+        genai.build(model_dir, out / "onnx", "fp32", "cpu")
+        out = out / "onnx"
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        out = out / "onnx"
+        export_encoder(model, AutoTokenizer.from_pretrained(model_dir), Export(), out)
+        config = json.loads((model_dir / "config.json").read_text())
+        labels = {"id2label": config["id2label"], "label2id": config["label2id"]}
+        (out / "labels.json").write_text(json.dumps(labels))
+    assert (out / "tokenizer.json").is_file() and (out / "model.onnx").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def classifier_artifact(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_artifact(tiny_classifier_dir, tmp_path_factory.mktemp("cls-onnx"), "sequence-classification")
+
+
+@pytest.fixture(scope="session")
+def llama_artifact(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_artifact(tiny_llama_dir, tmp_path_factory.mktemp("llama-onnx"), "causal-lm")
 
 
 # Tiny train/data/export folders shared by the export and quantize tests (built once per session; see test_stage_export).

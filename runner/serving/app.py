@@ -1,4 +1,4 @@
-"""The FastAPI app over one ONNX artifact: liveness apart from readiness, /predict or /generate, /info and /metrics.
+"""The FastAPI app over one ONNX artifact: liveness apart from readiness, /predict or /generate and /v1 (OpenAI), /info, /metrics.
 
 The model loads and warms up in a background task started by the lifespan, so /health answers (and uvicorn listens)
 while a large model is still loading; /ready, /info and the inference routes answer 503 until the warm-up inference
@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
+
+from runner.serving import openai
 
 from runner.serving.batching import Batcher
 from runner.serving.guard import Guard
@@ -74,11 +77,19 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
     )
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Any, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes the bad input, and input JSON cannot always encode (a lone surrogate, NaN):
         # that turned a 422 into a 500. The location and the reason are what a client needs.
         detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")} for e in exc.errors()]
+        if request.url.path.startswith("/v1/"):  # OpenAI clients expect 400 and an `error` object
+            first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+            param = ".".join(str(p) for p in first["loc"][1:]) or None
+            return JSONResponse(openai.OpenAIError(400, f"{param}: {first['msg']}", param).body(), status_code=400)
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(openai.OpenAIError)
+    async def openai_error(_: Request, exc: openai.OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     def ready_model() -> Classifier | Generator:
         if state.model is None:
@@ -130,7 +141,8 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
 
     else:
 
-        @app.post("/generate", summary="Continue a prompt", response_model=GenerateResponse)
+        @app.post("/generate", summary="Continue a prompt (the runner's own shape; /v1/completions is OpenAI's)",
+                  response_model=GenerateResponse)
         async def generate(body: GenerateBody) -> Any:  # type: ignore[valid-type]
             request = cast(GenerateRequest, body)
             model = cast(Generator, ready_model())
@@ -145,6 +157,46 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
                 raise HTTPException(422, detail=str(exc)) from None
             metrics.generated_tokens.inc(len(result["tokens"]))
             return result
+
+        chat_template = openai.load_chat_template(artifact_dir)
+
+        async def openai_answer(request: openai.CompletionRequest | openai.ChatRequest) -> Any:
+            model = cast(Generator, ready_model())
+            openai.refuse_unsupported(request)
+            stops = openai.stop_strings(request)
+            prompt_ids = await asyncio.to_thread(openai.prompt_ids_for, model, request, chat_template)
+            max_tokens = openai.resolve_max_tokens(model, len(prompt_ids), request.max_tokens, settings.max_new_tokens)
+            cancel = threading.Event()
+            if request.stream:
+                events = openai.stream(model, request, prompt_ids, max_tokens, stops, cancel)
+
+                async def body() -> AsyncIterator[str]:
+                    try:
+                        async for event in iterate_in_threadpool(events):
+                            yield event
+                    finally:  # the client went away or the stream ended: stop decoding
+                        cancel.set()
+
+                return StreamingResponse(body(), media_type="text/event-stream")
+            call = asyncio.to_thread(openai.answer, model, request, prompt_ids, max_tokens, stops, cancel)
+            try:
+                result = await within(call, on_timeout=cancel.set)
+            except InputError as exc:
+                raise openai.OpenAIError(400, str(exc)) from None
+            metrics.generated_tokens.inc(result["usage"]["completion_tokens"])
+            return result
+
+        @app.post("/v1/completions", summary="OpenAI-style text completion (streaming with `stream: true`)")
+        async def completions(body: openai.CompletionRequest) -> Any:
+            return await openai_answer(body)
+
+        @app.post("/v1/chat/completions", summary="OpenAI-style chat completion with the tokenizer's chat template")
+        async def chat_completions(body: openai.ChatRequest) -> Any:
+            return await openai_answer(body)
+
+        @app.get("/v1/models", summary="OpenAI-style list of the one served model")
+        async def models() -> Any:
+            return openai.models_list(cast(Generator, ready_model()))
 
     app.add_middleware(
         Guard, metrics=metrics, routes=frozenset(r.path for r in app.routes),  # type: ignore[attr-defined]

@@ -186,7 +186,8 @@ class Generator:
     One request decodes at a time (a lock): onnxruntime-genai does not batch separate requests here, so serializing
     them keeps every answer equal to the same request sent alone, which the smoke test checks."""
 
-    def __init__(self, artifact_dir: Path, tokenizer: Tokenizer, info: ArtifactInfo, eos_ids: set[int]) -> None:
+    def __init__(self, artifact_dir: Path, tokenizer: Tokenizer, info: ArtifactInfo, eos_ids: set[int],
+                 special_tokens: dict[str, str | None] | None = None) -> None:
         import onnxruntime_genai as og
 
         self._og = og
@@ -198,10 +199,11 @@ class Generator:
         self.tokenizer = tokenizer
         self.info = info
         self.eos_ids = eos_ids
+        self.special_tokens = special_tokens or {}  # bos_token / eos_token texts, for chat templates
         self._lock = threading.Lock()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
         if prompt_tokens + max_new_tokens > self.info.max_positions:
@@ -280,7 +282,8 @@ def load_model(artifact_dir: Path, threads: int = 0) -> Classifier | Generator:
         )
         eos = genai.get("eos_token_id")
         eos_ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-        return Generator(artifact_dir, tokenizer, info, eos_ids)
+        special = {name: _token_text(tok_config.get(name)) for name in ("bos_token", "eos_token")}
+        return Generator(artifact_dir, tokenizer, info, eos_ids, special)
     session = ort.InferenceSession(
         str(artifact_dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
     )

@@ -58,4 +58,4 @@ class GenerateResponse(BaseModel):
     text: str
     tokens: list[int] = Field(description="Generated token ids (without the prompt and without eos).")
     prompt_tokens: int
-    finish_reason: Literal["eos", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled"] = Field(description="stop: eos; length: max_new_tokens.")

@@ -1,0 +1,155 @@
+"""The OpenAI-style endpoints through a real uvicorn process (the smoke-serve stage's ServerProcess), on the tiny Llama
+built by onnxruntime-genai's builder: answers, streaming, errors, and token ids equal to HF/torch's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+# A ChatML template like SmolLM2's (the tiny tokenizer has none of its own).
+TEMPLATE = (
+    "{% for message in messages %}{{ '<s>' if loop.first else '' }}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def server(llama_artifact: Path, tmp_path_factory: pytest.TempPathFactory):
+    from runner.serving.settings import ServerSettings
+    from runner.stages.serve import ServerProcess
+
+    artifact = shutil.copytree(llama_artifact, tmp_path_factory.mktemp("chat") / "onnx")
+    (artifact / "chat_template.jinja").write_text(TEMPLATE)
+    process = ServerProcess(artifact, ServerSettings(), tmp_path_factory.mktemp("log") / "server.log")
+    process.wait_ready(60)
+    yield process, artifact
+    assert process.stop() is not None
+
+
+def sse_events(response) -> list[dict | str]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def torch_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
+    tokens = out[0, len(ids):].tolist()
+    eos = model.config.eos_token_id
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_completion_token_ids_equal_hf_and_torch(server, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    process, _ = server
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = "the film was"
+    with process.client() as client:
+        generated = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 8}).json()
+        completion = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+    ids = tokenizer(prompt)["input_ids"]
+    expected = torch_greedy(tiny_llama_dir, ids, 8)
+    assert generated["prompt_tokens"] == len(ids) and generated["tokens"] == expected
+    assert completion["object"] == "text_completion"
+    assert completion["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert completion["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected),
+                                   "total_tokens": len(ids) + len(expected)}
+    assert completion["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_chat_uses_the_chat_template_once_without_a_second_bos(server, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    process, artifact = server
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = TEMPLATE
+    messages = [{"role": "user", "content": "was the film good"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids.count(tokenizer.bos_token_id) == 1
+    with process.client() as client:
+        body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0}).json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    expected = torch_greedy(tiny_llama_dir, list(ids), 6)
+    assert body["choices"][0]["message"]["content"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("route,payload", [
+    ("/v1/completions", {"prompt": "the plot was"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "the plot was"}]}),
+])
+def test_streamed_text_equals_non_streamed_text(server, route, payload):
+    process, _ = server
+    request = {**payload, "max_tokens": 12, "temperature": 0}
+    with process.client() as client:
+        whole = client.post(route, json=request).json()
+        with client.stream("POST", route, json={**request, "stream": True}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if isinstance(e, dict)]
+    if route == "/v1/chat/completions":
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        expected = whole["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        expected = whole["choices"][0]["text"]
+    assert text == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_stop_string_ends_the_answer_before_it(server):
+    process, _ = server
+    with process.client() as client:
+        free = client.post("/v1/completions", json={"prompt": "the film was", "max_tokens": 12, "temperature": 0}).json()
+        text = free["choices"][0]["text"]
+        if len(text.strip()) < 2:
+            pytest.skip(f"the tiny model's greedy answer {text!r} is too short to cut")
+        stop = text.strip()[1:3]
+        cut = client.post("/v1/completions",
+                          json={"prompt": "the film was", "max_tokens": 12, "temperature": 0, "stop": [stop]}).json()
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_models_and_openai_shaped_errors(server):
+    process, _ = server
+    with process.client() as client:
+        models = client.get("/v1/models").json()
+        assert models["object"] == "list" and len(models["data"]) == 1
+        for body, param in [
+            ({"prompt": "hi", "n": 2}, "n"),
+            ({"prompt": "hi", "logprobs": 1}, "logprobs"),
+            ({"prompt": "hi", "tools": [{"type": "function"}]}, "tools"),
+            ({"prompt": "hi", "max_tokens": 10_000}, "max_tokens"),
+            ({"prompt": "word " * 120, "max_tokens": 16}, "max_tokens"),
+            ({"prompt": ""}, "prompt"),
+        ]:
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+        assert client.get("/ready").status_code == 200  # nothing above hurt the server
+
+
+def test_sampling_with_a_seed_is_repeatable(server):
+    process, _ = server
+    request = {"prompt": "the film was", "max_tokens": 8, "temperature": 1.0, "seed": 7}
+    with process.client() as client:
+        first = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+        second = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    assert first == second
