@@ -1,5 +1,6 @@
-"""Quantize stage: ONNX Runtime dynamic and static int8 of the tiny exports, bitsandbytes 8/4-bit of the merged models
-(both load and run on CPU with bitsandbytes 0.50), sizes and metric drops reported, the drop gate enforced."""
+"""Quantize stage: ONNX Runtime dynamic and static int8 of the tiny classifier export, weight-only int8/int4 of the tiny
+Llama (rebuilt by onnxruntime-genai's builder), bitsandbytes 8/4-bit of the merged models (both load and run on CPU
+with bitsandbytes 0.50); sizes and metric drops reported, the drop and greedy gates enforced."""
 
 from __future__ import annotations
 
@@ -60,24 +61,54 @@ def test_signed_7bit_weights_are_quantized_as_asked(tiny_classifier_dir, classif
     assert report["metric_drop"] <= 0.01
 
 
-def test_static_int8_llama_with_past(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
+@pytest.mark.parametrize(("bits", "algorithm"), [(8, "default"), (4, "k_quant")])
+def test_weight_only_llama(bits, algorithm, tiny_llama_dir, llama_inputs, llama_export, tmp_path):
     import onnx
 
     from runner.stages import quantize
 
-    config = quantize_config(
-        tiny_llama_dir,
-        "causal-lm",
-        method="onnx-static-int8",
-        calibration_samples=16,
-        eval_samples=16,
-        max_metric_drop=0.2,
-    )
+    config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-weight-only", bits=bits, algorithm=algorithm,
+                             block_size=32, eval_samples=16, greedy_prompts=4, greedy_tokens=8, max_metric_drop=10,
+                             min_greedy_agreement=0)
     report = quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
-    assert report["format"] == "QDQ" and report["calibration_samples"] == 16 and report["metric"] == "loss"
-    assert report["size_after_bytes"] < report["size_before_bytes"] and abs(report["metric_drop"]) <= 0.2
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.node}
-    assert "QuantizeLinear" in ops and not (tmp_path / "_calibration").exists()
+    assert (report["bits"], report["algorithm"], report["block_size"]) == (bits, algorithm, 32)
+    assert report["builder_options"]["algo_config"] == algorithm and report["metric"] == "loss"
+    assert report["size_after_bytes"] < report["size_before_bytes"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)
+    assert report["greedy"]["prompts"] == 4 and 0 <= report["greedy"]["agreement"] <= 1
+    assert {"genai_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+
+
+def test_greedy_gate_fails_exactly_when_agreement_is_below_the_minimum(tiny_llama_dir, llama_inputs, llama_export,
+                                                                       tmp_path):
+    """int4 with 256-wide blocks on a random tiny model: whether greedy tokens survive is chance, so the outcome is tied
+    to the reported agreement (the report is written before the gates)."""
+    from runner.stages import StageError, quantize
+
+    config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-weight-only", bits=4, block_size=256,
+                             eval_samples=8, greedy_prompts=4, greedy_tokens=8, max_metric_drop=10,
+                             min_greedy_agreement=1.0)
+    try:
+        quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
+        failed = ""
+    except StageError as error:
+        failed = str(error)
+    report = json.loads((tmp_path / "quantize_report.json").read_text())
+    assert bool(failed) == (report["greedy"]["agreement"] < 1.0)
+    assert not failed or "min_greedy_agreement 1.0" in failed
+
+
+def test_weight_only_drop_is_relative_and_may_exceed_one():
+    """The LM drop is a relative loss increase: 0.87 -> 1.93 is 1.22, which a limit above 1 accepts."""
+    from runner.recipe.models import OnnxWeightOnly
+    from runner.stages.quantize import check_drop, metric_drop
+
+    drop = metric_drop({"metric_reference": 0.87, "metric_candidate": 1.93}, "causal-lm")
+    assert drop["metric_drop"] == pytest.approx(1.2184, abs=1e-4)
+    limit = OnnxWeightOnly(method="onnx-weight-only", max_metric_drop=1.5).max_metric_drop
+    check_drop({"method": "onnx-weight-only", **drop}, limit)
 
 
 def test_static_int8_classifier(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
@@ -97,19 +128,20 @@ def test_static_int8_classifier(tiny_classifier_dir, classifier_inputs, classifi
 
 
 def test_drop_gate_fails_exactly_when_the_drop_exceeds_the_limit(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
-    """With max_metric_drop 0 the step fails if and only if int8 raised the loss. On a random tiny model the sign of
-    that change is chance, so the assertion ties the outcome to the reported drop (written before the gate)."""
+    """With max_metric_drop near 0 the step fails if and only if int4 raised the loss by more. On a random tiny model
+    the size of that change is chance, so the assertion ties the outcome to the reported drop (written before the gate)."""
     from runner.stages import StageError, quantize
 
-    config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-dynamic-int8", eval_samples=16, max_metric_drop=0)
+    config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-weight-only", bits=4, eval_samples=16,
+                             greedy_prompts=1, max_metric_drop=1e-9, min_greedy_agreement=0)
     try:
         quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
         failed = ""
     except StageError as error:
         failed = str(error)
     report = json.loads((tmp_path / "quantize_report.json").read_text())  # written before the gate, for the post-mortem
-    assert report["metric_drop"] != 0 and bool(failed) == (report["metric_drop"] > 0)
-    assert not failed or re.search(r"lost too much: loss .* > max_metric_drop 0", failed)
+    assert report["metric_drop"] != 0 and bool(failed) == (report["metric_drop"] > 1e-9)
+    assert not failed or re.search(r"lost too much: loss .* > max_metric_drop 1e-09", failed)
 
 
 @pytest.mark.parametrize(
