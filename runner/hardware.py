@@ -397,7 +397,7 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
     """Build the model on the meta device (no storage, no download) and read its structure."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+    from transformers.quantizers.base import get_keys_to_not_convert  # transformers 5 moved it here
 
     raw = json.loads(config_json)
     model_type = raw.get("model_type", "")

@@ -83,7 +83,7 @@ BROKEN = [
     (edit("name: demo", "name: 'bad name!'"), "r.yaml:1:1: name: String should match pattern"),
     (edit("  max_length: 64", "  max_length: 64\n  test_size: 1.5"), "r.yaml:9:3: data.test_size: Input should be less than 1"),
     (edit("  task: sequence-classification", "  task: translation"), "r.yaml:5:3: model.task: Input should be 'sequence-classification' or 'causal-lm'"),
-    (edit("seed: 1", "seed: 1\nenv: cuda11"), "r.yaml:3:1: env: Input should be 'cpu', 'cuda12' or 'cuda13'"),
+    (edit("seed: 1", "seed: 1\nenv: cuda11"), "r.yaml:3:1: env: Input should be 'cpu' or 'cuda13'"),
     (edit("  method: lora", "  method: prefix"), "r.yaml:9:1: train: Input tag 'prefix' found using 'method' does not match"),
     (edit("{method: onnx-dynamic-int8}", "{method: gptq}"), "r.yaml:14:1: quantize: Input tag 'gptq' found using 'method' does not match"),
     (edit("  source: {path: reviews.csv}", "  source: {url: x}"), "r.yaml:7:3: data.source: a data source needs one of `hub`, `path` or `rows`"),
@@ -227,3 +227,61 @@ def test_cli_unknown_recipe_name_suggests(tmp_path, capsys, monkeypatch):
 def test_valid_recipe_validates(tmp_path, capsys):
     assert main(["validate", str(write(tmp_path, GOOD))]) == 0
     assert "model -> data -> train -> export -> quantize -> serve" in capsys.readouterr().out
+
+
+LM = """\
+name: lm
+model:
+  path: ./lm
+  task: causal-lm
+data:
+  source: {path: reviews.csv}
+  template: "{text}"
+train:
+  method: lora
+  lora: {r: 8, target_modules: [q_proj]}
+export: {format: onnx}
+"""
+
+
+def lm_folder(tmp_path: Path, architecture: str, model_type: str = "x") -> None:
+    import json
+
+    (tmp_path / "lm").mkdir(exist_ok=True)
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": model_type}))
+
+
+def test_a_causal_lm_export_of_an_architecture_the_builder_lacks_is_refused_before_anything_runs(tmp_path):
+    lm_folder(tmp_path, "GPTNeoXForCausalLM", "gpt_neox")
+    found = problems(tmp_path, LM)
+    assert any(p.startswith("r.yaml:11:10: export.format: the causal-LM ONNX exporter (onnxruntime-genai's model builder) "
+                            "does not support the architecture GPTNeoXForCausalLM; it supports ") and "LlamaForCausalLM" in p
+               for p in found), found
+
+
+def test_a_causal_lm_recipe_on_an_encoder_is_refused_at_its_task_line(tmp_path):
+    lm_folder(tmp_path, "BertModel", "bert")
+    found = problems(tmp_path, LM)
+    assert any(p.startswith("r.yaml:4:3: model.task: task causal-lm needs a model with a causal language-model head")
+               for p in found), found
+
+
+def test_a_supported_decoder_passes_the_local_checks(tmp_path):
+    lm_folder(tmp_path, "LlamaForCausalLM", "llama")
+    assert load_recipe(write(tmp_path, LM)).recipe.export.format == "onnx"
+
+
+@pytest.mark.parametrize(("quantize", "expected"), [
+    ("{method: onnx-dynamic-int8}", "onnx-dynamic-int8 quantizes activations, which ruins a causal LM"),
+    ("{method: onnx-static-int8}", "onnx-static-int8 quantizes activations"),
+])
+def test_activation_int8_on_a_causal_lm_points_to_weight_only(tmp_path, quantize, expected):
+    lm_folder(tmp_path, "LlamaForCausalLM", "llama")
+    found = problems(tmp_path, LM + f"quantize: {quantize}\n")
+    assert any(expected in p and "onnx-weight-only" in p for p in found), found
+
+
+def test_fp16_needs_the_cuda_provider(tmp_path):
+    lm_folder(tmp_path, "LlamaForCausalLM", "llama")
+    found = problems(tmp_path, LM.replace("export: {format: onnx}", "export: {format: onnx, precision: fp16}"))
+    assert any("`export.precision: fp16` builds a decoder for the CUDA provider" in p for p in found), found

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serving import export_artifact
+from tests.conftest import export_artifact
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,8 @@ KNOWN_5XX: dict[str, set[str]] = {"sequence-classification": set(), "causal-lm":
 def servers(tiny_classifier_dir: Path, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Both servers, started once for the module and always stopped (their process groups)."""
     folder = tmp_path_factory.mktemp("stress")
-    classifier = export_artifact(tiny_classifier_dir, folder / "classifier", "text-classification")
-    generator = export_artifact(tiny_llama_dir, folder / "generator", "text-generation-with-past")
+    classifier = export_artifact(tiny_classifier_dir, folder / "classifier", "sequence-classification")
+    generator = export_artifact(tiny_llama_dir, folder / "generator", "causal-lm")
     started = {}
     try:
         started["classifier"] = stress.start(classifier, folder / "classifier.log", ready_timeout_s=60)

@@ -14,7 +14,7 @@ import pytest
 from runner.serving import generate_offline, predict_offline
 from runner.stages import StageError
 from runner.stages import serve as serve_stage
-from tests.test_serving import export_artifact
+from tests.conftest import export_artifact
 
 FAST = {"latency_requests": 15, "concurrency": 4, "startup_timeout_s": 60}
 
@@ -25,7 +25,7 @@ def classifier_outputs(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempP
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     export = tmp_path_factory.mktemp("export")
-    export_artifact(tiny_classifier_dir, export / "onnx", "text-classification")
+    export_artifact(tiny_classifier_dir, export, "sequence-classification")
     quantize = tmp_path_factory.mktemp("quantize")
     shutil.copytree(export / "onnx", quantize / "onnx", ignore=shutil.ignore_patterns("model.onnx"))
     quantize_dynamic(export / "onnx" / "model.onnx", quantize / "onnx" / "model.onnx", weight_type=QuantType.QInt8)
@@ -35,7 +35,7 @@ def classifier_outputs(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="module")
 def llama_export(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     export = tmp_path_factory.mktemp("llama-export")
-    export_artifact(tiny_llama_dir, export / "onnx", "text-generation-with-past")
+    export_artifact(tiny_llama_dir, export, "causal-lm")
     return export
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from runner.recipe import local_checks
 from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
 from runner.recipe.models import SOURCE_TAGS, Recipe
 from runner.recipe.schema import _resolve as _schema_alternatives
@@ -64,6 +65,7 @@ class Loaded:
     files: list[Path]  # the recipe file, then every file it extends, nearest first
     overrides: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # the merged document before validation
+    warnings: list[str] = field(default_factory=list)  # what could not be checked from local files
 
 
 def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
@@ -98,7 +100,11 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Load
         raise RecipeError(problems)
     for loc, resolved in resolved_paths.items():
         _set_at(recipe, loc, resolved)
-    return Loaded(recipe=recipe, path=path, files=files, overrides=list(overrides), raw=raw)
+    findings = local_checks.check(recipe)
+    if findings.errors:
+        raise RecipeError([Problem(_nearest_position(loc, positions, path), loc, message)
+                           for loc, message in findings.errors])
+    return Loaded(recipe=recipe, path=path, files=files, overrides=list(overrides), raw=raw, warnings=findings.warnings)
 
 
 # --- YAML with positions ------------------------------------------------------------------------------------------------

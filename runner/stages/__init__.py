@@ -20,7 +20,9 @@ Output folders, by stage (what downstream stages rely on):
   `labels.json` (`{"id2label": {...}, "label2id": {...}}`, classification only) and `stats.json`.
 - train: `model/` (full fine-tune) or `adapter/` (LoRA/QLoRA, peft save_pretrained), each with the tokenizer saved beside
   it; `metrics.json`, `trainer_state.json`, `loss.png`, `tensorboard/`.
-- export: `onnx/` (model.onnx, config.json, tokenizer, labels.json) or `merged/` (safetensors), and `export_report.json`.
+- export: `onnx/` (classifier: model.onnx, config.json, tokenizer, labels.json; causal LM: the onnxruntime-genai builder's
+  model.onnx + model.onnx.data, genai_config.json, tokenizer) and, for causal LMs and `format: safetensors`, `merged/`
+  (the merged checkpoint in safetensors), and `export_report.json`.
 - quantize: `onnx/` (same layout as export) or `model/` (bitsandbytes), and `quantize_report.json`.
 - serve: `serve_report.json`.
 """
@@ -49,10 +51,14 @@ STAGES: dict[str, StageSpec] = {
     "model": StageSpec("model", "runner.stages.model", 1, _TORCH),
     "data": StageSpec("data", "runner.stages.data", 1, ("datasets", "transformers", "tokenizers")),
     "train": StageSpec("train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True),
-    "export": StageSpec("export", "runner.stages.export", 1, (*_TORCH, "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime")),
-    "quantize": StageSpec(
-        "quantize", "runner.stages.quantize", 1,
-        (*_TORCH, "peft", "optimum", "optimum-onnx", "onnx", "onnxruntime", "bitsandbytes"),
+    "export": StageSpec(
+        "export", "runner.stages.export", 2, (*_TORCH, "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai")
     ),
-    "serve": StageSpec("serve", "runner.stages.serve", 1, ("onnxruntime", "fastapi", "uvicorn", "tokenizers")),
+    "quantize": StageSpec(
+        "quantize", "runner.stages.quantize", 2,
+        (*_TORCH, "peft", "onnx", "onnxruntime", "onnxruntime-genai", "bitsandbytes"),
+    ),
+    "serve": StageSpec(
+        "serve", "runner.stages.serve", 2, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers")
+    ),
 }

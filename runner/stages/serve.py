@@ -142,6 +142,8 @@ def _probe_verdict(probe: Probe, served: dict[str, Any]) -> str | None:
         return "expected a non-empty answer, got an empty one"
     if probe.expect_pattern and not re.search(probe.expect_pattern, served["text"]):
         return f"answer {served['text']!r} does not match {probe.expect_pattern!r}"
+    if probe.expect_contains and probe.expect_contains.lower() not in served["text"].lower():
+        return f"answer {served['text']!r} does not contain {probe.expect_contains!r}"
     return None
 
 

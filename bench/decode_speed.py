@@ -1,0 +1,113 @@
+"""P9: served decode speed. Tokens per second through the HTTP server (onnxruntime-genai, the default weight-only
+quantization) against torch fp32 `generate`, on the same cores, same prompts, greedy, 32 new tokens; with the greedy
+agreement between the two (served tokens equal torch's, token ids compared).
+
+    python bench/decode_speed.py [--model .real-models/SmolLM2-135M-Instruct] [--json out.json]
+
+The model is the real SmolLM2-135M-Instruct that bench/real_lm.py converts (weights dequantized from Q4_1: figures
+are those of that model, not of the bf16 original). The quantized artifact is built here with the recipe language's
+default `onnx-weight-only` settings, so the figure follows whatever default the runner ships. Target: ratio >= 2.0 at
+greedy agreement on >= 3 of 4 prompts. Exit 1 when missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine_info, save
+
+from runner import genai
+from runner.recipe.models import OnnxWeightOnly
+from runner.serving.settings import ServerSettings
+from runner.stages.quantize import builder_options
+from runner.stages.serve import ServerProcess
+
+PROMPTS = ["What is the capital of France?", "Write a short poem about the ocean.",
+           "Give three tips for staying healthy.", "Explain what a transformer model is in one paragraph."]
+NEW_TOKENS = 32
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def torch_side(model_dir: Path, prompts: list[str]) -> tuple[list[list[int]], float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs, tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        seconds += time.perf_counter() - start
+        new = out[0, ids.shape[1]:].tolist()
+        eos = tokenizer.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        outputs.append(new)
+        tokens += len(new)
+    return outputs, tokens / seconds
+
+
+def served_side(artifact: Path, prompts: list[str], log: Path) -> tuple[list[list[int]], float]:
+    server = ServerProcess(artifact, ServerSettings(), log)
+    try:
+        server.wait_ready(120)
+        outputs, tokens, seconds = [], 0, 0.0
+        with server.client(timeout_s=300) as client:
+            client.post("/generate", json={"prompt": prompts[0], "max_new_tokens": 4})  # warm-up
+            for prompt in prompts:
+                start = time.perf_counter()
+                body = client.post("/generate", json={"prompt": prompt, "max_new_tokens": NEW_TOKENS}).json()
+                seconds += time.perf_counter() - start
+                outputs.append(body["tokens"])
+                tokens += len(body["tokens"])
+        return outputs, tokens / seconds
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / ".real-models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        print(f"{args.model} is missing: run `python bench/real_lm.py` first", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = [chat_prompt(tokenizer, q) for q in PROMPTS]
+    default = OnnxWeightOnly(method="onnx-weight-only")
+    with tempfile.TemporaryDirectory() as work:
+        artifact = Path(work) / "onnx"
+        genai.build(args.model, artifact, f"int{default.bits}", "cpu", builder_options(default))
+        served, served_tps = served_side(artifact, prompts, Path(work) / "server.log")
+    reference, torch_tps = torch_side(args.model, prompts)
+    agreed = sum(s == r for s, r in zip(served, reference, strict=True))
+    ratio = served_tps / torch_tps
+    result = {"figure": "P9", "served_tokens_per_s": served_tps, "torch_fp32_tokens_per_s": torch_tps, "ratio": ratio,
+              "greedy_agreement": f"{agreed}/{len(prompts)}", "quantization": default.model_dump(),
+              "builder_options": builder_options(default), "new_tokens": NEW_TOKENS, "machine": machine_info()}
+    if args.json:
+        save(args.json, result)
+    met = ratio >= 2.0 and agreed >= 3
+    print(f"torch fp32 generate: {torch_tps:.1f} tokens/s; served (int{default.bits} {default.algorithm}, block "
+          f"{default.block_size}): {served_tps:.1f} tokens/s")
+    print(f"P9 decode: ratio {ratio:.2f}, greedy agreement {agreed}/{len(prompts)} (target >= 2.0 at >= 3/4): "
+          f"{'met' if met else 'missed'}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

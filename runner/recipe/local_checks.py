@@ -1,0 +1,95 @@
+"""Checks that need the model's config but no model: run by `recipe validate` (and so before any step), from local
+files only, so a recipe that cannot work fails in a second instead of after the data or train step.
+
+Where the config comes from, without importing transformers:
+- `model.init`: the architecture the init builds;
+- `model.path`: the folder's config.json;
+- `model.hub`: the Hugging Face cache's snapshot for the pinned revision, else the copy bundled in runner/model_configs/.
+  A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
+
+Checks: the architecture fits the task (a causal-lm recipe needs a decoder), and a causal-LM ONNX export names an
+architecture that onnxruntime-genai's model builder supports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner import genai
+from runner.recipe.models import Recipe
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+INIT_ARCHITECTURES = {
+    ("llama", "causal-lm"): "LlamaForCausalLM",
+    ("llama", "sequence-classification"): "LlamaForSequenceClassification",
+    ("distilbert", "sequence-classification"): "DistilBertForSequenceClassification",
+    ("distilbert", "causal-lm"): "DistilBertForMaskedLM",  # no causal head exists: the task check below says so
+}
+# Heads that generate text left to right; anything else (a bare encoder, a masked LM) cannot be a causal-lm recipe.
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+@dataclass
+class Findings:
+    errors: list[tuple[tuple[str | int, ...], str]] = field(default_factory=list)  # (field location, message)
+    warnings: list[str] = field(default_factory=list)
+
+
+def model_config(recipe: Recipe) -> tuple[dict[str, Any] | None, str]:
+    """The model's config.json as a dict (None when no local copy exists), and where it came from."""
+    model = recipe.model
+    if model.init is not None:
+        architecture = INIT_ARCHITECTURES[(model.init.architecture, model.task)]
+        return {"architectures": [architecture], "model_type": model.init.architecture}, "model.init"
+    if model.path is not None:
+        path = Path(model.path) / "config.json"
+        return (json.loads(path.read_text()), str(path)) if path.is_file() else (None, str(path))
+    assert model.hub is not None
+    cached = hub_cache_config(model.hub, model.revision)
+    if cached is not None:
+        return json.loads(cached.read_text()), f"HF cache {cached}"
+    bundled = BUNDLED_CONFIGS / f"{model.hub.replace('/', '--')}.json"
+    if bundled.is_file():
+        return json.loads(bundled.read_text()), f"bundled runner/model_configs/{bundled.name}"
+    return None, f"{model.hub}@{model.revision} (not in the HF cache, no bundled copy)"
+
+
+def hub_cache_config(hub: str, revision: str | None) -> Path | None:
+    """config.json of `hub` at `revision` in the local HF cache (a commit sha, or a branch/tag its refs/ resolves)."""
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    repo = root / f"models--{hub.replace('/', '--')}"
+    commit = revision or "main"
+    ref = repo / "refs" / commit
+    if ref.is_file():
+        commit = ref.read_text().strip()
+    candidate = repo / "snapshots" / commit / "config.json"
+    return candidate if candidate.is_file() else None
+
+
+def check(recipe: Recipe) -> Findings:
+    found = Findings()
+    config, source = model_config(recipe)
+    source_field = ("model", next(name for name in ("hub", "path", "init") if getattr(recipe.model, name) is not None))
+    if config is None:
+        if recipe.model.path is not None:
+            found.errors.append((source_field, f"the model folder has no config.json ({source})"))
+        else:
+            found.warnings.append(f"cannot check the model's architecture offline: {source}; it is checked again when "
+                                  "the run starts")
+        return found
+    architecture = (config.get("architectures") or [None])[0]
+    if recipe.model.task == "causal-lm" and not str(architecture or "").endswith(CAUSAL_SUFFIXES):
+        found.errors.append((("model", "task"), f"task causal-lm needs a model with a causal language-model head, but "
+                             f"{source} says {architecture or config.get('model_type')} (an encoder or masked LM); "
+                             "use task: sequence-classification or a decoder model"))
+    export = recipe.export
+    if recipe.model.task == "causal-lm" and export is not None and export.format == "onnx":
+        problem = genai.unsupported_architecture(architecture)
+        if problem:
+            found.errors.append((("export", "format"), f"{problem} (architecture from {source}); use `format: "
+                                 "safetensors` to export the merged model instead"))
+    return found
