@@ -56,11 +56,12 @@ def by_hand(model_dir: str, data_dir: str, out: str, train_cfg: str) -> None:
     args = TrainingArguments(
         output_dir=out, num_train_epochs=cfg["epochs"], per_device_train_batch_size=cfg["batch_size"],
         per_device_eval_batch_size=cfg["batch_size"], learning_rate=cfg["learning_rate"],
-        warmup_ratio=cfg["warmup_ratio"], weight_decay=cfg["weight_decay"], lr_scheduler_type=cfg["scheduler"],
+        warmup_steps=cfg["warmup_ratio"], weight_decay=cfg["weight_decay"], lr_scheduler_type=cfg["scheduler"],
         eval_strategy="epoch", logging_steps=cfg["logging_steps"], seed=42,
         # what the recipe asks of its train step too: resumable checkpoints and TensorBoard curves
-        save_strategy="steps", save_steps=cfg["save_steps"], report_to=["tensorboard"], logging_dir=f"{out}/tensorboard",
+        save_strategy="steps", save_steps=cfg["save_steps"], report_to=["tensorboard"],
     )
+    os.environ["TENSORBOARD_LOGGING_DIR"] = f"{out}/tensorboard"  # transformers 5's place for it
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
     trainer.train()

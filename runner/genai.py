@@ -59,6 +59,17 @@ def unsupported_architecture(architecture: str | None) -> str | None:
     )
 
 
+def unsupported_shape(config: dict) -> str | None:
+    """None when the decoder's GroupQueryAttention can run this config: ONNX Runtime's kernel needs a head size that is
+    a multiple of 16 (seen: "head_size shall be a multiple of 16" on the CPU provider)."""
+    heads = config.get("num_attention_heads")
+    head_size = config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else None)
+    if head_size and head_size % 16:
+        return (f"the ONNX decoder's attention needs a head size that is a multiple of 16, and this model's is "
+                f"{head_size} (hidden_size {config.get('hidden_size')} / num_attention_heads {heads})")
+    return None
+
+
 def build(
     checkpoint: Path,
     out: Path,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 NO_GPU = 3
-EXPECTED_CUDA_MAJOR = {"cuda12": "12", "cuda13": "13"}
+EXPECTED_CUDA_MAJOR = {"cuda13": "13"}
 
 
 @dataclass

@@ -81,6 +81,17 @@ def train_tokenizer(texts: list[str], kind: str, out: Path):
     return fast
 
 
+def save_as_pickle(model, folder: Path) -> Path:
+    """A checkpoint as older tools wrote it: config.json and a pickled pytorch_model.bin (transformers 5 itself saves
+    only safetensors)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory) -> Path:
     """A DistilBERT-like sequence classifier (random weights) with a WordPiece tokenizer, saved as safetensors."""

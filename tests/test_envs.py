@@ -13,11 +13,11 @@ from packaging.version import Version
 
 ENVS = Path(__file__).resolve().parent.parent / "envs"
 PYPROJECT = tomllib.loads((ENVS.parent / "pyproject.toml").read_text())
-RUNTIME = {"cpu": "cpu", "cuda12": "gpu", "cuda13": "gpu"}  # env file -> the pyproject extra that picks its onnxruntime
-CUDA = {"cuda12": "12", "cuda13": "13"}
+RUNTIME = {"cpu": "cpu", "cuda13": "gpu"}  # env file -> the pyproject extra that picks its onnxruntime
+CUDA = {"cuda13": "13"}
 PIN = re.compile(r"^([a-z0-9]+(?:-[a-z0-9]+)*)==(\S+)$")  # normalized name == exact version, nothing else
 # Packages that differ between the variants by design: the torch build, the onnxruntime flavour, the CUDA libraries.
-VARIANT_SPECIFIC = re.compile(r"^(torch|onnxruntime(-gpu)?|triton|nvidia-.*|cuda-.*)$")
+VARIANT_SPECIFIC = re.compile(r"^(torch|onnxruntime(-gpu)?|onnxruntime-genai(-cuda)?|triton|nvidia-.*|cuda-.*)$")
 
 
 def pins(name: str) -> dict[str, Version]:
@@ -58,7 +58,7 @@ ALL = sorted(p.stem for p in ENVS.glob("*.txt"))
 
 
 def test_every_env_file_has_its_source_and_the_expected_set():
-    assert ALL == ["cpu", "cuda12", "cuda13", "dev"]
+    assert ALL == ["cpu", "cuda13", "dev"]  # no cuda12: onnxruntime-genai-cuda 0.18 needs a CUDA 13 onnxruntime-gpu
     for name in ALL:
         assert (ENVS / f"{name}.in").is_file()
 
@@ -105,11 +105,14 @@ def test_exactly_one_onnxruntime_flavour(name):
     flavours = {"onnxruntime", "onnxruntime-gpu"} & set(found)
     expected = "onnxruntime" if RUNTIME[name] == "cpu" else "onnxruntime-gpu"
     assert flavours == {expected}, f"envs/{name}.txt has {sorted(flavours)}, wants only {expected}"
+    # the genai build must match: the CPU onnxruntime-genai would pull the CPU onnxruntime over the GPU one
+    genai = {"onnxruntime-genai", "onnxruntime-genai-cuda"} & set(found)
+    assert genai == {"onnxruntime-genai" if RUNTIME[name] == "cpu" else "onnxruntime-genai-cuda"}, genai
 
 
 def test_shared_packages_have_the_same_version_in_every_runtime_file():
     cpu = pins("cpu")
-    for name in ("cuda12", "cuda13"):
+    for name in sorted(CUDA):
         found = pins(name)
         for package, version in cpu.items():
             if VARIANT_SPECIFIC.match(package):
@@ -138,14 +141,6 @@ def test_cuda_file_pins_a_cuda_torch_build_with_its_cuda_libraries(name):
     assert suffixed and all(p.endswith(f"-cu{major}") for p in suffixed), suffixed
     assert f"nvidia-cudnn-cu{major}" in found and "triton" in found
     assert "onnxruntime-gpu" in found and "onnxruntime" not in found
-
-
-def test_cuda12_says_where_its_torch_lives_and_what_was_not_verified():
-    text = header("cuda12")
-    assert "# extra-index-url: https://download.pytorch.org/whl/cu126" in text
-    stand_in = ENVS / "stand-ins" / f"torch-{pins('cuda12')['torch']}.requires"
-    if "NOT VERIFIED" in text:  # locked where the PyTorch index was unreachable: the stand-in must exist and be named
-        assert stand_in.is_file() and stand_in.name in text
 
 
 def test_dev_file_adds_only_tools_on_top_of_the_cpu_file():

@@ -73,7 +73,7 @@ BASES: list[dict[str, Any]] = [
         "quantize": {"method": "onnx-dynamic-int8"},
         "serve": {"probes": [{"text": "great", "expect_label": "positive"}]},
     },
-    {  # a hub causal LM: mixed sources, qlora with distributed, static int8, prompt probes, hardware needs
+    {  # a hub causal LM: mixed sources, qlora with distributed, fp16 CUDA decoder, int4 weights, prompt probes, hardware
         "name": "lm-1.0", "description": "fuzz base",
         "requires": {"accelerator": "cuda", "min_gpu_memory_gb": 8, "min_compute_capability": "8.0"},
         "model": {"hub": "org/tiny-llama", "revision": "a" * 40, "task": "causal-lm", "trust_remote_code": False},
@@ -88,12 +88,12 @@ BASES: list[dict[str, Any]] = [
             "method": "qlora", "lora": {"target_modules": "all-linear"}, "quantization": {"bits": 4},
             "eval_strategy": "steps", "eval_steps": 5, "distributed": {"nproc_per_node": 2, "fsdp_config": {"x": 1}},
         },
-        "export": {"format": "onnx", "with_past": True, "opset": 17},
-        "quantize": {"method": "onnx-static-int8", "calibration_samples": 8},
+        "export": {"format": "onnx", "precision": "fp16", "execution_provider": "cuda", "rtol": 0.02},
+        "quantize": {"method": "onnx-weight-only", "bits": 4, "algorithm": "k_quant", "block_size": 64},
         "serve": {"probes": [{"prompt": "hi", "expect_nonempty": True, "expect_pattern": "^.*$"}], "concurrency": 2},
     },
     {  # a small built llama, inline rows, full fine-tune, safetensors export, bitsandbytes quantize, no serve
-        "name": "m", "env": "cuda12",
+        "name": "m", "env": "cuda13",
         "model": {"init": {"architecture": "llama", "hidden_size": 32, "num_heads": 4}, "task": "causal-lm"},
         "data": {"source": {"rows": {"text": ["a b", "c d"]}}, "template": "{text}", "columns": {"body": "text"}},
         "train": {"method": "full", "epochs": 1, "precision": "bf16"},

@@ -43,7 +43,7 @@ from runner.recipe import find_recipe, load_recipe
 from .conftest import REPO, sentiment_rows, train_tokenizer
 
 RECIPES = ("llama2_lora", "distilbert_imdb")
-LLAMA_HIDDEN = 48  # stand-in sizes: distinct from the real models' (4096 / 768), so a test sees which one was loaded
+LLAMA_HIDDEN = 64  # stand-in sizes (heads of 32: the ONNX decoder needs a multiple of 16): distinct from the real models' (4096 / 768), so a test sees which one was loaded
 DISTILBERT_DIM = 32
 IMDB_LABELS = ["neg", "pos"]
 
@@ -286,7 +286,7 @@ def test_llama2_lora_loads_model_and_data_by_hub_id_and_trains(hub: dict, workdi
     run = run_cli(
         hub, workdir, "llama2_lora", "train.method=lora", "train.quantization=null", "train.precision=fp32",
         "data.select=24", "train.max_steps=2", "train.batch_size=4", "train.gradient_accumulation=1",
-        "--until", "export",
+        "export.precision=fp32", "export.execution_provider=cpu", "--until", "export",
     )
     steps = {s["kind"]: s for s in run["steps"]}
     assert [s["status"] for s in run["steps"]] == ["ran", "ran", "ran", "skipped", "skipped"]
@@ -309,15 +309,15 @@ def test_llama2_lora_loads_model_and_data_by_hub_id_and_trains(hub: dict, workdi
     with safe_open(str(train / "adapter" / "adapter_model.safetensors"), "pt") as weights:
         shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
     lora_a = [shape for name, shape in shapes.items() if "q_proj.lora_A" in name]
-    assert len(lora_a) == 2 and set(lora_a) == {(8, LLAMA_HIDDEN)}  # two layers of the stand-in, hidden size 48
+    assert len(lora_a) == 2 and set(lora_a) == {(8, LLAMA_HIDDEN)}  # two layers of the stand-in, hidden size 64
     metrics = json.loads((train / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["trainable_params"] == 2 * 2 * (8 * LLAMA_HIDDEN * 2)  # layers, q/v, A+B
 
-    # export merges the adapter into the base, loaded again by hub id, and exports it with past key values
+    # export merges the adapter into the base, loaded again by hub id, and builds the decoder with its KV cache
     export = json.loads((Path(steps["export"]["outputs"]) / "export_report.json").read_text())
     assert export["merge"]["merged"] and export["validation"]["passed"]
-    onnx_config = json.loads((Path(steps["export"]["outputs"]) / "onnx" / "config.json").read_text())
-    assert onnx_config["hidden_size"] == LLAMA_HIDDEN and onnx_config["use_cache"]
+    genai = json.loads((Path(steps["export"]["outputs"]) / "onnx" / "genai_config.json").read_text())["model"]
+    assert genai["decoder"]["hidden_size"] == LLAMA_HIDDEN and "past_key_names" in genai["decoder"]["inputs"]
 
 
 @pytest.mark.slow

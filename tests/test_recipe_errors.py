@@ -285,3 +285,14 @@ def test_fp16_needs_the_cuda_provider(tmp_path):
     lm_folder(tmp_path, "LlamaForCausalLM", "llama")
     found = problems(tmp_path, LM.replace("export: {format: onnx}", "export: {format: onnx, precision: fp16}"))
     assert any("`export.precision: fp16` builds a decoder for the CUDA provider" in p for p in found), found
+
+
+def test_a_head_size_the_onnx_decoder_cannot_run_is_refused_before_anything_runs(tmp_path):
+    import json
+
+    (tmp_path / "lm").mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 48, "num_attention_heads": 2}
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    found = problems(tmp_path, LM)
+    assert any("export.format: the ONNX decoder's attention needs a head size that is a multiple of 16, and this "
+               "model's is 24" in p for p in found), found

@@ -32,6 +32,7 @@ import yaml
 from runner.cli import main
 from runner.recipe import RecipeError, load_recipe
 from tests import fake_stages
+from tests.conftest import save_as_pickle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -284,7 +285,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_classifier_dir: Path, tm
     from runner.stages.model import load_model
 
     folder = tmp_path / "pickled"
-    AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir).save_pretrained(folder, safe_serialization=False)
+    save_as_pickle(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir), folder)
     assert (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists()
     assert is_pickle(folder / "pytorch_model.bin")
     # through a recipe, as a step gets it: model.path, no allow_pickle

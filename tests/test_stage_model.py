@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import save_as_pickle
 import torch
 from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
@@ -97,7 +99,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_llama_dir: Path, tmp_pat
 
 def test_pickle_weights_are_refused_unless_allowed(tiny_classifier_dir: Path, tmp_path: Path) -> None:
     original = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
-    original.save_pretrained(tmp_path, safe_serialization=False)
+    save_as_pickle(original, tmp_path)
     assert (tmp_path / "pytorch_model.bin").exists() and not (tmp_path / "model.safetensors").exists()
 
     refused = Model(path=str(tmp_path), task="sequence-classification")

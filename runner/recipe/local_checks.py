@@ -8,7 +8,7 @@ Where the config comes from, without importing transformers:
   A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
 
 Checks: the architecture fits the task (a causal-lm recipe needs a decoder), and a causal-LM ONNX export names an
-architecture that onnxruntime-genai's model builder supports.
+architecture that onnxruntime-genai's model builder supports, with attention heads its decoder can run.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ def check(recipe: Recipe) -> Findings:
                              "use task: sequence-classification or a decoder model"))
     export = recipe.export
     if recipe.model.task == "causal-lm" and export is not None and export.format == "onnx":
-        problem = genai.unsupported_architecture(architecture)
+        problem = genai.unsupported_architecture(architecture) or genai.unsupported_shape(config)
         if problem:
-            found.errors.append((("export", "format"), f"{problem} (architecture from {source}); use `format: "
-                                 "safetensors` to export the merged model instead"))
+            found.errors.append((("export", "format"), f"{problem} (from {source}); use `format: safetensors` to "
+                                 "export the merged model instead"))
     return found

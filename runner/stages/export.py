@@ -472,6 +472,13 @@ def export_decoder(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge and save the checkpoint, take torch's reference answers, free the torch model, build the decoder in a child
     process (so the torch weights and the builder's copy are never resident together), then gate it."""
+    if cfg.execution_provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise StageError("`export.execution_provider: cuda` builds and validates the decoder on the GPU, but this "
+                             "environment's ONNX Runtime has no CUDA provider: run in the cuda13 environment on a GPU, "
+                             "or set `export.precision: fp32` and `export.execution_provider: cpu`")
     model, tokenizer, merge = load_trained(model_cfg, inputs, cfg.merge_adapter, samples, cfg)
     report: dict[str, Any] = {"format": "onnx", "exporter": "onnxruntime-genai model builder", "merged_dir": "merged"}
     report["merged_size_bytes"] = save_merged(model, tokenizer, inputs["data"], out / "merged")["size_bytes"]

@@ -367,6 +367,19 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) 
         # Pads input_ids/attention_mask with the tokenizer and labels with -100 (ignored by the loss), on the same side.
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
     )
+    # transformers 5 takes the TensorBoard folder from this variable (read when the Trainer builds its callbacks)
+    previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.out / "tensorboard")
+    try:
+        return _trainer(job, model, tokenizer, splits, collator, classifier)
+    finally:
+        if previous is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+
+
+def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, collator: Any, classifier: bool) -> Trainer:
     return RngPreservingTrainer(
         model=model,
         args=training_arguments(job),
@@ -394,7 +407,7 @@ def training_arguments(job: Job) -> TrainingArguments:
         gradient_accumulation_steps=job.accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a share of the total steps
         weight_decay=t.weight_decay,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
@@ -411,7 +424,6 @@ def training_arguments(job: Job) -> TrainingArguments:
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        logging_dir=str(job.out / "tensorboard"),
         report_to=["tensorboard"],
         seed=job.seed,
         data_seed=job.seed,
@@ -420,7 +432,6 @@ def training_arguments(job: Job) -> TrainingArguments:
         ddp_backend=_backend(t) if dist else None,
         fsdp=(dist.fsdp or "") if dist else "",
         fsdp_config=dist.fsdp_config if dist else None,
-        save_safetensors=True,
     )
 
 
