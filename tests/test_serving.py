@@ -7,7 +7,6 @@ onnxruntime-genai builder for the Llama), built once per test session.
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import threading

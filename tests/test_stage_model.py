@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.conftest import save_as_pickle
 import torch
 from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
@@ -20,6 +18,7 @@ from runner.recipe.models import Data, FileSource, InlineSource, Model, ModelIni
 from runner.stages import StageError
 from runner.stages import data as data_stage
 from runner.stages import model as model_stage
+from tests.conftest import save_as_pickle
 
 REPO = Path(__file__).resolve().parent.parent
 REVIEWS = REPO / "recipes" / "data" / "reviews.csv"

@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from runner.serving import openai
-
 from runner.serving.batching import Batcher
 from runner.serving.guard import Guard
 from runner.serving.metrics import Metrics

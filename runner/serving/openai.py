@@ -188,9 +188,8 @@ def answer(model: Generator, request: CompletionRequest | ChatRequest, prompt_id
            stops: list[str], cancel: Any = None) -> dict[str, Any]:
     """The whole, non-streamed response body."""
     text, finish, count = "", "length", 0
-    for delta, reason, count in completion_events(model, prompt_ids, max_tokens, request, stops, cancel):
-        text += delta
-        finish = reason or finish
+    for delta, reason, produced in completion_events(model, prompt_ids, max_tokens, request, stops, cancel):
+        text, finish, count = text + delta, reason or finish, produced
     created = int(time.time())
     if isinstance(request, ChatRequest):
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
