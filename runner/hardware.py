@@ -54,7 +54,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runner.recipe.models import FullTrain, QloraTrain, Recipe
+from runner.export_memory import StepMemory, export_memory, quantize_memory
+from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -814,6 +815,7 @@ class Verdict(BaseModel):
     fits: bool
     findings: list[Finding]
     estimate: Estimate | None
+    step_memory: list[StepMemory] = Field(default_factory=list, description="Causal LM: export/quantize peak RAM.")
     remedies: list[Remedy] = Field(default_factory=list)
     remedy_note: str | None = None
 
@@ -833,14 +835,43 @@ def check(recipe: Recipe, machine: Machine | dict[str, Any]) -> Verdict:
         findings.append(Finding(check="memory", status="warn", detail=f"not estimated: {exc}"))
     except ModelMismatch as exc:
         findings.append(Finding(check="memory", status="fail", detail=str(exc)))
+    steps: list[StepMemory] = []
     if estimated is not None:
         memory = _memory_finding(estimated, capacity, device)
         findings += [memory, *_disk_findings(recipe, estimated, machine)]
         if memory.status == "fail":
             remedies, note = _remedies(recipe, machine, device, capacity)
+        steps = _step_memory(recipe, estimated)
+        findings += [_step_ram_finding(step, recipe, machine) for step in steps]
     fits = all(f.status != "fail" for f in findings)
     return Verdict(recipe=recipe.name, machine=machine.name, device=device, capacity_gib=round(capacity / GIB, 2),
-                   fits=fits, findings=findings, estimate=estimated, remedies=remedies, remedy_note=note)
+                   fits=fits, findings=findings, estimate=estimated, step_memory=steps, remedies=remedies,
+                   remedy_note=note)
+
+
+def _step_memory(recipe: Recipe, estimated: Estimate) -> list[StepMemory]:
+    """Peak host RAM of the causal-LM export (onnxruntime-genai builder) and weight-only quantize steps."""
+    export = recipe.export
+    if recipe.model.task != "causal-lm" or export is None or export.format != "onnx":
+        return []
+    config, _ = model_config(recipe)
+    vocab, seq = int(getattr(config, "vocab_size", 32000)), recipe.data.max_length
+    steps = [export_memory(estimated.params_total, vocab, seq, export.precision, export.execution_provider)]
+    if isinstance(recipe.quantize, OnnxWeightOnly):
+        steps.append(quantize_memory(estimated.params_total, export.precision, recipe.quantize.bits,
+                                     export.execution_provider))
+    return steps
+
+
+def _step_ram_finding(step: StepMemory, recipe: Recipe, machine: Machine) -> Finding:
+    """The step's peak against the RAM the recipe declares (and the machine's, when it has less)."""
+    declared = recipe.requires.min_ram_gb
+    limits = [(declared * SOLD_VS_REPORTED, "requires.min_ram_gb")] if declared else []
+    limits.append((machine.ram_available_gib or machine.ram_gib, "this machine's RAM"))
+    limit, name = min(limits)
+    worst = max(step.phases, key=step.phases.__getitem__)
+    text = f"{step.step} step: estimated peak {step.peak_gib:.1f} GiB of RAM ({worst}) against {limit:.1f} GiB ({name})"
+    return Finding(check=f"{step.step}_ram", status="ok" if step.peak_gib <= limit else "fail", detail=text)
 
 
 def _capacity(machine: Machine, device: Device) -> int:

@@ -13,6 +13,7 @@ loss increase, so the same `max_metric_drop` means "1% worse" for a 70M or a 7B 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import platform
@@ -227,7 +228,8 @@ def quantize_weight_only(cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path
     pad_id = pad_token_id(tokenizer_from(src, Model(path=str(src), task="causal-lm")))
     reference, candidate = ort_session(src / ONNX_NAME, provider=provider), ort_session(dst / ONNX_NAME, provider=provider)
     comparison = compare(ort_runner(reference), ort_runner(candidate), samples, "causal-lm", pad_id)
-    del reference, candidate
+    del reference, candidate  # onnxruntime-genai loads its own copies for the greedy check
+    gc.collect()
     greedy = greedy_agreement(load_served(src), load_served(dst), samples[: cfg.greedy_prompts], cfg.greedy_tokens)
     return {
         "bits": cfg.bits,

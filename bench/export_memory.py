@@ -1,0 +1,100 @@
+"""Export/quantize memory: the doctor's estimate (runner/export_memory.py) against the measured peak RSS of the real
+135M model's export and quantize steps, each run in a fresh process on the cached inputs of a finished smollm2_lora run.
+
+    python bench/export_memory.py [--run runs/smollm2_lora/<stamp>/run.json] [--json out.json]
+
+Measured: the step process's own peak RSS and its largest child's (the builder), from getrusage. The phases of a step
+do not overlap in time (the runner frees its copy before the builder starts), so the step's peak is the larger of the
+two; the estimate is compared with that. Then it prints the estimate for llama2_lora (6.7B) against its min_ram_gb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, save
+
+GIB = 1024**3
+CHILD = """
+import json, resource, sys
+from pathlib import Path
+from runner.stages import STAGES
+import importlib
+kind, config, inputs, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4])
+stage = importlib.import_module(STAGES[kind].module)
+stage.run(config, {k: Path(v) for k, v in inputs.items()}, out)
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"self": own, "child": child}))
+"""
+
+
+def latest_run() -> Path:
+    runs = sorted((ROOT / "runs" / "smollm2_lora").glob("*/run.json"))
+    if not runs:
+        raise SystemExit("no smollm2_lora run: `nox -s real_lm` (or `recipe run smollm2_lora`) first")
+    return runs[-1]
+
+
+def measure(kind: str, config: dict, inputs: dict[str, str]) -> dict[str, int]:
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, "-c", CHILD, kind, json.dumps(config), json.dumps(inputs), out],
+                              capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                                                            "PATH": "/usr/bin:/bin"})
+    if done.returncode:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    from runner.export_memory import export_memory, quantize_memory
+    from runner.hardware import check, load_profile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    run = json.loads((args.run or latest_run()).read_text())
+    steps = {s["kind"]: s for s in run["steps"]}
+    recipe = run["recipe"]
+    base = {"model": steps["export"]["config"]["model"], "seed": recipe.get("seed", 42)}
+    export_inputs = {"data": steps["data"]["outputs"], "train": steps["train"]["outputs"]}
+    measured_export = measure("export", {**base, "export": steps["export"]["config"]["export"]}, export_inputs)
+    quantize_inputs = {"data": steps["data"]["outputs"], "export": steps["export"]["outputs"]}
+    measured_quantize = measure("quantize", {**base, "quantize": steps["quantize"]["config"]["quantize"]}, quantize_inputs)
+
+    params, vocab, seq = 134_515_008, 49152, recipe["data"]["max_length"]
+    estimated_export = export_memory(params, vocab, seq, "fp32", "cpu")
+    estimated_quantize = quantize_memory(params, "fp32", 8, "cpu")
+    rows = []
+    for name, measured, estimated in (("export", measured_export, estimated_export),
+                                      ("quantize", measured_quantize, estimated_quantize)):
+        peak = max(measured.values())
+        rows.append({"step": name, "measured_self_gib": measured["self"] / GIB, "measured_child_gib": measured["child"] / GIB,
+                     "measured_peak_gib": peak / GIB, "estimated_peak_gib": estimated.peak_bytes / GIB,
+                     "error": estimated.peak_bytes / peak - 1, "estimated_phases_gib":
+                     {k: v / GIB for k, v in estimated.phases.items()}})
+        print(f"{name:9} measured peak {peak / GIB:.2f} GiB (runner {measured['self'] / GIB:.2f}, builder "
+              f"{measured['child'] / GIB:.2f}); estimate {estimated.peak_bytes / GIB:.2f} GiB "
+              f"({estimated.peak_bytes / peak - 1:+.1%})")
+    from runner.recipe import find_recipe, load_recipe
+
+    llama = load_recipe(find_recipe("llama2_lora", ROOT / "recipes")).recipe
+    verdict = check(llama, load_profile("a100-40gb"))
+    llama_rows = [{"step": s.step, "peak_gib": s.peak_gib, "phases_gib": {k: v / GIB for k, v in s.phases.items()}}
+                  for s in verdict.step_memory]
+    for row in llama_rows:
+        print(f"llama2_lora {row['step']}: estimated peak {row['peak_gib']:.1f} GiB "
+              f"(min_ram_gb {llama.requires.min_ram_gb:g})")
+    save(args.json, {"figure": "export memory", "rows": rows, "llama2_lora": llama_rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
