@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.cache import Cache, tree_size
-from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
+from runner.recipe import Loaded, Pos, Problem, RecipeError, find_recipe, load_recipe
 from runner.recipe.errors import relative
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
@@ -132,6 +132,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_online(loaded: Loaded) -> None:
+    """What validate could not check offline (a hub model's config.json): fetched now, before any step runs."""
+    from runner.recipe import local_checks
+
+    findings = local_checks.check(loaded.recipe, fetch=True)
+    if findings.errors:
+        raise RecipeError([Problem(Pos(relative(loaded.path), 1, 1), loc, message) for loc, message in findings.errors])
+    for warning in findings.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from runner.execute import execute
     from runner.plan import plan_status
@@ -152,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for line in differences:
                 err.print(f"  {line}", markup=False, soft_wrap=True)
             return 1
+    if loaded.warnings and not args.dry_run:
+        _check_online(loaded)
     if args.dry_run:
         for step, cached, why in plan_status(steps, cache, loaded.recipe.name):
             state = "cached" if cached and step.kind not in args.force else "would run"

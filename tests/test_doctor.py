@@ -334,3 +334,25 @@ def test_json_output_parses(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1
     parts = verdicts["llama2_lora"]["estimate"]["parts"]
     assert {"weights", "gradients", "optimizer", "activations", "loss", "runtime"} <= set(parts)
+
+
+def test_causal_lm_export_and_quantize_ram_are_estimated_and_checked_against_min_ram_gb() -> None:
+    """llama2_lora's fp16 CUDA build and int4 rebuild: the phases follow runner/export_memory.py's model, and a recipe
+    declaring less RAM than a phase needs fails that step's check."""
+    from runner.export_memory import GIB as STEP_GIB
+
+    a100 = load_profile("a100-80gb")
+    verdict = check(recipe("llama2_lora"), a100)
+    steps = {s.step: s for s in verdict.step_memory}
+    params = verdict.estimate.params_total
+    assert set(steps) == {"export", "quantize"}
+    # the runner merges in fp32 (4 bytes a parameter); the builder holds a half-precision checkpoint and its graph
+    assert steps["export"].phases["merge (runner)"] > 4 * params
+    assert steps["export"].phases["build (child)"] < steps["export"].phases["merge (runner)"]
+    assert steps["quantize"].phases["build (child)"] > 4 * params  # fp16 checkpoint + fp16 graph + int4 weights
+    findings = {f.check: f for f in verdict.findings}
+    assert findings["export_ram"].status == "ok" and "requires.min_ram_gb" in findings["export_ram"].detail
+    small = check(recipe("llama2_lora", "requires.min_ram_gb=16"), a100)
+    failed = {f.check for f in small.findings if f.status == "fail"}
+    assert {"export_ram", "quantize_ram"} <= failed and not small.fits
+    assert steps["export"].peak_bytes / STEP_GIB < 40

@@ -296,3 +296,23 @@ def test_a_head_size_the_onnx_decoder_cannot_run_is_refused_before_anything_runs
     found = problems(tmp_path, LM)
     assert any("export.format: the ONNX decoder's attention needs a head size that is a multiple of 16, and this "
                "model's is 24" in p for p in found), found
+
+
+def test_an_uncached_hub_model_is_a_warning_at_validate_and_checked_online_before_any_step(tmp_path, monkeypatch, capsys):
+    """Offline, `recipe validate` cannot see a hub model's config and warns; `recipe run` fetches config.json first and
+    refuses an unsupported architecture before the data step runs."""
+    import json
+
+    from runner.recipe import local_checks
+
+    text = LM.replace("  path: ./lm\n", "  hub: org/neox\n  revision: " + "a" * 40 + "\n")
+    path = write(tmp_path, text)
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    assert "cannot check the model's architecture offline: org/neox@" in capsys.readouterr().err
+    fetched = tmp_path / "fetched-config.json"
+    fetched.write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
+    monkeypatch.setattr(local_checks, "fetch_config", lambda hub, revision: fetched)
+    assert main(["run", str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "does not support the architecture GPTNeoXForCausalLM" in err and not (tmp_path / "cache" / "entries").exists()

@@ -39,7 +39,7 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
 
 
-def model_config(recipe: Recipe) -> tuple[dict[str, Any] | None, str]:
+def model_config(recipe: Recipe, fetch: bool = False) -> tuple[dict[str, Any] | None, str]:
     """The model's config.json as a dict (None when no local copy exists), and where it came from."""
     model = recipe.model
     if model.init is not None:
@@ -55,7 +55,20 @@ def model_config(recipe: Recipe) -> tuple[dict[str, Any] | None, str]:
     bundled = BUNDLED_CONFIGS / f"{model.hub.replace('/', '--')}.json"
     if bundled.is_file():
         return json.loads(bundled.read_text()), f"bundled runner/model_configs/{bundled.name}"
+    if fetch:  # `recipe run`, before any step: one small file from the hub, into the HF cache
+        fetched = fetch_config(model.hub, model.revision)
+        if fetched is not None:
+            return json.loads(fetched.read_text()), f"{model.hub}@{model.revision} (fetched)"
     return None, f"{model.hub}@{model.revision} (not in the HF cache, no bundled copy)"
+
+
+def fetch_config(hub: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(hub, "config.json", revision=revision))
+    except Exception:  # noqa: BLE001 - offline, gated, or missing: the train step's own loading will say which
+        return None
 
 
 def hub_cache_config(hub: str, revision: str | None) -> Path | None:
@@ -70,16 +83,17 @@ def hub_cache_config(hub: str, revision: str | None) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def check(recipe: Recipe) -> Findings:
+def check(recipe: Recipe, fetch: bool = False) -> Findings:
+    """The local checks; with `fetch`, a hub model's config.json missing locally is downloaded first (recipe run)."""
     found = Findings()
-    config, source = model_config(recipe)
+    config, source = model_config(recipe, fetch)
     source_field = ("model", next(name for name in ("hub", "path", "init") if getattr(recipe.model, name) is not None))
     if config is None:
         if recipe.model.path is not None:
             found.errors.append((source_field, f"the model folder has no config.json ({source})"))
         else:
-            found.warnings.append(f"cannot check the model's architecture offline: {source}; it is checked again when "
-                                  "the run starts")
+            found.warnings.append(f"cannot check the model's architecture offline: {source}; "
+                                  + ("the train step will load it" if fetch else "it is checked again when the run starts"))
         return found
     architecture = (config.get("architectures") or [None])[0]
     if recipe.model.task == "causal-lm" and not str(architecture or "").endswith(CAUSAL_SUFFIXES):

@@ -413,7 +413,10 @@ class OnnxWeightOnly(Strict):
     min_greedy_agreement: Fraction = Field(
         0.75, description="Smallest share of prompts whose first greedy tokens equal the unquantized export's."
     )
-    greedy_prompts: PositiveInt = Field(8, description="Test-split prompts (first half of each text) decoded greedily.")
+    greedy_prompts: PositiveInt = Field(
+        8, description="Test-split prompts decoded greedily (the tokens before each answer; without prompt masking, "
+        "the first half of the text)."
+    )
     greedy_tokens: PositiveInt = Field(16, description="Greedy tokens compared per prompt.")
     eval_samples: PositiveInt = Field(200, description="Eval examples used to measure the loss increase.")
 

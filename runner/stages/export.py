@@ -540,7 +540,7 @@ def reference_answers(model: PreTrainedModel, samples: list[dict], pad_id: int, 
     eos = eos_ids(model, tokenizer)
     greedy = []
     for sample in samples[:GREEDY_PROMPTS]:
-        prompt = sample["input_ids"][: max(1, len(sample["input_ids"]) // 2)]
+        prompt = greedy_prompt(sample)
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_NEW_TOKENS,
@@ -549,6 +549,17 @@ def reference_answers(model: PreTrainedModel, samples: list[dict], pad_id: int, 
         cut = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
         greedy.append({"prompt": prompt, "torch": tokens[:cut]})
     return ReferenceAnswers(folder, count, greedy)
+
+
+def greedy_prompt(sample: dict[str, Any]) -> list[int]:
+    """What a user would send: the tokens before the answer (where the data step masked the prompt out of the loss),
+    else the first half of the text."""
+    ids, labels = sample["input_ids"], sample.get("labels")
+    if isinstance(labels, list):
+        start = next((i for i, label in enumerate(labels) if label != -100), 0)
+        if 0 < start < len(ids):
+            return ids[:start]
+    return ids[: max(1, len(ids) // 2)]
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:

@@ -32,6 +32,7 @@ from runner.stages.export import (
     batches,
     compare,
     copy_labels,
+    greedy_prompt,
     load_samples,
     load_trained,
     onnx_size,
@@ -247,10 +248,10 @@ def quantize_weight_only(cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path
 
 
 def greedy_agreement(reference: Any, candidate: Any, samples: list[dict], tokens: int) -> dict[str, Any]:
-    """The share of prompts (first half of each test text) whose first `tokens` greedy tokens are equal."""
+    """The share of test prompts (the tokens before each answer) whose first `tokens` greedy tokens are equal."""
     rows = []
     for sample in samples:
-        prompt = sample["input_ids"][: max(1, len(sample["input_ids"]) // 2)]
+        prompt = greedy_prompt(sample)
         want = reference.generate_ids(prompt, max_new_tokens=tokens)["tokens"]
         got = candidate.generate_ids(prompt, max_new_tokens=tokens)["tokens"]
         rows.append({"prompt_tokens": len(prompt), "reference": want, "quantized": got, "identical": want == got})

@@ -1,0 +1,89 @@
+"""Weight-only LM quantization options side by side on a real export: relative eval-loss increase, greedy agreement
+(the quantize stage's own gates, on the same samples) and decode speed through onnxruntime-genai, for each candidate.
+This is how the `onnx-weight-only` defaults were chosen.
+
+    python bench/lm_quant_sweep.py [--run runs/smollm2_lora/<stamp>/run.json] [--json out.json]
+
+It reads the data and export step outputs of a finished (or gate-failed) smollm2_lora run from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, save
+
+CANDIDATES = [
+    {"bits": 8, "algorithm": "default", "block_size": 32},
+    {"bits": 8, "algorithm": "rtn", "block_size": 32},
+    {"bits": 8, "algorithm": "k_quant", "block_size": 32},
+    {"bits": 8, "algorithm": "default", "block_size": 128},
+    {"bits": 8, "algorithm": "default", "block_size": 32, "accuracy_level": 1},
+    {"bits": 4, "algorithm": "default", "block_size": 32},
+    {"bits": 4, "algorithm": "k_quant", "block_size": 32},
+    {"bits": 4, "algorithm": "k_quant", "block_size": 32, "last_matmul_int8": True},
+]
+
+
+def decode_tps(artifact: Path, prompts: list[list[int]], tokens: int = 32) -> float:
+    from runner.serving.model import load_model
+
+    model = load_model(artifact)
+    model.generate_ids(prompts[0], max_new_tokens=4)  # warm-up
+    produced, start = 0, time.perf_counter()
+    for prompt in prompts:
+        produced += len(model.generate_ids(prompt, max_new_tokens=tokens)["tokens"])
+    return produced / (time.perf_counter() - start)
+
+
+def latest_steps() -> dict:
+    for path in sorted((ROOT / "runs" / "smollm2_lora").glob("*/run.json"), reverse=True):
+        steps = {s["kind"]: s for s in json.loads(path.read_text())["steps"]}
+        if steps.get("export", {}).get("status") in ("ran", "cached"):
+            return steps
+    raise SystemExit("no smollm2_lora run with a finished export step: `recipe run smollm2_lora` first")
+
+
+def main() -> int:
+    from runner.recipe.models import OnnxWeightOnly
+    from runner.stages import StageError
+    from runner.stages.export import load_samples
+    from runner.stages.quantize import metric_drop, quantize_weight_only
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    steps = latest_steps()
+    inputs = {"data": Path(steps["data"]["outputs"]), "export": Path(steps["export"]["outputs"])}
+    samples = load_samples(inputs["data"], "test", 200)
+    prompts = [s["input_ids"][: len(s["input_ids"]) // 2] for s in samples[:4]]  # long continuations, for speed
+    reference_tps = decode_tps(inputs["export"] / "onnx", prompts)
+    print(f"fp32 export: {reference_tps:.1f} tokens/s")
+    rows = []
+    for candidate in CANDIDATES:
+        cfg = OnnxWeightOnly(method="onnx-weight-only", **candidate)
+        with tempfile.TemporaryDirectory() as work:
+            try:
+                report = quantize_weight_only(cfg, inputs, Path(work), samples)
+            except StageError as exc:
+                print(f"{candidate}: failed: {exc}")
+                continue
+            tps = decode_tps(Path(work) / "onnx", prompts)
+        drop = metric_drop(report["comparison"], "causal-lm")["metric_drop"]
+        row = {**candidate, "loss_increase": drop, "greedy": f"{report['greedy']['agreed']}/{report['greedy']['prompts']}",
+               "size_ratio": report["size_ratio"], "tokens_per_s": tps, "speed_vs_fp32": tps / reference_tps}
+        rows.append(row)
+        print(f"{candidate}: loss +{drop:.2%}, greedy {row['greedy']}, size {row['size_ratio']:.2f}, "
+              f"{tps:.1f} tokens/s ({row['speed_vs_fp32']:.2f}x fp32 ONNX)")
+    save(args.json, {"figure": "LM weight-only sweep", "reference_tokens_per_s": reference_tps, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
