@@ -82,13 +82,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / ".real-models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="an onnx-weight-only field instead of its default, e.g. --set algorithm=default")
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
         print(f"{args.model} is missing: run `python bench/real_lm.py` first", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = [chat_prompt(tokenizer, q) for q in PROMPTS]
-    default = OnnxWeightOnly(method="onnx-weight-only")
+    fields = dict(item.split("=", 1) for item in args.set)
+    default = OnnxWeightOnly.model_validate({"method": "onnx-weight-only", **fields})
     with tempfile.TemporaryDirectory() as work:
         artifact = Path(work) / "onnx"
         genai.build(args.model, artifact, f"int{default.bits}", "cpu", builder_options(default))

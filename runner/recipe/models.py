@@ -397,6 +397,10 @@ class OnnxWeightOnly(Strict):
 
     method: Literal["onnx-weight-only"] = Field(description="Weight-only int8/int4 quantization of a causal LM.")
     bits: Literal[4, 8] = Field(8, description="Weight bits: 8 keeps greedy output close to fp32, 4 is smaller and faster.")
+    # `default` by default, measured on the real SmolLM2-135M: through the server (bench/decode_speed.py, P9) int8
+    # default kept 3/4 of torch fp32's 32-token greedy answers at 3.34x its speed, k_quant 1/4 at 3.37x; against the
+    # unquantized export (bench/lm_quant_sweep.py, 8 test prompts) default kept 8/8 at -0.2% eval loss, k_quant 7/8 at
+    # +1.5%. int4 decoded 1.3-2x faster again but kept 1/8 (+15-18% loss), so int4 is opt-in, behind the same gates.
     algorithm: Literal["default", "rtn", "k_quant"] = Field(
         "default",
         description="How weights are rounded: `default` (ONNX Runtime's block-wise round-to-nearest), `rtn`, or "
