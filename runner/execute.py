@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -117,13 +118,13 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
                 metrics = module.run(step.config, inputs, out) or {}
             except StageError as exc:
                 log.error("%s failed: %s", step.kind, exc)
-                return _failed(step, cache, spec.resumable, str(exc), started)
+                return _failed(step, cache, spec.resumable, str(exc), started, out, run_dir)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # a bug or an environment problem: full traceback in the step log
                 log.error("%s crashed:\n%s", step.kind, traceback.format_exc())
                 message = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'logs' / (step.kind + '.log')})"
-                return _failed(step, cache, spec.resumable, message, started)
+                return _failed(step, cache, spec.resumable, message, started, out, run_dir)
         seconds = time.time() - started
         manifest = {
             "kind": step.kind,
@@ -141,7 +142,16 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
 
 
-def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: float) -> StepResult:
+def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: float, out: Path,
+            run_dir: Path) -> StepResult:
+    # The reports a stage wrote before its gate failed are the post-mortem: keep them in the run folder, since the work
+    # folder that held them is discarded, and point the message there.
+    kept = run_dir / "failed" / step.kind
+    for report in sorted(out.glob("*_report.json")):
+        kept.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report, kept / report.name)
+    if kept.is_dir():
+        message = message.replace(str(out), str(kept))
     if not resumable:  # a resumable stage keeps its checkpoints for the next attempt
         cache.discard_work(step.kind, step.key)
     return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=redact(message))

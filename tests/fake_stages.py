@@ -34,7 +34,9 @@ def run(kind: str, config: dict, inputs: dict[str, Path], out: Path) -> dict:
         with open(counter, "a") as handle:
             handle.write(f"{kind} {os.getpid()}\n")
     if os.environ.get("FAKE_STAGE_FAIL") == kind:
-        raise StageError(f"{kind} failed on purpose")
+        # as a gate does: the report first, then the failure that points at it
+        (out / f"{kind}_report.json").write_text(json.dumps({"gate": "failed"}))
+        raise StageError(f"{kind} failed on purpose (see {out / f'{kind}_report.json'})")
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(inputs):
         digest.update((inputs[name] / "result.txt").read_bytes())

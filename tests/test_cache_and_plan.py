@@ -90,6 +90,16 @@ def test_a_failing_step_stops_the_run_and_earlier_steps_stay_cached(project, mon
     assert executed(project) == ["export", "quantize", "serve"]
 
 
+def test_a_failed_gate_keeps_its_report_in_the_run_folder_and_the_message_points_there(project, monkeypatch, capsys):
+    """The work folder of a failed step is discarded; the report its gate wrote first is the post-mortem."""
+    monkeypatch.setenv("FAKE_STAGE_FAIL", "quantize")
+    assert main(["run", "core.yaml"]) == 1
+    failed = next(s for s in last_run(project)["steps"] if s["status"] == "failed")
+    kept = [p for p in (project / "runs").glob("core/*/failed/quantize/quantize_report.json") if "latest" not in p.parts]
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == {"gate": "failed"}
+    assert str(kept[0].relative_to(project)) in failed["error"] and ".recipe-cache/work" not in failed["error"]
+
+
 def test_force_until_and_dry_run(project, capsys):
     assert main(["run", "core.yaml", "--until", "data"]) == 0
     assert executed(project) == ["model", "data"]
