@@ -180,8 +180,8 @@ def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any
                                              device_map={"": 0} if cuda else {"": "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)  # type: ignore[assignment]
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (64, 32), generator=generator)
     rows = {"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist(), "labels": tokens.tolist()}

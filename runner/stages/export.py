@@ -353,6 +353,8 @@ def export_encoder(model: PreTrainedModel, tokenizer: Any, cfg: Export, onnx_dir
             input_names=list(kwargs), output_names=["logits"],
             dynamic_shapes={name: {0: batch, 1: sequence} for name in kwargs},
         )
+    if program is None:  # only without dynamo; here it always returns the program
+        raise StageError("torch.onnx.export returned no program")
     program.save(str(onnx_dir / ONNX_NAME))
     strip_metadata(onnx_dir / ONNX_NAME)
     tokenizer.save_pretrained(onnx_dir)  # the trained tokenizer, not whatever the base's name_or_path points at
@@ -489,7 +491,7 @@ def export_decoder(
     # half the memory (a 7B model: 13.5 GB instead of 27 GB), and the merged folder on disk halves too.
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     if half is not None:
-        model = model.to(half)
+        model = model.to(half)  # type: ignore[arg-type]  # nn.Module.to(dtype)
     report["merged_size_bytes"] = save_merged(model, tokenizer, inputs["data"], out / "merged")["size_bytes"]
     report["merged_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model
@@ -543,8 +545,9 @@ def reference_answers(model: PreTrainedModel, samples: list[dict], pad_id: int, 
         prompt = greedy_prompt(sample)
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_NEW_TOKENS,
-                                 do_sample=False, pad_token_id=pad_id)
+            out = model.generate(  # type: ignore[operator]  # transformers types generate loosely
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False,
+                pad_token_id=pad_id)
         tokens = out[0, len(prompt):].tolist()
         cut = next((i for i, token in enumerate(tokens) if token in eos), len(tokens))
         greedy.append({"prompt": prompt, "torch": tokens[:cut]})
@@ -572,9 +575,11 @@ def eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
 def greedy_match(onnx_dir: Path, references: list[dict]) -> list[dict]:
     """Greedy decoding through onnxruntime-genai (the server's loader) from the same token ids torch continued, both
     stopping at eos (eos itself left out)."""
+    from runner.serving.model import Generator
     from runner.serving.model import load_model as load_served
 
     served = load_served(onnx_dir)
+    assert isinstance(served, Generator), f"{onnx_dir} does not hold a causal LM"
     results = []
     for ref in references:
         got = served.generate_ids(ref["prompt"], max_new_tokens=GREEDY_NEW_TOKENS)["tokens"]
