@@ -61,14 +61,18 @@ def main() -> int:
     args = parser.parse_args()
     run = json.loads((args.run or latest_run()).read_text())
     steps = {s["kind"]: s for s in run["steps"]}
-    recipe = run["recipe"]
-    base = {"model": steps["export"]["config"]["model"], "seed": recipe.get("seed", 42)}
-    export_inputs = {"data": steps["data"]["outputs"], "train": steps["train"]["outputs"]}
-    measured_export = measure("export", {**base, "export": steps["export"]["config"]["export"]}, export_inputs)
-    quantize_inputs = {"data": steps["data"]["outputs"], "export": steps["export"]["outputs"]}
-    measured_quantize = measure("quantize", {**base, "quantize": steps["quantize"]["config"]["quantize"]}, quantize_inputs)
+    def config(kind: str) -> dict:  # exactly what the step ran with: its manifest in the cache entry
+        return json.loads((Path(steps[kind]["outputs"]).parent / "manifest.json").read_text())["config"]
 
-    params, vocab, seq = 134_515_008, 49152, recipe["data"]["max_length"]
+    export_inputs = {"data": steps["data"]["outputs"], "train": steps["train"]["outputs"]}
+    measured_export = measure("export", config("export"), export_inputs)
+    quantize_inputs = {"data": steps["data"]["outputs"], "export": steps["export"]["outputs"]}
+    measured_quantize = measure("quantize", config("quantize"), quantize_inputs)
+
+    from runner.recipe import find_recipe, load_recipe
+
+    seq = load_recipe(find_recipe("smollm2_lora", ROOT / "recipes")).recipe.data.max_length
+    params, vocab = 134_515_008, 49152  # SmolLM2-135M-Instruct (bench/real_lm.py)
     estimated_export = export_memory(params, vocab, seq, "fp32", "cpu")
     estimated_quantize = quantize_memory(params, "fp32", 8, "cpu")
     rows = []
@@ -82,8 +86,6 @@ def main() -> int:
         print(f"{name:9} measured peak {peak / GIB:.2f} GiB (runner {measured['self'] / GIB:.2f}, builder "
               f"{measured['child'] / GIB:.2f}); estimate {estimated.peak_bytes / GIB:.2f} GiB "
               f"({estimated.peak_bytes / peak - 1:+.1%})")
-    from runner.recipe import find_recipe, load_recipe
-
     llama = load_recipe(find_recipe("llama2_lora", ROOT / "recipes")).recipe
     verdict = check(llama, load_profile("a100-40gb"))
     llama_rows = [{"step": s.step, "peak_gib": s.peak_gib, "phases_gib": {k: v / GIB for k, v in s.phases.items()}}
