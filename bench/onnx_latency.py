@@ -3,12 +3,13 @@
     python bench/onnx_latency.py bench-results.json [--threads N] [--iterations 100] [--rounds 5]
 
 The model is DistilBertConfig() defaults (6 layers, dim 768, about 67M parameters) with random weights: latency does not
-depend on the weights. Batch 1, sequence length 128. The same export path as the export stage (optimum-onnx) and the same
-quantizer as the quantize stage (optimum ORTQuantizer, CPU-matched AutoQuantizationConfig preset) are used.
+depend on the weights. Batch 1, sequence length 128. The same export path as the export stage (torch.onnx dynamo) and the
+same quantizer settings as the quantize stage (ONNX Runtime's quantize_dynamic with the CPU-matched preset) are used.
 
 Variants: torch fp32; ORT fp32; ORT int8 with the quantize stage's CPU preset (on AVX2 without VNNI: u8 weights, which
-avoid u8*s8 saturation); ORT int8 after graph fusion (optimum ORTOptimizer O2: attention, skip-layer-norm, bias-GELU fused
-first, so the quantizer emits QAttention); ORT int8 with signed 7-bit weights (MLAS's faster u8*s8 kernel, no saturation).
+avoid u8*s8 saturation); ORT int8 after graph fusion (ONNX Runtime's transformer optimizer: attention, skip-layer-norm,
+bias-GELU fused first, so the quantizer emits QAttention); ORT int8 with signed 7-bit weights (MLAS's faster u8*s8
+kernel, no saturation).
 
 Timing: every variant runs `iterations / rounds` calls per round, round-robin, so load from other processes on a shared
 machine spreads over all variants instead of hitting one; p50/p90 come from all timed calls after a warm-up. Beside
@@ -30,7 +31,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,47 +61,30 @@ def build_model(folder: Path):
 
 def export_variants(model, work: Path) -> dict[str, Path]:
     """fp32 export; int8 of it with the stage's preset; int8 of the fused graph; int8 with signed 7-bit weights."""
-    from onnxruntime.quantization import QuantType
-    from optimum.exporters.onnx import onnx_export_from_model
-    from optimum.onnxruntime import AutoOptimizationConfig, AutoQuantizationConfig, ORTOptimizer, ORTQuantizer
-
-    from runner.stages.quantize import cpu_preset
-
-    onnx_export_from_model(model, work / "fp32", task="text-classification", do_validation=False)
-    preset, _ = cpu_preset()
-    qconfig = getattr(AutoQuantizationConfig, preset)(is_static=False)
-    ORTQuantizer.from_pretrained(work / "fp32", file_name="model.onnx").quantize(qconfig, work / "int8", file_suffix="")
-    ORTOptimizer.from_pretrained(work / "fp32", file_names=["model.onnx"]).optimize(
-        AutoOptimizationConfig.O2(), work / "fused", file_suffix=""
-    )
-    quantize_direct(work / "fused" / "model.onnx", work / "fused_int8" / "model.onnx", qconfig)
-    # the quantize stage's `weights: s8-7bit`: MLAS's faster u8*s8 kernel without the saturation the avx2 preset avoids
-    s8 = replace(qconfig, weights_dtype=QuantType.QInt8, reduce_range=True)
-    quantize_direct(work / "fp32" / "model.onnx", work / "int8_s8" / "model.onnx", s8)
-    return {name: work / name / "model.onnx" for name in ("fp32", "int8", "fused_int8", "int8_s8")}
-
-
-def quantize_direct(src: Path, dst: Path, qconfig) -> None:
-    """Dynamic int8 with a preset's settings through onnxruntime's quantize_dynamic. ORTQuantizer cannot quantize a fused
-    graph: the quantizer's shape inference cannot type outputs of com.microsoft ops (Attention, SkipLayerNormalization)
-    and ORTQuantizer has no way to pass `DefaultTensorType`."""
     import onnx
     from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(
-        src,
-        dst,
-        op_types_to_quantize=qconfig.operators_to_quantize,
-        per_channel=qconfig.per_channel,
-        reduce_range=qconfig.reduce_range,
-        weight_type=qconfig.weights_dtype,
-        extra_options={
-            "WeightSymmetric": qconfig.weights_symmetric,
-            "ActivationSymmetric": qconfig.activations_symmetric,
-            "DefaultTensorType": onnx.TensorProto.FLOAT,
-        },
-    )
+    from runner.recipe.models import Export
+    from runner.stages.export import export_encoder
+    from runner.stages.quantize import cpu_preset, int8_options
+
+    export_encoder(model, None, Export(), work / "fp32")
+    preset, _ = cpu_preset()
+    for name, weights in (("int8", "preset"), ("int8_s8", "s8-7bit")):
+        (work / name).mkdir()
+        quantize_dynamic(work / "fp32" / "model.onnx", work / name / "model.onnx", **int8_options(preset, weights))
+    # ONNX Runtime's transformer fusions (attention, skip-layer-norm, bias-GELU), then int8: the quantizer cannot type
+    # the fused com.microsoft ops' outputs on its own, hence DefaultTensorType
+    (work / "fused").mkdir()
+    config = model.config
+    optimize_model(str(work / "fp32" / "model.onnx"), model_type="bert", num_heads=config.n_heads,
+                   hidden_size=config.dim).save_model_to_file(str(work / "fused" / "model.onnx"))
+    options = int8_options(preset)
+    options["extra_options"] = {**options["extra_options"], "DefaultTensorType": onnx.TensorProto.FLOAT}
+    (work / "fused_int8").mkdir()
+    quantize_dynamic(work / "fused" / "model.onnx", work / "fused_int8" / "model.onnx", **options)
+    return {name: work / name / "model.onnx" for name in ("fp32", "int8", "fused_int8", "int8_s8")}
 
 
 def torch_call(model, threads: int) -> Callable[[dict], np.ndarray]:
@@ -286,7 +269,7 @@ def main() -> None:
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "transformers", "onnxruntime", "optimum", "optimum-onnx")}
+    return {name: version(name) for name in ("torch", "transformers", "onnxruntime", "onnxscript")}
 
 
 def markdown(result: dict) -> str:

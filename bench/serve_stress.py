@@ -4,8 +4,8 @@
                                  [--gen-requests 1000] [--examples 100] [--seeds 3] [--max-seconds 900]
 
 Two real servers (`python -m runner.serving`, uvicorn, loopback only, API key on, default limits) serve tiny artifacts
-built here from configs and exported with optimum-onnx as the export stage does: a DistilBERT-like classifier and a
-Llama-like generator with a KV cache. Against each:
+built here from configs and exported as the export stage does (dynamo / onnxruntime-genai builder): a DistilBERT-like
+classifier and a Llama-like generator with a KV cache. Against each:
 
 1. schemathesis (examples, coverage and fuzzing phases; positive and negative data; fixed seeds 1..N) on the served
    /openapi.json with the `not_a_server_error` check: zero 5xx allowed. Other conformance checks are not the target.
@@ -62,7 +62,6 @@ def sentences(n: int, seed: int, words: tuple[int, int] = (1, 30)) -> list[str]:
 def build_artifacts(folder: Path) -> dict[str, Path]:
     """A tiny classifier and a tiny generator (random weights, locally trained tokenizers), exported to ONNX."""
     import torch
-    from optimum.exporters.onnx import main_export
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import (
         DistilBertConfig,
@@ -71,6 +70,10 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
         LlamaForCausalLM,
         PreTrainedTokenizerFast,
     )
+
+    from runner import genai
+    from runner.recipe.models import Export
+    from runner.stages.export import export_encoder
 
     corpus = sentences(2000, 0) + ["### Instruction:\n### Response:\n"]
     torch.manual_seed(0)
@@ -87,12 +90,12 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
     fast.save_pretrained(source)
-    DistilBertForSequenceClassification(DistilBertConfig(
+    model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=len(fast), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=128, num_labels=2,
         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}, pad_token_id=fast.pad_token_id,
-    )).save_pretrained(source, safe_serialization=True)
+    )).eval()
     classifier = folder / "classifier"
-    main_export(str(source), classifier, task="text-classification", do_validation=False)
+    export_encoder(model, fast, Export(), classifier)
     (classifier / "labels.json").write_text(json.dumps({"id2label": {"0": "negative", "1": "positive"},
                                                         "label2id": {"negative": 0, "positive": 1}}))
     # generator: byte-level BPE + Llama, exported with past key values
@@ -112,7 +115,7 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
         pad_token_id=fast.pad_token_id, tie_word_embeddings=False,
     )).save_pretrained(source, safe_serialization=True)
     generator = folder / "generator"
-    main_export(str(source), generator, task="text-generation-with-past", do_validation=False)
+    genai.build(source, generator, "fp32", "cpu")
     return {"classifier": classifier, "generator": generator}
 
 

@@ -4,7 +4,8 @@
                                      [--dim 512] [--layers 4] [--max-seconds 25]
 
 The model is a DistilBERT-like classifier built from a config (random weights: throughput does not depend on them) with a
-WordPiece tokenizer trained on synthetic review sentences, exported with optimum-onnx exactly as the export stage does.
+WordPiece tokenizer trained on synthetic review sentences, exported
+with torch.onnx dynamo exactly as the export stage does.
 Each mode is the real server (`python -m runner.serving`, uvicorn, loopback) with the same settings except `max_batch`
 (16 against 1); 16 keep-alive connections keep 16 requests of one text each in flight. Modes alternate within every
 round so load from other processes on a shared machine hits both; the median round counts. Target: ratio >= 1.5.
@@ -49,9 +50,11 @@ def sentences(n: int, seed: int, words: tuple[int, int] = (8, 30)) -> list[str]:
 
 
 def build_artifact(folder: Path, dim: int, layers: int) -> Path:
-    from optimum.exporters.onnx import main_export
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import DistilBertConfig, DistilBertForSequenceClassification, PreTrainedTokenizerFast
+
+    from runner.recipe.models import Export
+    from runner.stages.export import export_encoder
 
     source = folder / "model"
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -72,7 +75,7 @@ def build_artifact(folder: Path, dim: int, layers: int) -> Path:
     model.save_pretrained(source, safe_serialization=True)
     params = sum(p.numel() for p in model.parameters())
     artifact = folder / "onnx"
-    main_export(str(source), artifact, task="text-classification", do_validation=False)
+    export_encoder(model.eval(), fast, Export(), artifact)
     (artifact / "labels.json").write_text(json.dumps({"id2label": {"0": "negative", "1": "positive"},
                                                       "label2id": {"negative": 0, "positive": 1}}))
     (artifact / "params.txt").write_text(str(params))

@@ -337,7 +337,7 @@ def compare(reference: Runner, candidate: Runner, samples: list[dict], task: str
 # --- classifiers: torch.onnx dynamo export ---------------------------------------------------------------------------
 
 
-def export_encoder(model: PreTrainedModel, tokenizer: Any, cfg: Export, onnx_dir: Path) -> dict[str, Any]:
+def export_encoder(model: PreTrainedModel, tokenizer: Any | None, cfg: Export, onnx_dir: Path) -> dict[str, Any]:
     """`torch.onnx.export(dynamo=True)` with dynamic batch and sequence axes, inputs input_ids and attention_mask (the
     model's own zero token_type_ids buffer is baked in), output logits; then the tokenizer and config beside it."""
     import onnx
@@ -357,7 +357,8 @@ def export_encoder(model: PreTrainedModel, tokenizer: Any, cfg: Export, onnx_dir
         raise StageError("torch.onnx.export returned no program")
     program.save(str(onnx_dir / ONNX_NAME))
     strip_metadata(onnx_dir / ONNX_NAME)
-    tokenizer.save_pretrained(onnx_dir)  # the trained tokenizer, not whatever the base's name_or_path points at
+    if tokenizer is not None:  # the trained tokenizer, not whatever the base's name_or_path points at
+        tokenizer.save_pretrained(onnx_dir)
     model.config.save_pretrained(onnx_dir)
     if cfg.optimization_level is not None:
         optimize_graph(onnx_dir / ONNX_NAME, cfg.optimization_level)

@@ -124,17 +124,12 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
     refuse_fused(src / ONNX_NAME)
     static = isinstance(cfg, OnnxStaticInt8)
     preset, why = cpu_preset()
-    weight_type, reduce_range = getattr(QuantType, PRESETS[preset]), False
-    if cfg.weights == "s8-7bit":
-        weight_type, reduce_range = QuantType.QInt8, True
     external = any(p.name != ONNX_NAME and p.name.startswith(ONNX_NAME) for p in src.iterdir())
+    common = int8_options(preset, cfg.weights, external)
+    weight_type, reduce_range = common["weight_type"], common["reduce_range"]
     pad_id = pad_token_id(tokenizer_from(src, model_cfg))
     reference = ort_session(src / ONNX_NAME)
     dst.mkdir(parents=True)
-    # symmetric weights (zero point 0) as the presets had them; activations asymmetric u8
-    common = {"op_types_to_quantize": INT8_OPS, "per_channel": True, "reduce_range": reduce_range,
-              "weight_type": weight_type, "use_external_data_format": external,
-              "extra_options": {"WeightSymmetric": True, "ActivationSymmetric": False}}
     if static:
         calibration = load_samples(inputs["data"], "train", cfg.calibration_samples)  # eval rows stay unseen
         quantize_static(str(src / ONNX_NAME), str(dst / ONNX_NAME), calibration_reader(reference, calibration, pad_id),
@@ -158,6 +153,19 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
         "size_ratio": onnx_size(dst) / onnx_size(src),
         "comparison": comparison,
     }
+
+
+def int8_options(preset: str, weights: str = "preset", external: bool = False) -> dict[str, Any]:
+    """quantize_dynamic/quantize_static keyword arguments for a CPU preset: per-channel symmetric weights (zero point 0)
+    of the preset's type, or signed 7-bit ones (`weights: s8-7bit`); activations asymmetric u8."""
+    from onnxruntime.quantization import QuantType
+
+    weight_type, reduce_range = getattr(QuantType, PRESETS[preset]), False
+    if weights == "s8-7bit":
+        weight_type, reduce_range = QuantType.QInt8, True
+    return {"op_types_to_quantize": INT8_OPS, "per_channel": True, "reduce_range": reduce_range,
+            "weight_type": weight_type, "use_external_data_format": external,
+            "extra_options": {"WeightSymmetric": True, "ActivationSymmetric": False}}
 
 
 def refuse_fused(onnx_path: Path) -> None:
