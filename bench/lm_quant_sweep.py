@@ -2,16 +2,15 @@
 (the quantize stage's own gates, on the same samples) and decode speed through onnxruntime-genai, for each candidate.
 This is how the `onnx-weight-only` defaults were chosen.
 
-    python bench/lm_quant_sweep.py [--run runs/smollm2_lora/<stamp>/run.json] [--json out.json]
+    python bench/lm_quant_sweep.py [--json out.json]
 
-It reads the data and export step outputs of a finished (or gate-failed) smollm2_lora run from the cache.
+It reads the data and export step outputs of the newest smollm2_lora run whose export step finished, from the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ def latest_steps() -> dict:
 
 
 def main() -> int:
-    from runner.recipe.models import OnnxWeightOnly
+    from runner.recipe.models import Model, OnnxWeightOnly
     from runner.stages import StageError
     from runner.stages.export import load_samples
     from runner.stages.quantize import metric_drop, quantize_weight_only
@@ -60,6 +59,8 @@ def main() -> int:
     args = parser.parse_args()
     steps = latest_steps()
     inputs = {"data": Path(steps["data"]["outputs"]), "export": Path(steps["export"]["outputs"])}
+    manifest = json.loads((inputs["export"].parent / "manifest.json").read_text())
+    model_cfg = Model.model_validate(manifest["config"]["model"])
     samples = load_samples(inputs["data"], "test", 200)
     prompts = [s["input_ids"][: len(s["input_ids"]) // 2] for s in samples[:4]]  # long continuations, for speed
     reference_tps = decode_tps(inputs["export"] / "onnx", prompts)
@@ -69,7 +70,7 @@ def main() -> int:
         cfg = OnnxWeightOnly(method="onnx-weight-only", **candidate)
         with tempfile.TemporaryDirectory() as work:
             try:
-                report = quantize_weight_only(cfg, inputs, Path(work), samples)
+                report = quantize_weight_only(model_cfg, cfg, inputs, Path(work), samples)
             except StageError as exc:
                 print(f"{candidate}: failed: {exc}")
                 continue
@@ -85,5 +86,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())

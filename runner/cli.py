@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.cache import Cache, tree_size
-from runner.recipe import Loaded, Pos, Problem, RecipeError, find_recipe, load_recipe
+from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.errors import relative
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
@@ -134,12 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _check_online(loaded: Loaded) -> None:
     """What validate could not check offline (a hub model's config.json): fetched now, before any step runs."""
-    from runner.recipe import local_checks
-
-    findings = local_checks.check(loaded.recipe, fetch=True)
-    if findings.errors:
-        raise RecipeError([Problem(Pos(relative(loaded.path), 1, 1), loc, message) for loc, message in findings.errors])
-    for warning in findings.warnings:
+    again = load_recipe(loaded.path, loaded.overrides, fetch_configs=True)
+    for warning in again.warnings:
         err.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
 

@@ -55,6 +55,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.export_memory import StepMemory, export_memory, quantize_memory
+from runner.recipe.local_checks import BUNDLED_CONFIGS
 from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 PROFILES_DIR = Path(__file__).parent / "profiles"
-MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 
 # GPUs and machines are sold by their physical memory; ECC and the driver keep some of it (a "16 GB" T4 shows torch
 # 14.75 GiB, a "32 GiB" VM shows ~31 GiB in /proc/meminfo). requires.min_*_gb names the sold size, so it is compared
@@ -348,7 +348,7 @@ def _hub_config(hub: str, revision: str | None) -> tuple[PretrainedConfig, str]:
                     f"{hub}@{_short(revision)} (hub)")
         except (OSError, ValueError):
             pass
-    bundled = MODEL_CONFIGS_DIR / f"{hub.replace('/', '--')}.json"
+    bundled = BUNDLED_CONFIGS / f"{hub.replace('/', '--')}.json"
     if not bundled.is_file():
         raise NotEstimated(f"cannot reach the hub for {hub}'s config and no bundled copy {bundled.name} exists; "
                        "run once with network (the config is then cached) or add the file to runner/model_configs")

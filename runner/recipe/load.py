@@ -82,7 +82,9 @@ def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
     raise RecipeError([Problem(Pos(name_or_path, 1, 1), (), f"no such recipe file or recipe name{hint}")])
 
 
-def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Loaded:
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = (), fetch_configs: bool = False) -> Loaded:
+    """Load, merge, override and validate a recipe, then run the local checks; `fetch_configs` lets them download a
+    hub model's config.json that no local copy has (`recipe run` does, before any step)."""
     path = Path(path)
     raw, positions, files = _load_with_extends(path, chain=())
     problems: list[Problem] = []
@@ -100,7 +102,7 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Load
         raise RecipeError(problems)
     for loc, resolved in resolved_paths.items():
         _set_at(recipe, loc, resolved)
-    findings = local_checks.check(recipe)
+    findings = local_checks.check(recipe, fetch=fetch_configs)
     if findings.errors:
         raise RecipeError([Problem(_nearest_position(loc, positions, path), loc, message)
                            for loc, message in findings.errors])

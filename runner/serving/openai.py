@@ -138,8 +138,7 @@ def completion_events(model: Generator, prompt_ids: list[int], max_tokens: int, 
     tokens: list[int] = []
     sent = ""
     hold = max((len(s) for s in stops), default=1) - 1
-    temperature = request.temperature
-    for token in model.stream_ids(prompt_ids, max_tokens, temperature, request.top_p, request.seed, cancel):
+    for token in model.stream_ids(prompt_ids, max_tokens, request.temperature, request.top_p, request.seed, cancel):
         tokens.append(token)
         text = model.decode(tokens)
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

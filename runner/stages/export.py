@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runner import genai
-from runner.recipe.models import Export, Model
+from runner.recipe.models import EXPORT_RTOL, Export, Model
 from runner.stages import StageError
 from runner.stages.model import load_model
 
@@ -443,7 +443,7 @@ def gate_problems(result: dict[str, Any], task: str, cfg: Export) -> list[str]:
     allowed = result["tolerance"]
     if not result["max_abs_diff"] <= allowed:  # `not <=` so a NaN fails too
         how = f"atol {cfg.atol:g}" if cfg.atol is not None else (
-            f"rtol {cfg.rtol or _default_rtol(cfg):g} x logit scale {result['reference_scale']:.3g}")
+            f"rtol {cfg.rtol or EXPORT_RTOL[cfg.precision]:g} x logit scale {result['reference_scale']:.3g}")
         problems.append(f"max abs logit difference {result['max_abs_diff']:.3g} > {allowed:.3g} ({how})")
     if task == "sequence-classification":
         if not result["top1_agreement"] >= cfg.min_top1_agreement:
@@ -459,12 +459,6 @@ def gate_problems(result: dict[str, Any], task: str, cfg: Export) -> list[str]:
         if bad:
             problems.append(f"greedy tokens differ on {len(bad)} of {len(result['greedy'])} prompts: {bad[0]}")
     return problems
-
-
-def _default_rtol(cfg: Export) -> float:
-    from runner.recipe.models import EXPORT_RTOL
-
-    return EXPORT_RTOL[cfg.precision]
 
 
 # --- causal LMs: onnxruntime-genai's model builder ----------------------------------------------------------------------

@@ -56,6 +56,7 @@ MERGE_TOLERANCE = Export()
 PRESETS = {"avx512_vnni": "QInt8", "arm64": "QInt8", "avx512": "QUInt8", "avx2": "QUInt8"}
 INT8_OPS = ["MatMul", "Gemm"]  # the layers that hold the weights; quantizing Add/Gather only adds error
 
+
 def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
     model_cfg = Model.model_validate(config["model"])
     cfg = TypeAdapter(Quantize).validate_python(config["quantize"])
@@ -63,7 +64,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
     if isinstance(cfg, BnbQuantize):
         report = quantize_bnb(model_cfg, cfg, inputs, out, samples)
     elif isinstance(cfg, OnnxWeightOnly):
-        report = quantize_weight_only(cfg, inputs, out, samples)
+        report = quantize_weight_only(model_cfg, cfg, inputs, out, samples)
     else:
         report = quantize_onnx(model_cfg, cfg, inputs, out, samples)
     report = {"method": cfg.method, "task": model_cfg.task, **report, **metric_drop(report["comparison"], model_cfg.task)}
@@ -218,7 +219,9 @@ def builder_options(cfg: OnnxWeightOnly) -> dict[str, str]:
     return options
 
 
-def quantize_weight_only(cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path, samples: list[dict]) -> dict[str, Any]:
+def quantize_weight_only(
+    model_cfg: Model, cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path, samples: list[dict]
+) -> dict[str, Any]:
     """Rebuild the export's merged checkpoint with int8/int4 weights, then compare it with the unquantized export (both
     through ONNX Runtime): eval loss, and greedy continuations through onnxruntime-genai, as served."""
     from runner.serving.model import load_model as load_served
@@ -234,7 +237,7 @@ def quantize_weight_only(cfg: OnnxWeightOnly, inputs: dict[str, Path], out: Path
         log.info("%s", genai.build(merged, dst, precision, provider, options))
     except genai.BuildError as exc:
         raise StageError(str(exc)) from None
-    pad_id = pad_token_id(tokenizer_from(src, Model(path=str(src), task="causal-lm")))
+    pad_id = pad_token_id(tokenizer_from(src, model_cfg))
     reference, candidate = ort_session(src / ONNX_NAME, provider=provider), ort_session(dst / ONNX_NAME, provider=provider)
     comparison = compare(ort_runner(reference), ort_runner(candidate), samples, "causal-lm", pad_id)
     del reference, candidate  # onnxruntime-genai loads its own copies for the greedy check
