@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import platform
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter
 
 from runner import genai
+from runner.platform_facts import cpu_isa
 from runner.recipe.models import BnbQuantize, Export, Model, OnnxStaticInt8, OnnxWeightOnly, Quantize
 from runner.stages import StageError
 from runner.stages.export import (
@@ -102,20 +102,8 @@ def check_drop(report: dict[str, Any], max_drop: float) -> None:
 
 
 def cpu_preset() -> tuple[str, str]:
-    """The int8 preset for this CPU (a key of PRESETS), and why. VNNI CPUs do u8*s8 in one instruction; plain
-    AVX2/AVX512 can saturate on u8*s8, so their presets quantize weights to u8 (the presets carry that choice)."""
-    machine = platform.machine().lower()
-    if machine in ("arm64", "aarch64"):
-        return "arm64", f"machine {machine}"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "avx2", f"no /proc/cpuinfo on {platform.system()}; avx2 is the portable x86-64 preset"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    for flag, preset in (("avx512_vnni", "avx512_vnni"), ("avx512f", "avx512"), ("avx2", "avx2")):
-        if flag in flags:
-            return preset, f"/proc/cpuinfo has {flag}"
-    return "avx2", "no AVX2/AVX512 flag in /proc/cpuinfo; avx2 is the portable x86-64 preset"
+    """The int8 preset for this CPU (a key of PRESETS), and why: the CPU's instruction-set family (runner.platform_facts)."""
+    return cpu_isa()
 
 
 def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path, samples: list[dict]) -> dict[str, Any]:
