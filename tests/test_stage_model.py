@@ -152,6 +152,28 @@ def test_model_step_builds_a_deterministic_classifier_that_loads_back(tmp_path: 
     assert loaded(**tokenizer(["a wonderful film"], return_tensors="pt", return_token_type_ids=False)).logits.shape == (1, 2)
 
 
+def test_model_step_tokenizer_never_learns_from_test_rows(tmp_path: Path) -> None:
+    """The init tokenizer is trained on the data step's train split only: words that occur only in test rows are not in
+    its vocabulary, while words of train rows are."""
+    texts = [f"plain film number {i}" for i in range(40)]
+    labels = ["pos", "neg"] * 20
+    data = Data(source=InlineSource(rows={"text": texts, "label": labels}), test_size=0.25)
+    splits = data_stage._split(  # the data step's split of these rows, to know which rows land in test
+        data_stage._encode_labels(data_stage.load_rows(data.model_dump(mode="json"), 42, "sequence-classification"),
+                                  ["neg", "pos"]), data, 42, stratify=True)
+    test_ids = {int(t.rsplit(" ", 1)[1]) for t in splits["test"]["text"]}
+    train_ids = set(range(40)) - test_ids
+    # each row gets its own repeated marker word, so a tokenizer fitted to it keeps the marker whole
+    marked = [f"{t} " + " ".join([f"zq{chr(97 + i % 26)}{chr(97 + i // 26)}xv"] * 30) for i, t in enumerate(texts)]
+    data = Data(source=InlineSource(rows={"text": marked, "label": labels}), test_size=0.25)
+    model = Model(init=ModelInit(architecture="distilbert", vocab_size=2000, **TINY), task="sequence-classification")
+    out, _ = build(tmp_path, model, data)
+    vocab = model_stage.load_tokenizer(model, {"model": out}).get_vocab()
+    marker = lambda i: f"\u0120zq{chr(97 + i % 26)}{chr(97 + i // 26)}xv"  # noqa: E731 - byte-level BPE: Ġ = a space
+    assert all(marker(i) in vocab for i in train_ids)
+    assert not any(marker(i) in vocab for i in test_ids), "a test row's word reached the tokenizer"
+
+
 def test_model_step_takes_label_order_from_the_recipe(tmp_path: Path) -> None:
     model = Model(init=ModelInit(architecture="distilbert", vocab_size=100, **TINY), task="sequence-classification")
     rows = {"text": ["good film", "bad film", "so so film"] * 4, "label": ["pos", "neg", "mid"] * 4}

@@ -141,6 +141,19 @@ def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | 
     return rows.flatten_indices(keep_in_memory=True)
 
 
+def train_split_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None) -> Dataset:
+    """The rows the data step puts in its train split, before tokenization: what a tokenizer may learn from.
+
+    The split is the data step's own (`_split` on the same rows in the same order, labels encoded the same way), so a
+    tokenizer trained on these never sees a test row: the test accuracy then measures text the pipeline never read."""
+    data = Data.model_validate(data_cfg)
+    classify = task == CLASSIFY
+    rows = load_rows(data_cfg, seed, task, cache_dir)
+    if classify:
+        rows = _encode_labels(rows, label_names(data_cfg, rows))
+    return _split(rows, data, seed, stratify=classify and data.stratify)["train"]
+
+
 def label_names(data_cfg: dict[str, Any], rows: Dataset) -> list[str]:
     """Label names in id order: `data.labels` when given (every label in the data must be among them), else the sorted
     distinct labels of the data (numbers in numeric order)."""

@@ -7,7 +7,7 @@ models built by the model step all take the same `from_pretrained` path, with th
 - model-shipped Python runs only with `trust_remote_code: true`. We always pass an explicit bool: transformers treats
   `None` as "ask the user on stdin", which would hang a step.
 
-The model step (planned only when `model.init` is set) trains a real tokenizer on the recipe's training texts, builds a
+The model step (planned only when `model.init` is set) trains a real tokenizer on the recipe's train split, builds a
 DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into
 `out/model`, where downstream stages load it back like any local model.
 """
@@ -118,7 +118,7 @@ def _from_pretrained(loader: Callable[..., Any], source: str, kwargs: dict[str, 
 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Build `model.init`: a tokenizer trained on the recipe's training texts and a seeded random model, saved to out/model."""
+    """Build `model.init`: a tokenizer trained on the recipe's train split and a seeded random model, saved to out/model."""
     from runner.stages import data as data_stage  # imported here: data imports this module for load_tokenizer
 
     cfg = Model.model_validate(config["model"])
@@ -129,9 +129,10 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     seed = int(config["seed"])
 
     with data_stage.scratch_dir(out) as cache_dir:
-        rows = data_stage.load_rows(config["data"], seed, cfg.task, cache_dir)
+        # the tokenizer learns from the train split only: a vocabulary fitted to test rows would leak them
+        rows = data_stage.train_split_rows(config["data"], seed, cfg.task, cache_dir)
         tokenizer = train_tokenizer(_texts(rows), len(rows), cfg.init)
-        names = data_stage.label_names(config["data"], rows) if cfg.task == CLASSIFY else None
+        names = rows.features["labels"].names if cfg.task == CLASSIFY else None
 
     model = build_model(cfg.init, cfg.task, tokenizer, names, seed)
     target = out / "model"
