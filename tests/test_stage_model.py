@@ -177,7 +177,7 @@ def test_model_step_tokenizer_never_learns_from_test_rows(tmp_path: Path) -> Non
 def test_model_step_takes_label_order_from_the_recipe(tmp_path: Path) -> None:
     model = Model(init=ModelInit(architecture="distilbert", vocab_size=100, **TINY), task="sequence-classification")
     rows = {"text": ["good film", "bad film", "so so film"] * 4, "label": ["pos", "neg", "mid"] * 4}
-    out, _ = build(tmp_path, model, Data(source=InlineSource(rows=rows), labels=["neg", "mid", "pos"]))
+    out, _ = build(tmp_path, model, Data(source=InlineSource(rows=rows), labels=["neg", "mid", "pos"], test_size=0.25))
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "mid", "2": "pos"}
 
@@ -209,7 +209,7 @@ def test_model_step_builds_a_causal_lm_the_data_step_uses(tmp_path: Path) -> Non
 def test_data_step_refuses_a_max_length_beyond_the_model(tmp_path: Path) -> None:
     model = Model(init=ModelInit(architecture="distilbert", vocab_size=100, **TINY), task="sequence-classification")
     rows = {"text": ["good film", "bad film"] * 4, "label": ["pos", "neg"] * 4}
-    built, _ = build(tmp_path, model, Data(source=InlineSource(rows=rows)))
+    built, _ = build(tmp_path, model, Data(source=InlineSource(rows=rows), test_size=0.25))
     data = Data(source=InlineSource(rows=rows), max_length=256)  # TINY has 128 positions
     out = tmp_path / "data"
     out.mkdir()
