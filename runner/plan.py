@@ -2,8 +2,11 @@
 
 Only this module knows the order of the pipeline and what each step's key is made of. A key is the sha256 of the step's
 *key material*: the stage kind and implementation version, the normalized config the stage sees (fields marked neutral
-left out, local paths replaced by the sha256 of their content), the keys of upstream steps, and the versions of the
-packages that shape the result. Model and dataset ids with their pinned revisions and the seed are part of the config.
+left out, local paths replaced by the sha256 of their content), the keys of upstream steps, the versions of the
+packages that shape the result (by the distribution that provides each module: onnxruntime or onnxruntime-gpu), and the
+platform facts that change its bytes (`platform_material`: the CPU family for the int8 preset, the GPUs a train uses).
+Model and dataset ids with their revisions and the seed are part of the config; the loader has already turned every
+revision into a commit sha (runner.recipe.local_checks.pin_revisions), so a moved branch cannot keep a stale key.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runner import stages
+from runner import platform_facts, stages
 from runner.cache import Cache, HashMemo
 from runner.recipe import Loaded, Recipe
 from runner.recipe.schema import field_has
@@ -75,6 +78,9 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
             "upstream": {dep: keys[dep] for dep in step.depends},
             "packages": {name: package_version(name) for name in spec.packages},
         }
+        facts = platform_material(step)
+        if facts:  # only where the platform changes the result, so the other steps' keys stay what they were
+            step.material["platform"] = facts
         step.key = key_of(step.material)
         keys[step.kind] = step.key
     memo.save()
@@ -108,11 +114,53 @@ def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
     return value
 
 
+# A module that several distributions provide, the plain one first: CUDA envs install onnxruntime-gpu (and
+# onnxruntime-genai-cuda), which provide the same `onnxruntime` module under another name.
+ALTERNATIVES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda"),
+}
+
+
 def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
+    """The version of the distribution that provides `name`'s module: "1.32.0" for the plain one (what keys have always
+    held), "onnxruntime-gpu 1.31.1" for an alternative, so a CPU and a GPU build never share a key; "absent" for none."""
+    found = []
+    for candidate in ALTERNATIVES.get(name, (name,)):
+        try:
+            found.append((candidate, metadata.version(candidate)))
+        except metadata.PackageNotFoundError:
+            continue
+    if not found:
         return "absent"
+    if len(found) == 1 and found[0][0] == name:
+        return found[0][1]
+    # Both installed is a broken env (they overwrite each other's files); the key says so instead of guessing.
+    return " + ".join(f"{candidate} {version}" for candidate, version in found)
+
+
+# Quantize methods whose int8 weight type comes from the CPU preset (runner.stages.quantize.cpu_preset); the quantized
+# graph, its calibration (static) and the gate's int8 kernels depend on the CPU family. Weight-only (MatMulNBits built
+# by the genai builder) and bitsandbytes never read the preset.
+PRESET_METHODS = ("onnx-dynamic-int8", "onnx-static-int8")
+
+
+def platform_material(step: Step) -> dict[str, Any]:
+    """The facts about this machine that change the step's result (empty for most steps)."""
+    if step.kind == "quantize" and step.config["quantize"]["method"] in PRESET_METHODS:
+        return {"cpu_isa": platform_facts.cpu_isa()[0]}
+    if step.kind == "train":
+        return {"gpus": train_gpus(step.config["train"])}
+    return {}
+
+
+def train_gpus(train: dict[str, Any]) -> int:
+    """GPUs the train step will use: it trains on CUDA whenever a GPU is visible (CUDA_VISIBLE_DEVICES applied). In one
+    process Trainer spreads each batch over all of them with DataParallel (the effective batch grows with the count);
+    under torchrun each of the nproc_per_node processes takes one."""
+    visible = len(platform_facts.gpus())
+    distributed = train.get("distributed")
+    return min(visible, distributed["nproc_per_node"]) if distributed else visible
 
 
 # --- why is a step stale ------------------------------------------------------------------------------------------------
@@ -149,12 +197,19 @@ def _short(value: Any) -> str:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
+    """Leaf paths to values. Lists of mappings (data sources, probes) are entered, so a change names the one field (a
+    source's revision or file) instead of the whole list; lists of plain values stay whole (`[q_proj, v_proj]`)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if _of_mappings(value) else None
+    if items is None or not value:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _of_mappings(value: Any) -> bool:
+    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
 
 
 def plan_status(steps: list[Step], cache: Cache, recipe: str) -> list[tuple[Step, bool, list[str]]]:

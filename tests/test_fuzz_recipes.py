@@ -80,7 +80,7 @@ BASES: list[dict[str, Any]] = [
         "data": {
             "sources": [
                 {"rows": {"instruction": ["hi", "yo"], "output": ["a", "b"]}, "weight": 2},
-                {"hub": "org/ds", "revision": "main", "split": "train[:10%]"},
+                {"hub": "org/ds", "revision": "b" * 40, "split": "train[:10%]"},
             ],
             "template": "Q: {instruction}\nA: {output}", "response_template": "A: {output}", "mask_prompt": True,
         },

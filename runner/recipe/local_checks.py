@@ -8,19 +8,21 @@ Where the config comes from, without importing transformers:
   A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
 
 Checks: the architecture fits the task (a causal-lm recipe needs a decoder), and a causal-LM ONNX export names an
-architecture that onnxruntime-genai's model builder supports, with attention heads its decoder can run.
+architecture that onnxruntime-genai's model builder supports, with attention heads its decoder can run. And every hub
+revision is a commit sha (`pin_revisions`: a branch or tag name is resolved from the HF cache's refs/, else refused).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner import genai
-from runner.recipe.models import Recipe
+from runner.recipe.models import HubSource, Recipe
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 INIT_ARCHITECTURES = {
@@ -86,6 +88,7 @@ def hub_cache_config(hub: str, revision: str | None) -> Path | None:
 def check(recipe: Recipe, fetch: bool = False) -> Findings:
     """The local checks; with `fetch`, a hub model's config.json missing locally is downloaded first (recipe run)."""
     found = Findings()
+    pin_revisions(recipe, found)
     config, source = model_config(recipe, fetch)
     source_field = ("model", next(name for name in ("hub", "path", "init") if getattr(recipe.model, name) is not None))
     if config is None:
@@ -107,3 +110,64 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
             found.errors.append((("export", "format"), f"{problem} (from {source}); use `format: safetensors` to "
                                  "export the merged model instead"))
     return found
+
+
+# --- revisions as commits -------------------------------------------------------------------------------------------
+
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # huggingface_hub's REGEX_COMMIT_HASH
+
+
+def pin_revisions(recipe: Recipe, found: Findings) -> None:
+    """Every hub revision becomes a full commit sha, because the cache keys hold the revision as written: a branch or tag
+    name ("main", "v1.0") would keep its key after the branch moved. A name is resolved from the local HF cache's
+    refs/NAME (what a download of that name recorded; no network), with a warning that names the commit; else refused."""
+    wanted: list[tuple[tuple[str | int, ...], Any, str]] = []
+    if recipe.model.hub is not None:
+        wanted.append((("model", "revision"), recipe.model, "model"))
+    data = recipe.data
+    sources: list[tuple[tuple[str | int, ...], Any]] = (
+        [(("data", "source"), data.source)] if data.sources is None
+        else [(("data", "sources", i), s) for i, s in enumerate(data.sources)]
+    )
+    for at, source in sources:
+        if isinstance(source, HubSource):
+            wanted.append(((*at, "revision"), source, "dataset"))
+    for loc, holder, kind in wanted:
+        name, repo = holder.revision, holder.hub
+        if COMMIT_SHA.match(name or ""):
+            continue
+        commit = cached_ref(kind, repo, name)
+        where = ".".join(str(part) for part in loc)
+        if commit is not None:
+            holder.revision = commit  # the key, the lock and the stages all see the commit from here on
+            found.warnings.append(f"{where}: '{name}' -> {commit} (the local HF cache's refs/{name}); pin that commit "
+                                  "in the recipe so another machine gets the same files")
+            continue
+        page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo}/commits/{name}"
+        fetch = (f"hf download {repo} config.json --revision {name}" if kind == "model"
+                 else f"hf download {repo} --repo-type dataset --revision {name}")
+        found.errors.append((loc, f"revision '{name}' is not a full 40-character commit sha: a branch or tag moves while "
+                             f"the step's cache key would not; pin the commit: e.g. the sha shown on the hub's commit page "
+                             f"({page}), or run `{fetch}` once, which records the commit in the local HF cache where "
+                             "planning reads it"))
+
+
+def cached_ref(kind: str, repo: str, name: str) -> str | None:
+    """The commit the local HF cache's refs/NAME records for a model or dataset repo (huggingface_hub's layout:
+    `$HF_HUB_CACHE/{kind}s--ORG--NAME/refs/NAME`), or None."""
+    refs = hub_cache_root() / f"{kind}s--{repo.replace('/', '--')}" / "refs"
+    try:
+        ref = (refs / name).resolve()
+        if refs.resolve() not in ref.parents or not ref.is_file():  # `../..` must not read outside refs/
+            return None
+        commit = ref.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError, UnicodeDecodeError):  # a name the OS refuses (NUL byte, too long), unreadable
+        return None
+    return commit if COMMIT_SHA.match(commit) else None
+
+
+def hub_cache_root() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (its constants are fixed at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    root = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expanduser(os.path.expandvars(root)))

@@ -214,13 +214,20 @@ def _train_once(job: Job) -> dict[str, Any]:
         **counts,
         "batch_size": job.batch_size,
         "gradient_accumulation": job.accumulation,
-        "effective_batch_size": job.batch_size * job.accumulation * trainer.args.world_size,
+        "gpus_per_process": trainer.args.n_gpu,
+        "effective_batch_size": effective_batch_size(trainer.args),
         "oom_retries": job.oom_retries,
         "resumed_from_step": checkpoint_step(resume) if resume else None,
         "train_runtime_s": round(result.metrics["train_runtime"], 3),
     }
     save_outputs(trainer, job, labels, metrics, started)
     return metrics
+
+
+def effective_batch_size(args: TrainingArguments) -> int:
+    """Examples per optimizer update. `train_batch_size` is the per-device batch times the GPUs of this process: with
+    several GPUs and no torchrun, Trainer wraps the model in DataParallel (world_size stays 1, n_gpu is the count)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
