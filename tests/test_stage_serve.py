@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from runner.serving import generate_offline, predict_offline
+from runner.serving import ServerSettings, generate_offline, predict_offline
 from runner.stages import StageError
 from runner.stages import serve as serve_stage
 from tests.conftest import export_artifact
@@ -21,11 +22,22 @@ FAST = {"latency_requests": 15, "concurrency": 4, "startup_timeout_s": 60}
 
 @pytest.fixture(scope="module")
 def classifier_outputs(tiny_classifier_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An export step's output and a quantize step's output (dynamic int8 of the same graph), as the stages leave them."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """An export step's output and a quantize step's output (dynamic int8 of the same graph), as the stages leave them.
 
+    The random tiny model's head is scaled up 50x: its logits are then large enough for dynamic int8's batch
+    dependence to show in the scores (about 2e-3 in a run beside other texts, 4e-5 unscaled), as in a trained model."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = tmp_path_factory.mktemp("sensitive-classifier")
+    shutil.copytree(tiny_classifier_dir, model_dir, dirs_exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    with torch.no_grad():
+        model.classifier.weight.mul_(50)
+    model.save_pretrained(model_dir, safe_serialization=True)
     export = tmp_path_factory.mktemp("export")
-    export_artifact(tiny_classifier_dir, export, "sequence-classification")
+    export_artifact(model_dir, export, "sequence-classification")
     quantize = tmp_path_factory.mktemp("quantize")
     shutil.copytree(export / "onnx", quantize / "onnx", ignore=shutil.ignore_patterns("model.onnx"))
     quantize_dynamic(export / "onnx" / "model.onnx", quantize / "onnx" / "model.onnx", weight_type=QuantType.QInt8)
@@ -61,10 +73,67 @@ def test_classifier_serves_the_quantized_artifact(classifier_outputs: dict[str, 
     assert metrics["throughput_rps"] > 0
     statuses = [b["status"] for b in report["bad_inputs"]]
     assert len(statuses) >= 8 and all(400 <= s < 500 for s in statuses) and 413 in statuses
-    assert report["auth_required"] and report["concurrency"]["identical"]
-    # Batched with other texts, a dynamic-int8 graph shifts scores a little (one activation scale per run): recorded.
-    assert "depend on the requests batched" in report["concurrency"]["note"]
+    assert report["auth_required"] and report["concurrency"]["identical"] and report["concurrency"]["mixed_match_offline"]
+    # Dynamic int8 is not batch-invariant: the server runs each text alone, so a text among 16 concurrent others gets
+    # exactly its answer alone.
+    assert report["batching"] == "per request"
+    invariance = report["invariance"]
+    assert invariance["concurrent_others"] == 16 and invariance["label_flips"] == 0
+    assert invariance["max_score_drift"] <= 1e-4 and metrics["max_score_drift"] == invariance["max_score_drift"]
     assert_stopped(report["server"]["pid"])
+
+
+SAME_LENGTH = ["the film was wonderful", "the plot was awful", "the music was lovely", "the cast was dull",
+               "the ending was superb", "the script was weak"]
+
+
+def test_dynamic_int8_batched_across_requests_is_detected_and_fails(classifier_outputs: dict[str, Path],
+                                                                     tiny_classifier_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old serving (dynamic int8 merged into shared runs) measured through the real server: the step fails."""
+    monkeypatch.setattr(serve_stage, "ServerSettings", functools.partial(ServerSettings, invariant=False))
+    cfg = config(tiny_classifier_dir, "sequence-classification", [{"text": t} for t in SAME_LENGTH], max_wait_ms=50)
+    with pytest.raises(StageError, match=r"served answers depend on the other requests: .* among 16 concurrent others"):
+        serve_stage.run(cfg, classifier_outputs, tmp_path)
+    report = json.loads((tmp_path / "serve_report.json").read_text())
+    assert report["batching"] == "across requests" and report["invariance"]["max_score_drift"] > 1e-4
+    assert_stopped(report["server"]["pid"])
+
+
+def test_static_graphs_batch_across_requests_and_stay_invariant(classifier_outputs: dict[str, Path],
+                                                                tiny_classifier_dir: Path, tmp_path: Path) -> None:
+    """The fp32 export keeps cross-request batching (padding included: texts of several lengths) and still passes."""
+    probes = [{"text": t} for t in [*SAME_LENGTH, "fun", "awful and dull and long and tedious and bland"]]
+    cfg = config(tiny_classifier_dir, "sequence-classification", probes, max_wait_ms=50)
+    serve_stage.run(cfg, {"export": classifier_outputs["export"]}, tmp_path)
+    report = json.loads((tmp_path / "serve_report.json").read_text())
+    assert report["batching"] == "across requests" and not report["quantized"]
+    assert report["invariance"]["label_flips"] == 0 and report["invariance"]["max_score_drift"] <= 1e-4
+
+
+def test_served_accuracy_equals_the_recorded_offline_accuracy(tiny_classifier_dir: Path, classifier_inputs: dict,
+                                                              classifier_export: tuple[Path, dict],
+                                                              tmp_path: Path) -> None:
+    export, _ = classifier_export
+    cfg = config(tiny_classifier_dir, "sequence-classification", [{"text": "fun"}], eval_samples=10)
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "bad").mkdir()
+    serve_stage.run(cfg, {"data": classifier_inputs["data"], "export": export}, tmp_path / "ok")
+    report = json.loads((tmp_path / "ok" / "serve_report.json").read_text())
+    gate = report["served_vs_offline"]
+    assert gate["passed"] and gate["recorded_in"] == "export_report.json"
+    assert gate["samples"] == 24 and report["served_eval"]["samples"] == 10  # the rows the export gate used
+    assert gate["served"] == gate["offline_in_process"] == pytest.approx(gate["recorded"])
+
+    # The same artifact, with a report that recorded another accuracy: the served one no longer matches it.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(export, tampered)
+    recorded = json.loads((tampered / "export_report.json").read_text())
+    recorded["validation"]["metric_candidate"] = 1.25 - recorded["validation"]["metric_candidate"]
+    (tampered / "export_report.json").write_text(json.dumps(recorded))
+    with pytest.raises(StageError, match=r"served accuracy \S+ differs from the offline accuracy \S+ that "
+                                         r"export_report.json recorded on the same 24 test rows"):
+        serve_stage.run(cfg, {"data": classifier_inputs["data"], "export": tampered}, tmp_path / "bad")
 
 
 def test_generator_probes_and_offline_match(llama_export: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:

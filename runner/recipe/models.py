@@ -478,6 +478,7 @@ class Serve(Strict):
     startup_timeout_s: PositiveFloat = Field(120, description="How long to wait for /ready.")
     max_batch_size: PositiveInt = Field(16, description="Dynamic batching: most requests merged into one inference.")
     max_wait_ms: Annotated[float, Field(ge=0)] = Field(5, description="Dynamic batching: longest wait to fill a batch.")
+    max_score_drift: Annotated[float, Field(ge=0)] = Field(1e-4, description="Largest score change, alone vs among 16 others.")
 
 
 # --- the recipe ---------------------------------------------------------------------------------------------------------

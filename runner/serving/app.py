@@ -47,13 +47,15 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
 
     async def load() -> None:
         try:
-            model = await asyncio.to_thread(load_model, artifact_dir, settings.threads)
+            model = await asyncio.to_thread(load_model, artifact_dir, settings.threads, settings.invariant)
             await asyncio.to_thread(model.warmup)
         except Exception as exc:  # noqa: BLE001 - /ready reports it; the process stays up so the reason can be read
             log.exception("loading %s failed", artifact_dir)
             state.error = f"{type(exc).__name__}: {exc}"
             return
-        if isinstance(model, Classifier) and settings.batching:
+        # Merging requests into shared runs only where that cannot change anyone's answer (model.py's docstring); a
+        # graph that is not batch-invariant serves each request in its own thread, its texts one run each.
+        if isinstance(model, Classifier) and settings.batching and model.shares_runs:
             state.batcher = Batcher(model.predict, settings.max_batch, settings.max_wait_ms, metrics.batch_size.observe)
             state.batcher.start()
         state.model = model
@@ -118,7 +120,9 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
     async def info() -> dict[str, Any]:
         model = ready_model()
         limits = settings.model_dump(exclude={"api_key"})
-        return {**model.info.__dict__, "auth": settings.api_key is not None, "limits": limits}
+        batching = state.batcher is not None
+        return {**model.info.__dict__, "auth": settings.api_key is not None, "limits": limits,
+                "batching": "across requests" if batching else "per request" if settings.batching else "off"}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

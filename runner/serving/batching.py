@@ -4,6 +4,8 @@ One worker task drains an asyncio queue: it takes the first waiting request, the
 holds `max_batch` texts or `max_wait_ms` have passed, runs the model once in a thread (the event loop keeps accepting
 requests meanwhile) and resolves each request's future with its slice of the results. While one batch runs, the next one
 fills up, so under load batches form without waiting at all.
+
+The app uses it only for batch-invariant graphs (runner/serving/model.py): merging requests must never change an answer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,13 @@
 """The served model over an exported artifact folder, plus the offline helpers.
 
 - Classifiers: an ONNX Runtime session over the dynamo-exported graph.
+  A classifier's answer for a text never depends on the other texts served with it. A graph with static quantization
+  parameters (fp32, static int8 QDQ) computes every row on its own, so texts may share a run: padded to a longer
+  neighbour's length (attention masks) its scores stay the same (measured: identical to the bit on the fp32 and static
+  int8 exports). A graph that computes activation scales at run time (dynamic int8: DynamicQuantizeLinear takes one
+  scale over the whole input tensor, batch and padding included) gives a text other scores beside other texts (measured:
+  label flips, score drift up to 0.63 under 16 concurrent requests); such a graph runs each text alone, unpadded, which
+  is exactly the text sent alone (`ArtifactInfo.batch_invariant`, `Classifier.predict`).
 - Causal LMs: onnxruntime-genai (the builder's decoder with its KV cache), on the CUDA provider when this environment
   has onnxruntime-gpu and a GPU, else on the CPU. Text is tokenized and detokenized with the Hugging Face tokenizer
   (`tokenizers`, the same tokenizer.json the model was trained with), never with onnxruntime-genai's own: token ids in
@@ -27,8 +34,11 @@ from tokenizers import Tokenizer
 # Ops that only appear in a quantized graph (dynamic int8, QOperator, QDQ and 4-bit weight-only layouts).
 QUANT_OPS = frozenset(
     {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "ConvInteger",
-     "QuantizeLinear", "DequantizeLinear", "QAttention", "MatMulNBits"}
+     "QuantizeLinear", "DequantizeLinear", "QAttention", "MatMulNBits", "DynamicQuantizeLSTM"}
 )
+# Ops that compute a quantization scale from the activations of the run itself (one scale per tensor, over every row
+# and every pad position): a graph with any of them answers a text differently depending on what shares its run.
+DYNAMIC_SCALE_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
 
 
 class InputError(ValueError):
@@ -45,6 +55,8 @@ class ArtifactInfo:
     labels: list[str] | None
     max_positions: int
     provider: str = "cpu"  # the execution provider inference runs on
+    # False for graphs with DYNAMIC_SCALE_OPS: a row's result depends on the other rows (and padding) of its run
+    batch_invariant: bool = True
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -137,18 +149,24 @@ def length_groups(lengths: list[int], slack: float = 0.25) -> list[list[int]]:
 
 
 class Classifier:
-    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo, pad_id: int) -> None:
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, info: ArtifactInfo, pad_id: int,
+                 invariant: bool = True) -> None:
         self.session = session
         self.tokenizer = tokenizer
         self.info = info
         self.input_names = {i.name for i in session.get_inputs()}
         self.pad_id = pad_id
+        # Texts share runs only where that cannot change their answers (or where the server was told to trade that).
+        self.shares_runs = info.batch_invariant or not invariant
 
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
-        """Label and per-label probabilities for each text: one ORT run per group of similar-length texts."""
+        """Label and per-label probabilities for each text: one ORT run per group of similar-length texts, or per text
+        when the graph is not batch-invariant."""
         encodings = self.tokenizer.encode_batch(texts)
+        lengths = [len(e.ids) for e in encodings]
+        groups = length_groups(lengths) if self.shares_runs else [[i] for i in range(len(texts))]
         probs: np.ndarray | None = None
-        for group in length_groups([len(e.ids) for e in encodings]):
+        for group in groups:
             width = max(len(encodings[i].ids) for i in group)
             ids = np.full((len(group), width), self.pad_id, dtype=np.int64)
             mask = np.zeros((len(group), width), dtype=np.int64)
@@ -260,9 +278,10 @@ class Generator:
         self.generate("warm up", max_new_tokens=2)
 
 
-def load_model(artifact_dir: Path, threads: int = 0) -> Classifier | Generator:
+def load_model(artifact_dir: Path, threads: int = 0, invariant: bool = True) -> Classifier | Generator:
     """Load an artifact folder: a classifier (model.onnx, config.json, tokenizer.json, labels.json) or a causal LM (the
-    builder's model.onnx + genai_config.json, tokenizer.json)."""
+    builder's model.onnx + genai_config.json, tokenizer.json). `invariant=False` lets a classifier whose graph is not
+    batch-invariant share runs anyway (more throughput; each answer then depends on its neighbours)."""
     artifact_dir = Path(artifact_dir)
     config = _read_json(artifact_dir / "config.json")
     tok_config = _read_json(artifact_dir / "tokenizer_config.json")
@@ -291,13 +310,13 @@ def load_model(artifact_dir: Path, threads: int = 0) -> Classifier | Generator:
     info = ArtifactInfo(
         name=(config.get("architectures") or [config.get("model_type", artifact_dir.name)])[0], task=task,
         sha256=sha256, quantized=bool(quant_ops), quantization_ops=quant_ops, labels=_labels(artifact_dir, config),
-        max_positions=max_positions,
+        max_positions=max_positions, batch_invariant=not DYNAMIC_SCALE_OPS & set(quant_ops),
     )
     pad_token = _token_text(tok_config.get("pad_token"))
     pad_id = tokenizer.token_to_id(pad_token) if pad_token else None
     pad_id = pad_id if pad_id is not None else config.get("pad_token_id") or 0
     tokenizer.enable_truncation(max_length=max_positions)  # like transformers' truncation=True: the model can't take more
-    return Classifier(session, tokenizer, info, pad_id)
+    return Classifier(session, tokenizer, info, pad_id, invariant)
 
 
 def predict_offline(artifact_dir: Path, texts: list[str], threads: int = 0) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -37,10 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--access-log", action="store_true", help="Log every request (off: it costs throughput).")
     # One flag per setting, generated from the model, so the CLI cannot fall behind ServerSettings.
     for name, field in ServerSettings.model_fields.items():
-        if name != "api_key":
-            kind = int if field.annotation is int else float  # every setting but the key is an int or a float
+        if name != "api_key":  # every other setting is an int, a float or a bool
+            kind: Callable[[str], object] = (
+                _boolean if field.annotation is bool else int if field.annotation is int else float
+            )
             parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=field.description)
     return parser
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _exit_with_parent(parent: int) -> None:

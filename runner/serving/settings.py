@@ -21,6 +21,11 @@ class ServerSettings(BaseModel):
     )
     max_wait_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest wait for more requests to fill a batch.")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: ONNX Runtime picks).")
+    invariant: bool = Field(
+        True, description="A text's answer never depends on the other requests: a graph that is not batch-invariant "
+        "(dynamic int8) runs each text alone instead of batching. False batches it anyway (more throughput on some "
+        "machines, answers that move with their neighbours).",
+    )
     # repr=False: the key must never show up in a log line or a traceback that prints the settings.
     api_key: str | None = Field(
         None, min_length=1, repr=False, description="When set, every route but /health needs `Authorization: Bearer <key>`."

@@ -3,8 +3,11 @@
 Checks, all recorded in out/serve_report.json: the recipe's probes; served answers equal to offline ONNX Runtime answers
 (scores within 1e-5, identical tokens); a set of bad requests that must all get a 4xx (never a 5xx) with the server still
 ready afterwards; `concurrency` identical requests at once with identical answers (and a mixed round checked against the
-offline answers, which catches a batcher that hands results to the wrong request); p50/p95 latency and throughput. The
-server is always stopped: its process group gets SIGTERM, then SIGKILL after a grace period, also on failure and Ctrl-C.
+offline answers, which catches a batcher that hands results to the wrong request); for classifiers, batch invariance
+(a text alone vs among 16 concurrent others: no label flip, scores within `serve.max_score_drift`) and served accuracy
+equal to the accuracy the served artifact's report recorded offline on the same test rows (runner/stages/serve_gates.py);
+p50/p95 latency and throughput. The server is always stopped: its process group gets SIGTERM, then SIGKILL after a
+grace period, also on failure and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import runner
 from runner.recipe.models import Model, Probe, Serve
 from runner.serving.model import Classifier, load_model
 from runner.serving.settings import ServerSettings
-from runner.stages import StageError
+from runner.stages import StageError, serve_gates
 
 log = logging.getLogger(__name__)
 SCORE_ATOL = 1e-5
@@ -147,11 +150,33 @@ def _probe_verdict(probe: Probe, served: dict[str, Any]) -> str | None:
     return None
 
 
-def _offline(artifact: Path, probes: list[Probe], threads: int) -> tuple[Any, list[dict[str, Any]], list[Any]]:
+class TestRows:
+    """The data step's first test rows (classifiers): texts, true labels, token ids; and, filled in by `_offline`, the
+    served model's labels for them in-process (text by text) and whether its tokenizer gives the same ids."""
+
+    def __init__(self, data_dir: Path, n: int) -> None:
+        from datasets import load_from_disk
+
+        test = load_from_disk(str(data_dir / "dataset"))["test"]
+        test = test.select(range(min(n, len(test))))
+        id2label = json.loads((data_dir / "labels.json").read_text())["id2label"]
+        self.texts: list[str] = list(test["text"])
+        self.expected = [id2label[str(label)] for label in test["labels"]]
+        self.ids: list[list[int]] = [list(ids) for ids in test["input_ids"]]
+        self.offline: list[str] = []
+        self.same_ids: list[bool] = []
+
+
+def _offline(artifact: Path, probes: list[Probe], threads: int, rows: TestRows | None
+             ) -> tuple[Any, list[dict[str, Any]], list[Any]]:
     """Offline answers, computed before the server starts so two copies of a big model are never in memory at once."""
     model = load_model(artifact, threads)
     if isinstance(model, Classifier):
         texts = [p.text or "" for p in probes]
+        if rows is not None:
+            rows.offline = [model.predict([t])[0]["label"] for t in rows.texts]
+            rows.same_ids = [e.ids == ids for e, ids in zip(model.tokenizer.encode_batch(rows.texts), rows.ids,
+                                                            strict=True)]
         return model.info, [model.predict([t])[0] for t in texts], model.predict(texts)
     return model.info, [model.generate(p.prompt or "", p.max_new_tokens) for p in probes], []
 
@@ -239,7 +264,7 @@ def _score_gap(served: dict[str, Any], offline: dict[str, Any]) -> float:
 
 
 def _check_concurrency(client: httpx.Client, route: str, probes: list[Probe], offline: list[dict[str, Any]],
-                       n: int, batch_dependent: bool) -> tuple[dict[str, Any], list[str]]:
+                       n: int) -> tuple[dict[str, Any], list[str]]:
     failures = []
     same = _at_once(client, route, [_payload(probes[0])] * n)
     bodies = [r.json() if r.status_code == 200 else None for r in same]
@@ -253,11 +278,7 @@ def _check_concurrency(client: httpx.Client, route: str, probes: list[Probe], of
     gap = max((_score_gap(_answer(r.json()), offline[i]) for r, i in zip(mixed, picks, strict=True) if r.status_code == 200),
               default=0.0)
     result: dict[str, Any] = {"requests": n, "identical": identical, "mixed_match_offline": mixed_ok, "mixed_max_score_diff": gap}
-    if batch_dependent and all(r.status_code == 200 for r in mixed):
-        # Dynamic int8 quantizes activations with one scale per run, computed over the whole batch: merged requests
-        # shift each other's scores slightly. That is the model, not a batcher bug, so it is recorded, not failed.
-        result["note"] = "dynamic int8 graph: a request's scores depend on the requests batched with it"
-    elif not mixed_ok:
+    if not mixed_ok:
         failures.append(f"{n} concurrent mixed requests: some answers differ from offline or failed")
     return result, failures
 
@@ -281,21 +302,20 @@ def _measure(client: httpx.Client, route: str, payload: dict[str, Any], n: int, 
             "throughput_concurrency": concurrency, "errors": errors}
 
 
-def _served_accuracy(client: httpx.Client, data_dir: Path, samples: int, batch: int) -> dict[str, Any]:
-    """Accuracy of the served model on the data step's test split: the number that matters is the one users get."""
-    from datasets import load_from_disk
-
-    test = load_from_disk(str(data_dir / "dataset"))["test"]
-    test = test.select(range(min(samples, len(test))))
-    id2label = json.loads((data_dir / "labels.json").read_text())["id2label"]
-    expected = [id2label[str(label)] for label in test["labels"]]
+def _served_labels(client: httpx.Client, texts: list[str], batch: int) -> list[str]:
     answers: list[str] = []
-    for start in range(0, len(test), batch):
-        response = client.post("/predict", json={"texts": test["text"][start:start + batch]})
+    for start in range(0, len(texts), batch):
+        response = client.post("/predict", json={"texts": texts[start:start + batch]})
         response.raise_for_status()
         answers += [item["label"] for item in response.json()["predictions"]]
-    correct = sum(a == e for a, e in zip(answers, expected, strict=True))
-    return {"samples": len(expected), "accuracy": round(correct / max(len(expected), 1), 4)}
+    return answers
+
+
+def _served_accuracy(answers: list[str], expected: list[str], samples: int) -> dict[str, Any]:
+    """Accuracy of the served model on the data step's test split: the number that matters is the one users get."""
+    correct = sum(a == e for a, e in zip(answers[:samples], expected[:samples], strict=True))
+    count = min(samples, len(expected))
+    return {"samples": count, "accuracy": round(correct / max(count, 1), 4)}
 
 
 def _artifact(inputs: dict[str, Path]) -> Path:
@@ -315,7 +335,12 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         max_new_tokens=max(256, *(p.max_new_tokens for p in serve.probes)),
     )
     route = "/predict" if task == "sequence-classification" else "/generate"
-    info, offline, offline_batch = _offline(artifact, serve.probes, settings.threads)
+    classifier = task == "sequence-classification"
+    recorded = serve_gates.recorded_accuracy(artifact) if classifier else None
+    rows = None
+    if classifier and "data" in inputs:
+        rows = TestRows(Path(inputs["data"]), max(serve.eval_samples, recorded["samples"] if recorded else 0))
+    info, offline, offline_batch = _offline(artifact, serve.probes, settings.threads, rows)
     if info.task != task:
         raise StageError(f"the recipe's model.task is {task} but {artifact} holds a {info.task} model")
     report: dict[str, Any] = {"artifact": str(artifact), "task": task, "sha256": info.sha256,
@@ -336,14 +361,20 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             failures += found
             report["bad_inputs"], found = _check_bad_inputs(client, route, task, settings, info.max_positions)
             failures += found
-            report["concurrency"], found = _check_concurrency(
-                client, route, serve.probes, offline, serve.concurrency,
-                batch_dependent=settings.batching and "DynamicQuantizeLinear" in info.quantization_ops,
-            )
+            report["concurrency"], found = _check_concurrency(client, route, serve.probes, offline, serve.concurrency)
             failures += found
-            if task == "sequence-classification" and "data" in inputs:
-                report["served_eval"] = _served_accuracy(client, Path(inputs["data"]), serve.eval_samples,
-                                                         settings.max_batch_size)
+            if classifier:
+                report["batching"] = served_info.get("batching")
+                texts = serve_gates.invariance_texts([p.text or "" for p in serve.probes], rows.texts if rows else [])
+                report["invariance"], found = serve_gates.check_invariance(client, texts, serve.max_score_drift)
+                failures += found
+            if rows is not None:
+                answers = _served_labels(client, rows.texts, settings.max_batch_size)
+                report["served_eval"] = _served_accuracy(answers, rows.expected, serve.eval_samples)
+                if recorded is not None:
+                    report["served_vs_offline"], found = serve_gates.check_accuracy(
+                        answers, rows.offline, rows.expected, rows.same_ids, recorded, info.batch_invariant)
+                    failures += found
             report["latency"] = _measure(client, route, _payload(serve.probes[0]), serve.latency_requests,
                                          serve.concurrency)
             if report["latency"]["errors"]:
@@ -368,4 +399,5 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     latency = report["latency"]
     return {"p50_ms": latency["p50_ms"], "p95_ms": latency["p95_ms"], "throughput_rps": latency["throughput_rps"],
             "probes_passed": sum(p["passed"] for p in report["probes"]), "probes": len(report["probes"]),
-            "quantized": info.quantized, "sha256": info.sha256}
+            "quantized": info.quantized, "sha256": info.sha256,
+            **({"max_score_drift": report["invariance"]["max_score_drift"]} if "invariance" in report else {})}
