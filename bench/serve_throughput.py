@@ -1,7 +1,7 @@
 """P5: server throughput at concurrency 16 with dynamic batching against without it, side by side in one run.
 
     python bench/serve_throughput.py [--json bench/results/serve_throughput.json] [--requests 300] [--rounds 2]
-                                     [--dim 512] [--layers 4] [--max-seconds 25]
+                                     [--dim 512] [--layers 4] [--max-seconds 25] [--dynamic-int8]
 
 The model is a DistilBERT-like classifier built from a config (random weights: throughput does not depend on them) with a
 WordPiece tokenizer trained on synthetic review sentences, exported
@@ -9,6 +9,10 @@ with torch.onnx dynamo exactly as the export stage does.
 Each mode is the real server (`python -m runner.serving`, uvicorn, loopback) with the same settings except `max_batch`
 (16 against 1); 16 keep-alive connections keep 16 requests of one text each in flight. Modes alternate within every
 round so load from other processes on a shared machine hits both; the median round counts. Target: ratio >= 1.5.
+
+The fp32 graph is batch-invariant, so the server batches it across requests. `--dynamic-int8` measures the price of
+invariance instead: the graph quantized as `onnx-dynamic-int8` does it, which the server runs text by text (per request,
+the default: "no batching" here) against batching it anyway (`invariant: false`, answers moving with their neighbours).
 
 Two ratios are reported: wall-clock requests/s (the target's measure), and requests per CPU-second of the server
 process, which stays meaningful when other processes take an unknown share of a shared machine's cores.
@@ -179,6 +183,17 @@ def inference_ceiling(artifact: Path, texts: list[str], rounds: int) -> dict[str
             "ratio": round(single / batch, 3)}
 
 
+def quantize_dynamic_int8(artifact: Path) -> Path:
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = artifact.parent / "onnx-dynamic-int8"
+    shutil.copytree(artifact, out, ignore=shutil.ignore_patterns("model.onnx"))
+    quantize_dynamic(artifact / "model.onnx", out / "model.onnx", weight_type=QuantType.QInt8)
+    return out
+
+
 def run_mode(artifact: Path, settings: ServerSettings, texts: list[str], args: argparse.Namespace, log: Path) -> dict:
     server = ServerProcess(artifact, settings, log)
     try:
@@ -199,15 +214,20 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--min-words", type=int, default=8)
     parser.add_argument("--max-words", type=int, default=30)
+    parser.add_argument("--dynamic-int8", action="store_true",
+                        help="Serve the dynamic-int8 graph: per-request (invariant) against batched anyway.")
     args = parser.parse_args()
 
-    modes = {"batching": ServerSettings(max_batch=CONCURRENCY, max_wait_ms=args.max_wait_ms, max_concurrency=64),
-             "no batching": ServerSettings(max_batch=1, max_concurrency=64)}
+    batched = ServerSettings(max_batch=CONCURRENCY, max_wait_ms=args.max_wait_ms, max_concurrency=64,
+                             invariant=not args.dynamic_int8)
+    modes = {"batching": batched, "no batching": ServerSettings(max_batch=1, max_concurrency=64)}
     texts = sentences(512, 1, (args.min_words, args.max_words))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         artifact = build_artifact(Path(tmp), args.dim, args.layers)
         params = int((artifact / "params.txt").read_text())
+        if args.dynamic_int8:
+            artifact = quantize_dynamic_int8(artifact)
         ceiling = inference_ceiling(artifact, texts, args.rounds)
         print(f"inference only: {ceiling}", file=sys.stderr)
         rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -219,8 +239,9 @@ def main() -> None:
     best = {mode: sorted(runs, key=lambda x: x["rps"])[len(runs) // 2] for mode, runs in rounds.items()}  # median
     ratio = best["batching"]["rps"] / best["no batching"]["rps"]
     cpu_ratio = best["batching"]["requests_per_cpu_s"] / best["no batching"]["requests_per_cpu_s"]
-    print(f"\nDistilBERT-like classifier, dim {args.dim}, {args.layers} layers, {params / 1e6:.1f}M parameters, one text "
-          f"of {args.min_words}-{args.max_words} words per request, concurrency {CONCURRENCY}, median of {args.rounds} "
+    graph = "dynamic int8" if args.dynamic_int8 else "fp32"
+    print(f"\nDistilBERT-like classifier ({graph}), dim {args.dim}, {args.layers} layers, {params / 1e6:.1f}M parameters, "
+          f"one text of {args.min_words}-{args.max_words} words per request, concurrency {CONCURRENCY}, median of {args.rounds} "
           f"rounds, load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| mode | requests/s | p50 ms | p95 ms | texts per ORT run | server cores used | requests per server CPU-s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -238,7 +259,8 @@ def main() -> None:
         machine: dict[str, Any] = machine_info()
     except ImportError:
         machine = {}
-    result = {"benchmark": "serve_throughput", "model": {"dim": args.dim, "layers": args.layers, "params": params},
+    result = {"benchmark": "serve_throughput", "graph": graph,
+              "model": {"dim": args.dim, "layers": args.layers, "params": params},
               "concurrency": CONCURRENCY, "settings": {m: s.model_dump(exclude={"api_key"}) for m, s in modes.items()},
               "words": [args.min_words, args.max_words], "rounds": rounds, "median": best, "ratio": round(ratio, 3),
               "cpu_efficiency_ratio": round(cpu_ratio, 3),

@@ -121,6 +121,69 @@ def test_length_groups_partition_and_bound_padding() -> None:
     assert len(length_groups([20] * 16)) == 1 and length_groups([]) == []
 
 
+@pytest.fixture(scope="module")
+def dynamic_int8_artifact(classifier_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 classifier quantized as `onnx-dynamic-int8` does it (activation scales computed per run)."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = tmp_path_factory.mktemp("dynamic-int8") / "onnx"
+    shutil.copytree(classifier_artifact, out, ignore=shutil.ignore_patterns("model.onnx"))
+    quantize_dynamic(classifier_artifact / "model.onnx", out / "model.onnx", weight_type=QuantType.QInt8)
+    return out
+
+
+def max_drift(a: list[dict], b: list[dict]) -> float:
+    return max(abs(x["scores"][k] - y["scores"][k]) for x, y in zip(a, b, strict=True) for k in x["scores"])
+
+
+LONG = "the film was wonderful and the cast felt lovely and the music was superb from the start to the very end " * 2
+
+
+def test_padding_to_a_longer_neighbour_keeps_scores(classifier_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A static graph shares runs: a text padded to a much longer neighbour's length keeps its scores (masks)."""
+    model = load_model(classifier_artifact)
+    assert model.info.batch_invariant and model.shares_runs
+    texts = [t for t in TEXTS if t]
+    alone = [model.predict([t])[0] for t in texts]
+    monkeypatch.setattr("runner.serving.model.length_groups", lambda lengths, slack=0.25: [list(range(len(lengths)))])
+    padded = model.predict([*texts, LONG])[:-1]  # one run, every text padded to LONG's length
+    assert [p["label"] for p in padded] == [a["label"] for a in alone] and max_drift(alone, padded) <= 1e-6
+
+
+def test_dynamic_int8_runs_each_text_alone(dynamic_int8_artifact: Path) -> None:
+    model = load_model(dynamic_int8_artifact)
+    assert "DynamicQuantizeLinear" in model.info.quantization_ops and not model.info.batch_invariant
+    texts = [*TEXTS, LONG, "dull"]
+    alone = [model.predict([t])[0] for t in texts]
+    assert max_drift(alone, model.predict(texts)) == 0.0  # the batch is the text itself: identical, not close
+    # Told to share runs anyway, the same graph's scores move with their neighbours (what invariance prevents).
+    shared = load_model(dynamic_int8_artifact, invariant=False)
+    assert shared.shares_runs and max_drift(alone, shared.predict(texts)) > 0
+
+
+def test_dynamic_int8_is_served_per_request(dynamic_int8_artifact: Path) -> None:
+    client = started(dynamic_int8_artifact, max_batch=16, max_wait_ms=200)
+    try:
+        assert client.get("/info").json()["batching"] == "per request"
+        texts = [*TEXTS, LONG, "dull", "the plot was awful"]
+        alone = [client.post("/predict", json={"texts": [t]}).json()["predictions"][0] for t in texts]
+        answers: dict[int, dict] = {}
+
+        def ask(i: int) -> None:
+            answers[i] = client.post("/predict", json={"texts": [texts[i % len(texts)]]}).json()["predictions"][0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(17)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max_drift([alone[i % len(texts)] for i in range(17)], [answers[i] for i in range(17)]) == 0.0
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_generation_stops_at_eos(llama_artifact: Path) -> None:
     model = load_model(llama_artifact)
     greedy = model.generate("the film was", 5)
