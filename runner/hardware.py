@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.export_memory import StepMemory, export_memory, quantize_memory
 from runner.recipe.local_checks import BUNDLED_CONFIGS
-from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe
+from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe, model_location
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -323,11 +323,12 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
         return _init_config(recipe), "built from model.init"
     from transformers import AutoConfig
 
-    if model.path is not None:
+    if model.path is not None or model.package is not None:
+        folder = str(model_location(model))  # the package's folder was found when the recipe was validated
         try:
-            return AutoConfig.from_pretrained(model.path, trust_remote_code=False), f"local folder {model.path}"
+            return AutoConfig.from_pretrained(folder, trust_remote_code=False), f"local folder {folder}"
         except (OSError, ValueError) as exc:
-            raise ModelMismatch(f"cannot read the model config in {model.path}: {exc}") from None
+            raise ModelMismatch(f"cannot read the model config in {folder}: {exc}") from None
     assert model.hub is not None
     return _hub_config(model.hub, model.revision)
 

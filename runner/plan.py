@@ -20,7 +20,7 @@ from typing import Any
 
 from runner import platform_facts, stages
 from runner.cache import Cache, HashMemo
-from runner.recipe import Loaded, Recipe
+from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.schema import field_has
 
 ORDER = ("model", "data", "train", "export", "quantize", "serve")
@@ -111,6 +111,8 @@ def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
         return [normalize(item, (*loc, index), memo) for index, item in enumerate(value)]
     if isinstance(value, str) and loc and field_has(loc, "x-local-path"):
         return {"sha256": memo.tree(Path(value))}
+    if isinstance(value, str) and loc and field_has(loc, "x-package-folder"):  # a model inside an installed package
+        return {**packages.provenance(value, memo.file), "sha256": memo.tree(packages.package_folder(value))}
     return value
 
 

@@ -578,7 +578,7 @@ def test_an_impossible_expect_pattern_is_a_problem(tmp_path: Path) -> None:
     for pattern in ("a{4294967296}", "(" * 2000 + ")" * 2000):
         doc["serve"]["probes"][0]["expect_pattern"] = pattern
         found = load_problems(tmp_path, yaml.safe_dump(doc, sort_keys=False, width=10**6))
-        assert any("serve.probes.0: `expect_pattern` is not a valid regular expression" in p for p in found), found
+        assert any("serve.probes.0.expect_pattern: `expect_pattern` is not a valid regular expression" in p for p in found), found
 
 
 def test_the_cli_prints_a_key_as_written(tmp_path: Path) -> None:

@@ -95,21 +95,21 @@ BROKEN = [
     (edit("  lora: {r: 8, target_modules: [q_lin, v_lin]}\n", ""), "r.yaml:9:1: train.lora: required field is missing"),
     # cross-field rules
     (edit("  lora: {r: 8, target_modules: [q_lin, v_lin]}", "  lora: {r: 8, target_modules: []}"),
-     "r.yaml:11:3: train.lora: `target_modules` must name at least one module"),
+     "r.yaml:11:16: train.lora.target_modules: `target_modules` must name at least one module"),
     (edit("  method: lora", "  method: qlora"), "r.yaml:9:1: train.quantization: required field is missing"),
-    (edit("export: {format: onnx}\n", ""), "r.yaml:1:1: (recipe): an ONNX quantize needs an `export` section with `format: onnx`"),
+    (edit("export: {format: onnx}\n", ""), "r.yaml:13:12: quantize.method: an ONNX quantize needs an `export` section with `format: onnx`"),
     (edit("  init: {architecture: distilbert}", "  init: {architecture: distilbert}\n  hub: org/model"),
-     "r.yaml:3:1: model: give exactly one of hub, path, init (got hub, init)"),
-    (edit("  init: {architecture: distilbert}", "  hub: org/model"), "r.yaml:3:1: model: a hub model needs a pinned `revision`"),
+     "r.yaml:5:3: model.hub: give exactly one of hub, path, package, init (got init, hub)"),
+    (edit("  init: {architecture: distilbert}", "  hub: org/model"), "r.yaml:4:3: model.hub: a hub model needs a pinned `revision`"),
     (edit("  init: {architecture: distilbert}", "  init: {architecture: distilbert, hidden_size: 30, num_heads: 4}"),
-     "r.yaml:4:3: model.init: num_heads (4) must divide hidden_size (30)"),
+     "r.yaml:4:53: model.init.num_heads: num_heads (4) must divide hidden_size (30)"),
     (edit("    - {text: great, expect_label: positive}", "    - {prompt: hi}"),
-     "r.yaml:1:1: (recipe): a sequence-classification model is probed with `text` probes"),
+     "r.yaml:17:8: serve.probes.0.prompt: a sequence-classification model is probed with `text` probes"),
     (edit("    - {text: great, expect_label: positive}", "    - {text: great, prompt: hi}"),
      "r.yaml:17:7: serve.probes.0: a probe has exactly one of `text` (classifier) or `prompt` (generator)"),
-    (edit("  max_length: 64", "  max_length: 64\n  mask_prompt: true"), "r.yaml:6:1: data: `mask_prompt` needs `response_template`"),
+    (edit("  max_length: 64", "  max_length: 64\n  mask_prompt: true"), "r.yaml:9:3: data.mask_prompt: `mask_prompt` needs `response_template`"),
     (edit("{format: onnx}", "{format: onnx, optimization_level: 99}"),
-     "r.yaml:1:1: (recipe): ONNX Runtime cannot quantize a fused graph"),
+     "r.yaml:13:24: export.optimization_level: ONNX Runtime cannot quantize a fused graph"),
     # missing local files
     (edit("{path: reviews.csv}", "{path: nothere.csv}"), "r.yaml:7:12: data.source.path: no such file or folder:"),
     (edit("  init: {architecture: distilbert}", "  path: ./no-model"), "r.yaml:4:3: model.path: no such file or folder:"),
@@ -249,6 +249,7 @@ def lm_folder(tmp_path: Path, architecture: str, model_type: str = "x") -> None:
 
     (tmp_path / "lm").mkdir(exist_ok=True)
     (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": model_type}))
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"")  # the local checks look for weights, never load them
 
 
 def test_a_causal_lm_export_of_an_architecture_the_builder_lacks_is_refused_before_anything_runs(tmp_path):
@@ -293,6 +294,7 @@ def test_a_head_size_the_onnx_decoder_cannot_run_is_refused_before_anything_runs
     (tmp_path / "lm").mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 48, "num_attention_heads": 2}
     (tmp_path / "lm" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"")
     found = problems(tmp_path, LM)
     assert any("export.format: the ONNX decoder's attention needs a head size that is a multiple of 16, and this "
                "model's is 24" in p for p in found), found

@@ -10,14 +10,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from runner.recipe import local_checks
+from runner.recipe import local_checks, rules
 from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
-from runner.recipe.models import SOURCE_TAGS, Recipe
+from runner.recipe.models import RULES_ERROR, SOURCE_TAGS, Recipe
 from runner.recipe.schema import _resolve as _schema_alternatives
 from runner.recipe.schema import field_has, recipe_schema, schema_children
 
@@ -51,6 +51,36 @@ class _RecipeLoader(yaml.SafeLoader):
 
 for _tag in ("binary", "set", "omap", "pairs"):
     _RecipeLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _RecipeLoader._refuse)
+
+# Plain scalars are typed by YAML 1.2's core schema, not PyYAML's YAML 1.1: `2e-4` and `1e5` are floats (1.1 wants a dot,
+# so they were strings that pydantic then coerced), only true/false are booleans (`yes`, `no`, `on`, `off` stay strings:
+# with strict types, `shuffle: yes` is an error instead of a silent True, and `country: NO` is not False), `012` is
+# twelve (not octal ten), and `2024-01-01` or `1:30` stay strings (not a date, not ninety).
+_CORE = "tag:yaml.org,2002:"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in (f"{_CORE}null", f"{_CORE}merge", f"{_CORE}yaml")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(f"{_CORE}bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_RecipeLoader.add_implicit_resolver(  # before float, whose pattern also matches integers
+    f"{_CORE}int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_RecipeLoader.add_implicit_resolver(
+    f"{_CORE}float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.2 integers: decimal (a leading zero is still decimal), 0o octal, 0x hex."""
+    text = str(loader.construct_scalar(node))
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.removeprefix("+"))
+    base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_RecipeLoader.add_constructor(f"{_CORE}int", _construct_int)
 
 # Aliases (*name) may make a short file expand to billions of values ("billion laughs"); more than this is refused.
 MAX_EXPANDED_VALUES = 100_000
@@ -97,16 +127,35 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = (), fetch_c
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [_problem_from_pydantic(err, raw, positions, path) for err in exc.errors()]
-    if problems or recipe is None:
-        raise RecipeError(problems)
+        # the cross-field rules' own error (RULES_ERROR) is left out: they run below, pointed at their fields
+        problems += [_problem_from_pydantic(err, raw, positions, path) for err in exc.errors() if err["type"] != RULES_ERROR]
+    bad = {problem.loc for problem in problems if problem.loc}  # what the rules and local checks cannot read
+    problems += [Problem(_nearest_position(loc, positions, path), loc, message) for loc, message in rules.check(raw, bad)]
+    # The local checks run on the sections that validated, so their findings come with everything else at once.
+    checked = recipe if recipe is not None and not problems else _valid_sections(raw, {p.loc for p in problems if p.loc})
     for loc, resolved in resolved_paths.items():
-        _set_at(recipe, loc, resolved)
-    findings = local_checks.check(recipe, fetch=fetch_configs)
-    if findings.errors:
-        raise RecipeError([Problem(_nearest_position(loc, positions, path), loc, message)
-                           for loc, message in findings.errors])
-    return Loaded(recipe=recipe, path=path, files=files, overrides=list(overrides), raw=raw, warnings=findings.warnings)
+        if loc[:1] and getattr(checked, str(loc[0]), None) is not None:
+            _set_at(checked, loc, resolved)
+    findings = local_checks.check(checked, fetch=fetch_configs and not problems)
+    problems += [Problem(_nearest_position(loc, positions, path), loc, message) for loc, message in findings.errors]
+    if problems:
+        raise RecipeError(problems)
+    return Loaded(recipe=checked, path=path, files=files, overrides=list(overrides), raw=raw, warnings=findings.warnings)
+
+
+def _valid_sections(raw: dict[str, Any], bad: set[Loc]) -> Recipe:
+    """A recipe holding only the top-level sections without errors, field or cross-field (the others None), for the
+    local checks, which may rely on every rule of a section they read."""
+    values: dict[str, Any] = {}
+    for name, info in Recipe.model_fields.items():
+        values[name] = None if info.is_required() else info.get_default(call_default_factory=True)
+        if name in raw and not any(loc[:1] == (name,) for loc in bad):
+            try:
+                field_type: Any = Annotated[info.annotation, info]  # the field's type with its constraints
+                values[name] = TypeAdapter(field_type).validate_python(raw[name])
+            except ValidationError:  # not expected (its errors are in `bad`); then the checks skip it
+                values[name] = None
+    return Recipe.model_construct(**values)
 
 
 # --- YAML with positions ------------------------------------------------------------------------------------------------
@@ -361,7 +410,30 @@ def _problem_from_pydantic(err: Any, raw: dict[str, Any], positions: Positions, 
         message = message.removeprefix("Value error, ")
     elif err["type"] == "union_tag_invalid":
         message = f"{message} (got {err.get('input')!r})"
+    elif err["type"] in ("int_type", "float_type", "bool_type", "string_type"):
+        message += _type_hint(err["type"], err.get("input"))
     return Problem(_nearest_position(loc, positions, path), loc, message)
+
+
+def _type_hint(kind: str, value: Any) -> str:
+    """Why a strictly typed field refused what the YAML gave it, and how to write it."""
+    if isinstance(value, str) and kind != "string_type":
+        try:
+            parsed = _override_value(value)
+        except (yaml.YAMLError, RecursionError):
+            parsed = None
+        wanted: dict[str, type | tuple[type, ...]] = {"int_type": int, "float_type": (int, float), "bool_type": bool}
+        if isinstance(parsed, wanted[kind]) and not (kind != "bool_type" and isinstance(parsed, bool)):
+            return f" (got the text {value!r}: write it without quotes)"
+        if kind == "bool_type" and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+            return f" (got {value!r}: a recipe reads YAML 1.2, where only true and false are booleans)"
+    if kind == "int_type" and isinstance(value, float):
+        return f" (got {value!r}: write a whole number, without a decimal point)"
+    if kind == "string_type" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f" (got the number {value!r}: quote it to make it text, e.g. \"{value}\")"
+    if kind == "string_type" and isinstance(value, bool):
+        return f" (got the boolean {str(value).lower()}: quote it to make it text)"
+    return ""
 
 
 def _strip_tags(loc: Loc, raw: Any) -> Loc:

@@ -7,8 +7,13 @@ Where the config comes from, without importing transformers:
 - `model.hub`: the Hugging Face cache's snapshot for the pinned revision, else the copy bundled in runner/model_configs/.
   A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
 
-Checks: the architecture fits the task (a causal-lm recipe needs a decoder), and a causal-LM ONNX export names an
-architecture that onnxruntime-genai's model builder supports, with attention heads its decoder can run. And every hub
+- `model.package`: the config.json of the folder inside the installed package (runner.recipe.packages).
+
+Checks: a local model folder (path or package) exists and holds weights the recipe may load (safetensors, or pickles with
+`allow_pickle`); every local data file is a file whose columns (CSV/TSV header, JSON-lines keys, parquet schema) include
+the ones the recipe reads (data_columns.py); the architecture fits the task (a causal-lm recipe needs a decoder), and a
+causal-LM ONNX export names an architecture that onnxruntime-genai's model builder supports, with attention heads its
+decoder can run. And every hub
 revision is a commit sha (`pin_revisions`: a branch or tag name is resolved from the HF cache's refs/, else refused).
 """
 
@@ -22,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import genai
-from runner.recipe.models import HubSource, Recipe
+from runner.recipe import data_columns
+from runner.recipe.models import HubSource, Recipe, model_location
+from runner.recipe.packages import PackageMissing, install_name, split, weight_files
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 INIT_ARCHITECTURES = {
@@ -47,8 +54,8 @@ def model_config(recipe: Recipe, fetch: bool = False) -> tuple[dict[str, Any] | 
     if model.init is not None:
         architecture = INIT_ARCHITECTURES[(model.init.architecture, model.task)]
         return {"architectures": [architecture], "model_type": model.init.architecture}, "model.init"
-    if model.path is not None:
-        path = Path(model.path) / "config.json"
+    if model.path is not None or model.package is not None:
+        path = Path(model_location(model) or "") / "config.json"
         return (json.loads(path.read_text()), str(path)) if path.is_file() else (None, str(path))
     assert model.hub is not None
     cached = hub_cache_config(model.hub, model.revision)
@@ -88,11 +95,21 @@ def hub_cache_config(hub: str, revision: str | None) -> Path | None:
 def check(recipe: Recipe, fetch: bool = False) -> Findings:
     """The local checks; with `fetch`, a hub model's config.json missing locally is downloaded first (recipe run)."""
     found = Findings()
-    pin_revisions(recipe, found)
+    if recipe.data is not None:
+        found.errors += data_columns.check(recipe)
+    if recipe.model is None:  # the model section has errors of its own (the loader reports them)
+        return found
+    if recipe.data is not None:
+        pin_revisions(recipe, found)
+    source_field = ("model", next(name for name in ("hub", "path", "package", "init") if getattr(recipe.model, name) is not None))
+    folder_problem, readable = model_folder(recipe)
+    if folder_problem:
+        found.errors.append((source_field, folder_problem))
+        if not readable:  # no folder, so no config.json to check either
+            return found
     config, source = model_config(recipe, fetch)
-    source_field = ("model", next(name for name in ("hub", "path", "init") if getattr(recipe.model, name) is not None))
     if config is None:
-        if recipe.model.path is not None:
+        if recipe.model.path is not None or recipe.model.package is not None:
             found.errors.append((source_field, f"the model folder has no config.json ({source})"))
         else:
             found.warnings.append(f"cannot check the model's architecture offline: {source}; "
@@ -110,6 +127,32 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
             found.errors.append((("export", "format"), f"{problem} (from {source}); use `format: safetensors` to "
                                  "export the merged model instead"))
     return found
+
+
+def model_folder(recipe: Recipe) -> tuple[str | None, bool]:
+    """What is wrong with a local model folder (`path`, or inside an installed `package`), or None; and whether there
+    is a folder to read config.json from."""
+    model = recipe.model
+    if model.path is None and model.package is None:
+        return None, True
+    try:
+        folder = Path(model_location(model) or "")
+    except PackageMissing as exc:
+        return str(exc), False
+    if not folder.is_dir():
+        return f"{folder} is a file; give the folder that save_pretrained wrote", False
+    safetensors, pickles = weight_files(folder)
+    if safetensors or (pickles and model.allow_pickle):
+        return None, True
+    what = f"the model folder {folder}"
+    if model.package is not None:
+        what += f" (package {install_name(split(model.package)[0])})"
+    if pickles:
+        names = ", ".join(p.name for p in pickles)
+        return (f"{what} has only pickle weights ({names}), and a pickle can run code when it is loaded: convert it to "
+                "safetensors (e.g. `AutoModel.from_pretrained(folder).save_pretrained(folder)`, which writes "
+                "model.safetensors), or set `model.allow_pickle: true` if you trust its authors"), True
+    return f"{what} has no weights (model.safetensors, or pytorch_model.bin with `allow_pickle: true`)", True
 
 
 # --- revisions as commits -------------------------------------------------------------------------------------------

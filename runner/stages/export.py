@@ -155,7 +155,7 @@ def merge_adapter_into_base(
     from peft import PeftModel
 
     base = load_base(model_cfg, inputs)
-    refuse_quantized(base, f"the base model {model_cfg.hub or model_cfg.path or 'built by model.init'}")
+    refuse_quantized(base, f"the base model {model_cfg.hub or model_cfg.path or model_cfg.package or 'built by model.init'}")
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     pad_id = pad_token_id(tokenizer)
     before = collect_logits(torch_runner(peft_model), samples[:BATCH_SIZE], pad_id)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.recipe.models import Model, ModelInit
+from runner.recipe.models import Model, ModelInit, model_location
+from runner.recipe.packages import PackageMissing
 from runner.stages import StageError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ ModelConfig = dict[str, Any] | Model  # the JSON form from a step's config, or t
 def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[str, dict[str, Any]]:
     """What to hand to `from_pretrained`: the id or folder, and the keyword arguments that pin and guard the load.
 
-    hub  -> (hub id, {revision}); path -> (absolute folder, {}); init -> (the model step's `model/` folder, {}).
+    hub  -> (hub id, {revision}); path or package -> (absolute folder, {}); init -> (the model step's `model/` folder, {}).
     Every source also gets `trust_remote_code` and `use_safetensors` from the recipe.
     """
     cfg = Model.model_validate(model_cfg)
@@ -48,8 +49,11 @@ def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[
     if cfg.hub is not None:
         source = cfg.hub
         kwargs["revision"] = cfg.revision
-    elif cfg.path is not None:
-        folder = Path(cfg.path).resolve()
+    elif cfg.path is not None or cfg.package is not None:
+        try:
+            folder = Path(model_location(cfg) or "").resolve()
+        except PackageMissing as exc:  # uninstalled since the recipe was validated
+            raise StageError(f"model.package: {exc}") from None
         if not folder.is_dir():
             # Without this check transformers would take the string for a hub id and fail with an unrelated message.
             raise StageError(f"model.path {folder} is not a folder; give a folder written by save_pretrained")
