@@ -42,6 +42,26 @@ def test_dynamic_int8_classifier(tiny_classifier_dir, classifier_inputs, classif
     assert json.loads((tmp_path / "quantize_report.json").read_text()) == report
 
 
+def test_dynamic_int8_accuracy_is_measured_as_the_server_runs_it(tiny_classifier_dir, classifier_inputs,
+                                                                  classifier_export, tmp_path):
+    """Dynamic int8 scales activations per run, so a text scores differently beside padded neighbours; the recorded
+    accuracy is that of each text run alone and unpadded, which is what the server does and what serve gates against."""
+    import numpy as np
+
+    from runner.stages import quantize
+    from runner.stages.export import load_samples, ort_feed, ort_session
+
+    config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-dynamic-int8", eval_samples=24)
+    report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)
+    session = ort_session(tmp_path / "onnx" / "model.onnx")
+    right = 0
+    for sample in load_samples(classifier_inputs["data"], "test", 24):
+        alone = {"input_ids": np.array([sample["input_ids"]]), "attention_mask": np.array([sample["attention_mask"]])}
+        right += int(session.run(["logits"], ort_feed(session, alone))[0].argmax() == sample["labels"])
+    assert report["evaluated"] == "one text at a time, unpadded"
+    assert report["comparison"]["metric_candidate"] == right / 24
+
+
 def test_signed_7bit_weights_are_quantized_as_asked(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
     """weights: s8-7bit stores int8 weights in 7 bits whatever the CPU preset would pick, and still passes the gate."""
     import numpy as np
