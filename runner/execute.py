@@ -27,6 +27,7 @@ from runner import stages
 from runner.cache import Cache, Entry
 from runner.plan import Step, plan_status
 from runner.recipe import Loaded
+from runner.redact import RedactedFile, redact
 from runner.stages import StageError
 
 log = logging.getLogger("runner")
@@ -157,20 +158,8 @@ def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: fl
     return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=redact(message))
 
 
-# Environment variables whose values are secrets: a library error may quote them (some HTTP errors quote headers).
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "RECIPE_API_KEY")
-
-
-def redact(text: str) -> str:
-    for name in SECRET_VARIABLES:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 class _Redact(logging.Filter):
-    """Replaces secret values in every record that reaches a step log."""
+    """Replaces secret values in every record that reaches a step log (the log's pipe redacts again, byte by byte)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -182,38 +171,46 @@ class _Redact(logging.Filter):
 
 
 class _step_log:
-    """Send everything a step prints to its log file while it runs: log records, and the stdout/stderr of Python and of
-    native libraries (progress bars, ONNX Runtime and tracer warnings), so the console shows one line per step."""
+    """Send everything a step prints to its log file while it runs: log records, and the stdout/stderr of Python, of
+    native libraries (progress bars, ONNX Runtime and tracer warnings) and of every child process (torchrun workers,
+    the model builder, the smoke server), so the console shows one line per step. All of it goes through one pipe
+    into a redacting process (runner/redact.py): no byte reaches the file with a token in it, and records and raw output
+    stay in the order they were written."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.handler = logging.FileHandler(path, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self.handler.addFilter(_Redact())
 
     def __enter__(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.sink = RedactedFile(self.path)
+        # Records are written to the pipe as well, not to the file beside it: one stream, in order.
+        self.stream = os.fdopen(os.dup(self.sink.fd), "w", encoding="utf-8", errors="backslashreplace", buffering=1)
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.addFilter(_Redact())
         root = logging.getLogger()
         root.addHandler(self.handler)
         self.level = root.level
         root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
-        sys.stdout.flush()
-        sys.stderr.flush()
         self.saved = (os.dup(1), os.dup(2))
-        self.log_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(self.log_fd, 1)
-        os.dup2(self.log_fd, 2)
+        os.dup2(self.sink.fd, 1)
+        os.dup2(self.sink.fd, 2)
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved[0], 1)
         os.dup2(self.saved[1], 2)
-        for fd in (*self.saved, self.log_fd):
+        for fd in self.saved:
             os.close(fd)
         root = logging.getLogger()
         root.removeHandler(self.handler)
         root.setLevel(self.level)
         self.handler.close()
+        self.stream.close()
+        if not self.sink.close():
+            log.warning("a process the step started still writes to %s", self.path)
 
 
 def new_run_dir(runs_root: Path, recipe: str) -> Path:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from runner.redact import redact
+
 # onnxruntime-genai 0.18.0's builder.py, its `config.architectures[0] == ...` dispatch, the text-only causal LMs
 # (what AutoModelForCausalLM trains). tests/test_genai.py re-reads the installed builder's source against this list.
 SUPPORTED_ARCHITECTURES = (
@@ -88,7 +90,8 @@ def build(
         command += ["--extra_options", *(f"{key}={value}" for key, value in sorted(options.items()))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # a local folder only: never reach for the hub
     done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False)
-    output = f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
+    # Redacted here too, not only in the step log: the output also travels in BuildError's message and return value.
+    output = redact(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}")
     shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0 or not (out / "model.onnx").is_file():
         tail = "\n".join(output.strip().splitlines()[-15:])

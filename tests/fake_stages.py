@@ -2,7 +2,9 @@
 
 It is fast and observable: it writes a result derived from its config and its inputs, appends one line per execution to
 $FAKE_STAGE_COUNTER, sleeps $FAKE_STAGE_SLEEP seconds inside the step named by $FAKE_STAGE_SLOW (after writing a first
-file, so a kill leaves a half-written folder), and fails in the step named by $FAKE_STAGE_FAIL.
+file, so a kill leaves a half-written folder), and fails in the step named by $FAKE_STAGE_FAIL. In the step named by
+$FAKE_STAGE_PRINT it prints $HF_TOKEN and a token-shaped string the way stages and libraries do: Python's print, a raw
+write to fd 2 (native code), a progress bar's carriage returns, and a child process's stdout and stderr.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 import types
@@ -37,6 +40,8 @@ def run(kind: str, config: dict, inputs: dict[str, Path], out: Path) -> dict:
         # as a gate does: the report first, then the failure that points at it
         (out / f"{kind}_report.json").write_text(json.dumps({"gate": "failed"}))
         raise StageError(f"{kind} failed on purpose (see {out / f'{kind}_report.json'})")
+    if os.environ.get("FAKE_STAGE_PRINT") == kind:
+        print_secrets()
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(inputs):
         digest.update((inputs[name] / "result.txt").read_bytes())
@@ -48,6 +53,21 @@ def run(kind: str, config: dict, inputs: dict[str, Path], out: Path) -> dict:
         time.sleep(float(os.environ.get("FAKE_STAGE_SLEEP", "30")))
     (out / "result.txt").write_text(digest.hexdigest() + "\n")
     return {"inputs": sorted(inputs)}
+
+
+# Shaped like a Hugging Face token but in no environment variable: only the pattern can catch it.
+PATTERN_TOKEN = "hf_" + "Q7x" * 12
+
+
+def print_secrets() -> None:
+    token = os.environ.get("HF_TOKEN", "")
+    print(f"python print: token={token}", flush=True)
+    os.write(2, f"native write: {PATTERN_TOKEN}\n".encode())
+    os.write(1, f"progress 1/2 {token}\rprogress 2/2 {token}\r".encode())
+    child = (f"import os, sys; print('child stdout', os.environ['HF_TOKEN']); "
+             f"print('child stderr {PATTERN_TOKEN}', file=sys.stderr)")
+    subprocess.run([sys.executable, "-c", child], check=True)
+    sys.stdout.write("stage done\n")
 
 
 def main(argv: list[str]) -> int:

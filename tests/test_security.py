@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import types
 import zipfile
@@ -395,7 +396,15 @@ def test_the_smoke_stage_server_is_loopback_with_a_key_off_the_command_line(tmp_
     from runner.stages import serve as serve_stage
 
     started: list[tuple[list[str], dict[str, str]]] = []
-    monkeypatch.setattr(serve_stage.subprocess, "Popen", lambda cmd, env, **k: started.append((cmd, env)) or object())
+    real_popen = serve_stage.subprocess.Popen
+
+    def popen(cmd: list[str], env: dict[str, str], **kwargs: Any) -> Any:
+        if "runner.serving" not in cmd:  # the log's redacting sink starts for real
+            return real_popen(cmd, env=env, **kwargs)
+        started.append((cmd, env))
+        return object()
+
+    monkeypatch.setattr(serve_stage.subprocess, "Popen", popen)
     process = serve_stage.ServerProcess(tmp_path, ServerSettings(), tmp_path / "server.log")
     process._log.close()
     (cmd, env), = started
@@ -502,6 +511,36 @@ def test_a_token_quoted_by_a_failing_library_is_redacted(project: Path, monkeypa
     assert "Bearer ***" in log and "401 Unauthorized for token ***" in log  # the records are there, the token is not
     run = json.loads((project / "runs/core/latest/run.json").read_text())
     assert "401 Unauthorized for token ***" in next(s["error"] for s in run["steps"] if s["kind"] == "data")
+
+
+def test_a_token_printed_by_a_stage_or_its_child_never_reaches_the_step_log(project: Path, monkeypatch) -> None:
+    """Not log records: raw output. print(), a native write to fd 2, a progress bar, a child process's stdout/stderr."""
+    monkeypatch.setenv("FAKE_STAGE_PRINT", "data")
+    # The real CLI in a process of its own: under pytest, sys.stdout is pytest's capture, not fd 1.
+    done = subprocess.run([sys.executable, "-m", "tests.fake_stages", "run", "core.yaml"], cwd=project, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    log = (project / "runs/core/latest/logs/data.log").read_text()
+    for line in ("python print: token=***", "native write: ***", "progress 2/2 ***", "child stdout ***",
+                 "child stderr ***", "stage done"):
+        assert line in log, (line, log)  # the output is there, in full ...
+    assert SECRET not in log and fake_stages.PATTERN_TOKEN not in log  # ... without the token
+    assert files_holding(SECRET, project / "runs", project / ".recipe-cache") == []
+    assert files_holding(fake_stages.PATTERN_TOKEN, project / "runs", project / ".recipe-cache") == []
+
+
+def test_a_redacted_file_catches_a_token_split_across_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the smoke server's log goes through: a child writing a token in two pieces, 0.2 s apart."""
+    from runner.redact import RedactedFile
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    sink = RedactedFile(tmp_path / "server.log")
+    child = ("import os, sys, time; t = os.environ['HF_TOKEN']; os.write(1, b'key ' + t[:9].encode()); "
+             "time.sleep(0.2); os.write(1, t[9:].encode() + b' end\\n'); os.write(2, b'no newline ' + t.encode())")
+    subprocess.run([sys.executable, "-c", child], stdout=sink.fd, stderr=sink.fd, check=True)
+    assert sink.close()
+    assert (tmp_path / "server.log").read_text() == "key *** end\nno newline ***"
 
 
 # --- 6. paths -----------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 
 import runner
 from runner.recipe.models import Model, Probe, Serve
+from runner.redact import RedactedFile
 from runner.serving.model import Classifier, load_model
 from runner.serving.settings import ServerSettings
 from runner.stages import StageError, serve_gates
@@ -62,15 +63,24 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "runner.serving", "--artifact", str(artifact), "--port", str(self.port),
                "--api-key-env", KEY_ENV, *flags]
         self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        # The server's output reaches its log redacted (its own API key included: the sink sees the server's env).
+        self._log = RedactedFile(log_path, env)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log.fd, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
 
     def client(self, timeout_s: float = 60) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.api_key}"},
                             timeout=timeout_s)
 
     def log_tail(self, lines: int = 20) -> str:
+        if self.proc.poll() is not None:  # it exited: wait for the sink to write its last lines
+            self._log.close(timeout_s=5)
+        if not self.log_path.is_file():
+            return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def wait_ready(self, timeout_s: float) -> float:
@@ -110,7 +120,7 @@ class ServerProcess:
                 self.proc.wait()
             raise
         finally:
-            self._log.close()
+            self._log.close(timeout_s=5)
         return self.proc.returncode
 
 

@@ -1,0 +1,117 @@
+"""Secrets out of every byte the runner writes to a log: the values of the token variables and anything shaped like a
+Hugging Face token (`hf_` and 20+ letters or digits) become `***`.
+
+    redact(text)                 a message (a step's error in run.json, a log record)
+    RedactedFile(path)           a pipe whose bytes reach `path` redacted: give its `fd` to a child process as stdout and
+                                 stderr, or dup2 it over fds 1 and 2 (what the executor does for a step's whole output)
+    python -S -m runner.redact PATH    the process at the far end of that pipe
+
+The far end is a process of its own, not a thread: a thread needs the GIL to drain the pipe, and a native library that
+writes more than a pipe's capacity while its caller holds the GIL (ONNX Runtime's warnings over thousands of
+initializers) would block forever. A process also outlives a `kill -9` of the runner: it keeps writing until the last
+child holding the pipe (a torchrun worker) is gone, so a log never ends in the middle of what was already printed.
+Standard library only, run with `-S`: it starts in tens of milliseconds, once per executed step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+# Environment variables whose values are secrets: a library error may quote them (some HTTP errors quote headers).
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "RECIPE_API_KEY", "RUNNER_SERVE_API_KEY")
+_TOKEN = r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"
+TOKEN_PATTERN, TOKEN_PATTERN_TEXT = re.compile(_TOKEN.encode()), re.compile(_TOKEN)
+MASK = b"***"
+# Bytes held back when a line grows without ending (a progress bar): more than any secret, so none is ever cut in two.
+HOLD = 4096
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[bytes]:
+    environ = os.environ if environ is None else environ
+    values = {environ.get(name, "").encode("utf-8", "surrogateescape") for name in SECRET_VARIABLES}
+    return sorted((v for v in values if len(v) >= 4), key=len, reverse=True)  # longest first: no partial leftovers
+
+
+def redact_bytes(data: bytes, values: list[bytes]) -> bytes:
+    for value in values:
+        data = data.replace(value, MASK)
+    return TOKEN_PATTERN.sub(MASK, data)
+
+
+def redact(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value.decode("utf-8", "surrogateescape"), "***")
+    return TOKEN_PATTERN_TEXT.sub("***", text)
+
+
+class LineRedactor:
+    """Redacts a byte stream that arrives in arbitrary chunks: only whole lines (ended by \\n or \\r) go out, so a
+    secret split across two reads is still seen whole."""
+
+    def __init__(self, write: Callable[[bytes], object], values: list[bytes]) -> None:
+        self.write_out, self.values, self.pending = write, values, b""
+        self.hold = max([HOLD, *(2 * len(v) for v in values)])
+
+    def write(self, chunk: bytes) -> None:
+        data = self.pending + chunk
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        if end == 0 and len(data) > 4 * self.hold:  # no line end in sight: let all but the held-back tail go
+            data, end = redact_bytes(data, self.values), len(data) - self.hold
+        self.pending = data[end:]
+        if end:
+            self.write_out(redact_bytes(data[:end], self.values))
+
+    def close(self) -> None:
+        if self.pending:
+            self.write_out(redact_bytes(self.pending, self.values))
+            self.pending = b""
+
+
+class RedactedFile:
+    """A pipe into `python -m runner.redact PATH` (appending to PATH). Write to `fd` (or hand it to children); `close()`
+    closes this end and waits until every byte is in the file (False when a child still holds the pipe open)."""
+
+    def __init__(self, path: Path, environ: Mapping[str, str] | None = None) -> None:
+        environ = dict(os.environ if environ is None else environ)
+        root = str(Path(__file__).resolve().parent.parent)  # `runner` importable without site-packages (-S)
+        environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, environ.get("PYTHONPATH")]))
+        read, self.fd = os.pipe()
+        try:
+            # Its own session: a Ctrl-C meant for the runner must not stop the log before the runner's last words.
+            self.process = subprocess.Popen([sys.executable, "-S", "-m", "runner.redact", str(path)], stdin=read,
+                                            stdout=subprocess.DEVNULL, env=environ, start_new_session=True)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        finally:
+            os.close(read)
+
+    def close(self, timeout_s: float = 30) -> bool:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False  # it goes on writing until the child that holds the pipe exits
+        return True
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stop at end of input only, whoever gets a Ctrl-C
+    with open(argv[0], "ab", buffering=0) as out:
+        stream = LineRedactor(out.write, secret_values())
+        while chunk := os.read(0, 1 << 16):
+            stream.write(chunk)
+        stream.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
