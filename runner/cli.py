@@ -236,14 +236,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run's ONNX artifact (the quantized one when the recipe quantizes) for real, until Ctrl-C."""
-    artifact = _artifact_of(args)
-    from runner.serving import ServerSettings, serve
-
     key = None
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise UsageError(f"--api-key-env {args.api_key_env}: the variable is unset or empty")
+    from runner.serving.server import public_without_key  # exposing a model without a key is a decision
+
+    if refusal := public_without_key(args.host, key, args.allow_public_without_key):
+        raise UsageError(refusal)
+    artifact = _artifact_of(args)
+    from runner.serving import ServerSettings, serve
+
     out.print(f"serving {relative(artifact)} on http://{args.host}:{args.port} (docs at /docs; Ctrl-C stops)")
     serve(artifact, args.host, args.port, ServerSettings(api_key=key))
     return 0
@@ -367,6 +371,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding an API key to require")
+    p.add_argument("--allow-public-without-key", action="store_true",
+                   help="serve on a non-loopback --host without an API key (refused otherwise)")
     p = sub.add_parser("doctor", help="Check recipes against this machine or a hardware profile: needs and memory.")
     p.add_argument("recipes", nargs="*", help="recipe names or paths (default: every recipe under ./recipes); overrides")
     p.add_argument("--json", action="store_true", help="machine-readable output")

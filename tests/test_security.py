@@ -391,6 +391,51 @@ def test_recipe_serve_binds_loopback_and_refuses_an_empty_key(tmp_path: Path, mo
     assert len(calls) == 1 and "unset or empty" in capsys.readouterr().err
 
 
+def fake_run_folder(tmp_path: Path) -> Path:
+    onnx = tmp_path / "export" / "onnx"
+    onnx.mkdir(parents=True)
+    (onnx / "model.onnx").write_bytes(b"")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"steps": [{"kind": "export", "outputs": str(onnx.parent)}]}))
+    return run
+
+
+PUBLIC = ["0.0.0.0", "192.168.1.5", "::", "fe80::1", "example.com", "127.0.0.1.example.com"]
+LOOPBACK = ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST", "localhost.", "::ffff:127.0.0.1"]
+
+
+def test_recipe_serve_refuses_a_public_host_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys) -> None:
+    import runner.serving
+
+    run = fake_run_folder(tmp_path)
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(runner.serving, "serve", lambda *args: calls.append(args))
+    monkeypatch.setenv("SERVE_KEY", "k3y-value")
+    for host in PUBLIC:
+        calls.clear()
+        assert main(["serve", str(run), "--host", host]) == 2, host
+        err = capsys.readouterr().err
+        assert calls == [] and f"--host {host}" in err and "--allow-public-without-key" in err, err
+        assert "Traceback" not in err
+        assert main(["serve", str(run), "--host", host, "--allow-public-without-key"]) == 0  # on purpose: served
+        assert main(["serve", str(run), "--host", host, "--api-key-env", "SERVE_KEY"]) == 0  # protected: served
+        assert [(c[1], c[3].api_key) for c in calls] == [(host, None), (host, "k3y-value")]
+    for host in LOOPBACK:  # this machine only: no key needed
+        calls.clear()
+        assert main(["serve", str(run), "--host", host]) == 0 and calls[0][1] == host, host
+
+
+def test_python_m_runner_serving_refuses_a_public_host_without_a_key(tmp_path: Path, monkeypatch) -> None:
+    from runner.serving import server
+
+    monkeypatch.setattr(server, "serve", lambda *a, **k: None)
+    with pytest.raises(SystemExit, match="--allow-public-without-key"):
+        server.main(["--artifact", str(tmp_path), "--host", "0.0.0.0"])
+    server.main(["--artifact", str(tmp_path), "--host", "0.0.0.0", "--allow-public-without-key"])
+
+
 def test_the_smoke_stage_server_is_loopback_with_a_key_off_the_command_line(tmp_path: Path, monkeypatch) -> None:
     from runner.serving.settings import ServerSettings
     from runner.stages import serve as serve_stage

@@ -7,6 +7,7 @@ environment variable that holds it, and a named but empty variable stops the ser
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -19,6 +20,28 @@ import uvicorn
 
 from runner.serving.app import create_app
 from runner.serving.settings import ServerSettings
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (also IPv4-mapped, or in brackets) and `localhost`: addresses only this machine can reach. Other
+    names are not resolved: a name that points at loopback today may not tomorrow."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def public_without_key(host: str, api_key: str | None, allowed: bool) -> str | None:
+    """The refusal message when `host` exposes the server beyond this machine with no API key, unless `allowed`."""
+    if api_key or allowed or is_loopback(host):
+        return None
+    return (f"--host {host} makes the server reachable from other machines, and no API key protects it: pass "
+            "--api-key-env VAR (a variable holding the key), or --allow-public-without-key to serve it unprotected")
 
 
 def serve(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
@@ -35,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key-env", metavar="VAR", help="Environment variable holding the API key.")
+    parser.add_argument("--allow-public-without-key", action="store_true",
+                        help="Serve on a non-loopback --host without an API key (refused otherwise).")
     parser.add_argument("--access-log", action="store_true", help="Log every request (off: it costs throughput).")
     # One flag per setting, generated from the model, so the CLI cannot fall behind ServerSettings.
     for name, field in ServerSettings.model_fields.items():
@@ -77,4 +102,6 @@ def main(argv: list[str] | None = None) -> None:
         if not key:
             raise SystemExit(f"--api-key-env {args.api_key_env}: the variable is unset or empty; not starting unprotected")
         values["api_key"] = key
+    if refusal := public_without_key(args.host, values.get("api_key"), args.allow_public_without_key):
+        raise SystemExit(refusal)
     serve(args.artifact, args.host, args.port, ServerSettings(**values), access_log=args.access_log)
