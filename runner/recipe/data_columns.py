@@ -41,7 +41,7 @@ def check(recipe: Recipe) -> list[tuple[Loc, str]]:
             continue
         try:
             columns = file_columns(path, source.format)
-        except (OSError, ValueError) as exc:  # unreadable, not UTF-8, a broken first line: the data step says more
+        except (OSError, ValueError, csv.Error, RecursionError) as exc:  # unreadable, not UTF-8, a NUL byte, broken JSON
             found.append(((*at, "path"), f"cannot read the columns of {path}: {exc}"))
             continue
         if columns is None:  # unknown format (the data step asks for `format:`) or a large JSON document
