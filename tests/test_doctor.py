@@ -194,8 +194,14 @@ def test_activations_scale_with_batch_and_sequence() -> None:
     assert estimate(recipe("distilbert_imdb", "data.max_length=512"), "cuda").parts["activations"] > 2 * small
 
 
-def test_model_init_recipes_are_estimated_from_their_init_fields() -> None:
-    e = estimate(recipe("quickstart"))
+def test_model_init_recipes_are_estimated_from_their_init_fields(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    raw["model"] = {"task": "sequence-classification", "init": {
+        "architecture": "distilbert", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
+        "vocab_size": 4000, "max_position_embeddings": 128}}
+    raw["data"]["source"]["path"] = str(REPO / "recipes" / "data" / "reviews.csv")
+    (tmp_path / "init.yaml").write_text(yaml.safe_dump(raw))
+    e = estimate(load_recipe(tmp_path / "init.yaml", []).recipe)
     assert e.config_source == "built from model.init" and e.device == "cpu"
     assert 100_000 < e.params_total < 2_000_000
     assert e.peak_bytes == max(e.phases.values()) + hardware.CPU_BASELINE_BYTES + e.parts["allocator"]
