@@ -102,7 +102,13 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         entries[step.kind] = hit
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}), outputs=str(hit.outputs))
-    with cache.lock(step.key):
+    rank = node_rank(step)
+    # Node 0 of a multi-node step (and every other step) works under the key's own lock and folder. The other nodes take
+    # a lock and a folder of their own: on a shared cache (NFS), one lock for all would be held by node 0 through
+    # torchrun's rendezvous, which waits for the very nodes blocked on that lock.
+    work_key = step.key if not rank else f"{step.key}.node{rank}"
+    previous = _manifest_id(cache.entry(step.kind, step.key))
+    with cache.lock(work_key):
         # Another run may have committed this key while we waited for the lock.
         if not force and (hit := cache.lookup(step.kind, step.key)):
             entries[step.kind] = hit
@@ -110,7 +116,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
             return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}),
                               outputs=str(hit.outputs))
         spec = stages.STAGES[step.kind]  # looked up per call: tests swap in test-only stages
-        out = cache.workdir(step.kind, step.key, keep=spec.resumable)
+        out = cache.workdir(step.kind, work_key, keep=spec.resumable)
         inputs = {dep: entries[dep].outputs for dep in step.depends}
         started = time.time()
         with _step_log(run_dir / "logs" / f"{step.kind}.log"):
@@ -119,13 +125,13 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
                 metrics = module.run(step.config, inputs, out) or {}
             except StageError as exc:
                 log.error("%s failed: %s", step.kind, exc)
-                return _failed(step, cache, spec.resumable, str(exc), started, out, run_dir)
+                return _failed(step, work_key, cache, spec.resumable, str(exc), started, out, run_dir)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # a bug or an environment problem: full traceback in the step log
                 log.error("%s crashed:\n%s", step.kind, traceback.format_exc())
                 message = f"{type(exc).__name__}: {exc} (traceback in {run_dir / 'logs' / (step.kind + '.log')})"
-                return _failed(step, cache, spec.resumable, message, started, out, run_dir)
+                return _failed(step, work_key, cache, spec.resumable, message, started, out, run_dir)
         seconds = time.time() - started
         manifest = {
             "kind": step.kind,
@@ -137,13 +143,54 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
             "seconds": round(seconds, 3),
             "hardware": hardware_summary(),
         }
-        entry = cache.commit(step.kind, step.key, out, manifest)
+        if rank:
+            entry = _commit_as_other_node(cache, step, work_key, out, manifest, previous)
+        else:
+            entry = cache.commit(step.kind, step.key, out, manifest)
         entries[step.kind] = entry
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
 
 
-def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: float, out: Path,
+def node_rank(step: Step) -> int:
+    """This machine's NODE_RANK in a multi-node train step (`train.distributed.nnodes` > 1), else 0. The executor reads
+    the stage's config here only because the cache lock around the step must not span machines (see _run_step)."""
+    if step.kind != "train":
+        return 0
+    distributed = (step.config.get("train") or {}).get("distributed") or {}
+    if int(distributed.get("nnodes") or 1) <= 1:
+        return 0
+    rank = os.environ.get("NODE_RANK", "0")
+    return int(rank) if rank.isdigit() else 0  # a bad NODE_RANK: the stage refuses it with a message
+
+
+def _manifest_id(entry: Entry | None) -> tuple[int, int] | None:
+    """Which committed entry this is (a forced re-run replaces it under the same path): the manifest's inode and mtime."""
+    if entry is None:
+        return None
+    try:
+        stat = (entry.path / "manifest.json").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _commit_as_other_node(cache: Cache, step: Step, work_key: str, out: Path, manifest: dict[str, Any],
+                          previous: tuple[int, int] | None) -> Entry:
+    """Node 1..n-1 of a multi-node step: node 0 commits the entry. On a shared cache node 0 holds the key's lock from
+    before the rendezvous until its commit, so waiting for that lock here means waiting for node 0's entry, and this
+    node's identical copy (DDP replicas) is dropped. With a cache of its own (no entry from node 0 ever appears) this
+    node commits its copy."""
+    with cache.lock(step.key):
+        hit = cache.lookup(step.kind, step.key)
+        if hit is not None and _manifest_id(hit) != previous:  # committed during this run, not the one a --force replaces
+            log.info("%s: node 0 committed the step; this node's copy is dropped", step.kind)
+            cache.discard_work(step.kind, work_key)
+            return hit
+        return cache.commit(step.kind, step.key, out, manifest)
+
+
+def _failed(step: Step, work_key: str, cache: Cache, resumable: bool, message: str, started: float, out: Path,
             run_dir: Path) -> StepResult:
     # The reports a stage wrote before its gate failed are the post-mortem: keep them in the run folder, since the work
     # folder that held them is discarded, and point the message there.
@@ -154,7 +201,7 @@ def _failed(step: Step, cache: Cache, resumable: bool, message: str, started: fl
     if kept.is_dir():
         message = message.replace(str(out), str(kept))
     if not resumable:  # a resumable stage keeps its checkpoints for the next attempt
-        cache.discard_work(step.kind, step.key)
+        cache.discard_work(step.kind, work_key)
     return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=redact(message))
 
 

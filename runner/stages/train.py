@@ -13,7 +13,9 @@ Several processes: with `train.distributed` the step relaunches itself through t
 one process per device; Trainer then runs DDP (or FSDP with `fsdp`/`fsdp_config`). Multi-node: run the same recipe on every
 machine with MASTER_ADDR, MASTER_PORT (the first machine's address and a free port) and NODE_RANK (0..nnodes-1) set in the
 environment. Every node keeps its own checkpoints and writes the outputs into its own out folder (Trainer's
-save_on_each_node), so each machine can resume and commit the step; TensorBoard events are written on node 0 only.
+save_on_each_node), so each machine can resume on its own; TensorBoard events are written on node 0 only. The nodes may
+share one cache (NFS): each then works in a folder and under a lock of its own, and node 0's copy becomes the entry
+(runner/execute.py); with a cache per machine, every node commits its own copy.
 """
 
 from __future__ import annotations
@@ -684,7 +686,11 @@ def torchrun_args(train: TrainConfig) -> list[str]:
             f"multi-node training (nnodes={dist.nnodes}) needs {', '.join(missing)} in the environment on every machine: "
             "MASTER_ADDR/MASTER_PORT of node 0, and NODE_RANK 0..nnodes-1"
         )
-    return [*args, "--node_rank", os.environ["NODE_RANK"], "--master_addr", os.environ["MASTER_ADDR"],
+    rank = os.environ["NODE_RANK"]
+    if not rank.isdigit() or int(rank) >= dist.nnodes:
+        raise StageError(f"NODE_RANK={rank!r}: expected this machine's number, 0..{dist.nnodes - 1} "
+                         f"(train.distributed.nnodes is {dist.nnodes})")
+    return [*args, "--node_rank", rank, "--master_addr", os.environ["MASTER_ADDR"],
             "--master_port", os.environ["MASTER_PORT"]]
 
 
