@@ -3,7 +3,9 @@
 Layout under the cache root (only this module knows it):
 
     entries/<kind>/<key>/outputs/...    what the stage wrote
-    entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry
+    entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry; each output
+                                        with its sha256, size and role (artifact or record, see output_role), and
+                                        the platform the entry was produced on (runner.platform_facts.describe)
     work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages)
     locks/<key>.lock                    per-key lock (flock: released by the kernel when its holder dies)
     quarantine/<kind>-<key>-<time>/     entries that failed verification, kept for inspection
@@ -13,6 +15,7 @@ Layout under the cache root (only this module knows it):
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -26,7 +29,10 @@ from typing import Any
 
 from filelock import FileLock
 
+from runner import platform_facts, stages
+
 MANIFEST = "manifest.json"
+ARTIFACT, RECORD = "artifact", "record"
 
 
 def default_root() -> Path:
@@ -92,6 +98,17 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def output_role(kind: str, rel: str, meta: dict[str, Any] | None = None) -> str:
+    """ARTIFACT (the same recipe and seed give the same bytes; `recipe verify` compares it) or RECORD (timings, logs,
+    plots: kept, not compared). The manifest's word wins; entries committed before roles existed fall back to the
+    stage's record patterns (StageSpec.records)."""
+    if meta and meta.get("role") in (ARTIFACT, RECORD):
+        return str(meta["role"])
+    spec = stages.STAGES.get(kind)  # looked up per call: tests swap in test-only stages
+    patterns = spec.records if spec is not None else ()
+    return RECORD if any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns) else ARTIFACT
 
 
 # --- entries ------------------------------------------------------------------------------------------------------------
@@ -207,9 +224,11 @@ class Cache:
         """Record output hashes, write the manifest, then rename the work folder into place in one atomic step."""
         work = outputs.parent
         files = sorted(p for p in outputs.rglob("*") if p.is_file())
-        manifest = {**manifest, "outputs": {
-            p.relative_to(outputs).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size} for p in files
-        }}
+        described = {}
+        for p in files:
+            rel = p.relative_to(outputs).as_posix()
+            described[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "role": output_role(kind, rel)}
+        manifest = {"platform": platform_facts.describe(), **manifest, "outputs": described}
         _atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = self.root / "entries" / kind / key
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from runner.cache import Cache, tree_size
+from runner.cache import ARTIFACT, RECORD, Cache, output_role, tree_size
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.errors import relative
 
@@ -205,33 +205,66 @@ def _summary(result) -> None:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from runner.lockfile import build_lock, lock_path, write_lock
 
     loaded = _load(args)
     cache = _cache(args)
-    document, missing = build_lock(loaded, _plan(loaded, cache), cache)
-    if missing:
-        err.print(f"[red]cannot lock:[/red] not run yet: {', '.join(missing)}. Run `recipe run {args.recipe}` first.")
+    document, problems = build_lock(loaded, _plan(loaded, cache), cache)
+    not_run = [line.split(":")[0] for line in problems if line.endswith(": not run yet")]
+    if not_run:
+        err.print(f"[red]cannot lock:[/red] not run yet: {', '.join(not_run)}. Run `recipe run {args.recipe}` first.")
+    for line in problems:
+        if not line.endswith(": not run yet"):
+            err.print(f"[red]cannot lock:[/red] {escape(line)}", soft_wrap=True)
+    if problems:
         return 1
     path = lock_path(loaded)
     write_lock(path, document)
-    out.print(f"wrote {relative(path)} ({len(document['steps'])} steps, recipe {document['recipe_sha256'][:12]})")
+    platform = document["platform"]
+    out.print(f"wrote {relative(path)} ({len(document['steps'])} steps, recipe {document['recipe_sha256'][:12]}, "
+              f"platform {platform['system']} {platform['machine']} {platform['cpu_isa']}"
+              f"{', ' + ', '.join(platform['gpus']) if platform['gpus'] else ''})", markup=False)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from runner.lockfile import lock_path, read_lock, verify_outputs
+    """Exit 1 on an unexpected difference; differences the platform explains alone pass, with a warning."""
+    from rich.markup import escape
+
+    from runner.lockfile import lock_path, platform_changes, read_lock, verify_outputs
+    from runner.platform_facts import describe
 
     loaded = _load(args)
     cache = _cache(args)
     path = lock_path(loaded)
     if not path.is_file():
         raise UsageError(f"no lock file {relative(path)}; create it with `recipe lock {args.recipe}`")
-    problems, matched = verify_outputs(read_lock(path), _plan(loaded, cache), cache)
-    for line in problems:
-        out.print(f"[red]differs[/red] {line}")
-    out.print(f"{matched} output file(s) match {relative(path)}; {len(problems)} difference(s)")
-    return 1 if problems else 0
+    document = read_lock(path)  # a bad lock is a LockError: one line, exit 2
+    changes = platform_changes(document.platform.model_dump(), describe())
+    if changes:
+        out.print(f"this machine is not the lock's: {escape('; '.join(changes))}")
+    result = verify_outputs(document, _plan(loaded, cache), cache)
+    for difference in result.unexpected:
+        out.print(f"[red]differs[/red] {escape(difference.line)}", soft_wrap=True)
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for difference in result.expected:
+        reasons.setdefault((difference.step, difference.reason or ""), []).append(difference.line)
+    for (step, reason), lines in reasons.items():
+        out.print(f"[yellow]expected[/yellow] {step} differs on this platform: {escape(reason)}", soft_wrap=True)
+        for line in lines:
+            out.print(f"    {line}", markup=False, soft_wrap=True)
+    records = ", ".join(f"{step} {len(names)}" for step, names in result.records.items())
+    out.print(f"{result.matched} artifact file(s) match {relative(path)}; {len(result.unexpected)} unexpected "
+              f"difference(s), {len(result.expected)} explained by the platform; run records not compared: "
+              f"{records or 'none'}", markup=False)
+    if result.unexpected:
+        return 1
+    if result.expected:
+        err.print(f"[yellow]warning:[/yellow] {len(result.expected)} difference(s) come from platform-dependent steps "
+                  "(listed above): expected on another machine, so verify passes")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -289,13 +322,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache = _cache(args)
     if args.action == "ls":
         table = Table(title=f"cache {relative(cache.root)}", title_justify="left")
-        for column in ("step", "key", "size", "seconds", "created"):
+        for column in ("step", "key", "size", "artifacts", "records", "seconds", "created"):
             table.add_column(column)
         for entry in cache.entries():
             manifest = entry.manifest
             size = tree_size(entry.outputs)
-            table.add_row(entry.kind, entry.key[:12], _human(size), str(manifest.get("seconds", "")),
-                          str(manifest.get("started", "")))
+            roles = [output_role(entry.kind, rel, meta) for rel, meta in manifest.get("outputs", {}).items()]
+            table.add_row(entry.kind, entry.key[:12], _human(size), str(roles.count(ARTIFACT)), str(roles.count(RECORD)),
+                          str(manifest.get("seconds", "")), str(manifest.get("started", "")))
         out.print(table)
         return 0
     if args.action == "verify":

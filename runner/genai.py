@@ -89,6 +89,10 @@ def build(
     if options:
         command += ["--extra_options", *(f"{key}={value}" for key, value in sorted(options.items()))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}  # a local folder only: never reach for the hub
+    # The builder stamps `git rev-parse HEAD` of whatever repository encloses site-packages into the graph's
+    # producer_version (a venv inside a project checkout gets the project's commit): with no git dir it falls back to
+    # the wheel's own commit, so the graph's bytes do not change with the repository around the environment.
+    env["GIT_DIR"] = os.devnull
     done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, check=False)
     # Redacted here too, not only in the step log: the output also travels in BuildError's message and return value.
     output = redact(f"$ {' '.join(command)}\n{done.stdout}{done.stderr}")

@@ -25,6 +25,10 @@ Output folders, by stage (what downstream stages rely on):
   (the merged checkpoint in safetensors), and `export_report.json`.
 - quantize: `onnx/` (same layout as export) or `model/` (bitsandbytes), and `quantize_report.json`.
 - serve: `serve_report.json`.
+
+Each output is either an *artifact* (the same recipe and seed give the same bytes: weights, tokenizer, ONNX graphs,
+dataset arrow files, labels.json, gate reports without timings) or a *run record* (timings, logs, ports, plots,
+TensorBoard events): StageSpec.records lists the record patterns. `recipe verify` compares artifacts only.
 """
 
 from __future__ import annotations
@@ -43,14 +47,26 @@ class StageSpec:
     version: int  # bump when a change to the stage's code changes its results: every cached entry of it goes stale
     packages: tuple[str, ...]  # distributions whose versions shape the result (they go into the cache key)
     resumable: bool = False  # keep the previous attempt's output folder (checkpoints) instead of starting empty
+    # Run records among the outputs: fnmatch patterns on the output's relative path (`*` also crosses `/`). They are
+    # kept, hashed into the manifest and listed in the lock, but never compared across machines by `recipe verify`.
+    records: tuple[str, ...] = ()
 
 
 _TORCH = ("torch", "transformers", "tokenizers", "safetensors")
 
 STAGES: dict[str, StageSpec] = {
     "model": StageSpec("model", "runner.stages.model", 1, _TORCH),
-    "data": StageSpec("data", "runner.stages.data", 1, ("datasets", "transformers", "tokenizers")),
-    "train": StageSpec("train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True),
+    # datasets writes a random cache fingerprint into state.json (its transforms are not hashable); the arrow files and
+    # dataset_info.json hold the data
+    "data": StageSpec(
+        "data", "runner.stages.data", 1, ("datasets", "transformers", "tokenizers"), records=("dataset/*/state.json",)
+    ),
+    # metrics.json and trainer_state.json hold runtimes and samples/s beside the losses; loss.png draws the metrics
+    # table; peft's README.md model card names the base model's folder
+    "train": StageSpec(
+        "train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True,
+        records=("metrics.json", "trainer_state.json", "loss.png", "tensorboard/*", "*/README.md"),
+    ),
     "export": StageSpec(
         "export", "runner.stages.export", 2, (*_TORCH, "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai")
     ),
@@ -59,6 +75,7 @@ STAGES: dict[str, StageSpec] = {
         (*_TORCH, "peft", "onnx", "onnxruntime", "onnxruntime-genai", "bitsandbytes"),
     ),
     "serve": StageSpec(
-        "serve", "runner.stages.serve", 2, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers")
+        "serve", "runner.stages.serve", 2, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
+        records=("*",),  # the report holds latencies, a port and a pid; server.log is a log
     ),
 }

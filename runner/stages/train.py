@@ -612,12 +612,26 @@ def save_outputs(trainer: Trainer, job: Job, labels: dict | None, metrics: dict[
     if labels is not None:
         (target / "labels.json").write_text(json.dumps(labels, indent=2))
     if target.name == "adapter":
+        portable_adapter_config(target / "adapter_config.json")
         metrics["adapter_bytes"] = sum(p.stat().st_size for p in target.glob("adapter_model.*"))
     metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
     trainer.state.save_to_json(str(job.out / "trainer_state.json"))
     (job.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(trainer.state.log_history, metrics, job.out / "loss.png")
     log.info("trained %d steps: %s", metrics["steps"], {k: v for k, v in metrics.items() if k.startswith("eval_")})
+
+
+def portable_adapter_config(path: Path) -> None:
+    """The same recipe gives the same adapter_config.json on every machine: peft writes the base model's location (for
+    a built or local model an absolute path into this machine's cache) and, for `all-linear`, target_modules in set
+    order (which follows PYTHONHASHSEED). Nothing loads the base from that field: export passes the base model itself."""
+    config = json.loads(path.read_text())
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and Path(base).is_absolute():
+        config["base_model_name_or_path"] = Path(base).name
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def plot_losses(history: list[dict[str, Any]], metrics: dict[str, Any], path: Path) -> None:
