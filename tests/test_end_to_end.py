@@ -1,7 +1,9 @@
 """The shipped offline recipes, end to end through the real `recipe` CLI and every real stage (the slow checks).
 
-What a newcomer sees: the quickstart classifier keeps its accuracy from training through the served int8 model, a second
-run is fully cached, and the tiny Llama LoRA recipe serves /generate probes.
+What a newcomer sees: the quickstart (the real MiniLM checkpoint on real reviews) learns, keeps its accuracy from
+training through the served int8 model, a second run is fully cached, and the tiny Llama LoRA recipe serves /generate
+probes. The quickstart runs here with reduced overrides (QUICK: 960 train rows, one epoch) to keep the suite fast; the
+full-size figures come from `nox -s recipe -- quickstart` and go into the README.
 """
 
 from __future__ import annotations
@@ -32,26 +34,30 @@ def run_recipe(workdir: Path, monkeypatch, *args: str) -> dict:
     return json.loads((workdir / "runs" / args[0] / "latest" / "run.json").read_text())
 
 
+QUICK = ["data.select=1200", "train.epochs=1", "train.learning_rate=1e-4"]
+
+
 def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, monkeypatch):
-    run = run_recipe(workdir, monkeypatch, "quickstart")
+    run = run_recipe(workdir, monkeypatch, "quickstart", *QUICK)
     steps = {s["kind"]: s for s in run["steps"]}
-    assert [s["status"] for s in run["steps"]] == ["ran"] * 6
+    assert [s["status"] for s in run["steps"]] == ["ran"] * 5
     outputs = {kind: Path(step["outputs"]) for kind, step in steps.items()}
     train = json.loads((outputs["train"] / "metrics.json").read_text())
     export = json.loads((outputs["export"] / "export_report.json").read_text())
     quantize = json.loads((outputs["quantize"] / "quantize_report.json").read_text())
     serve = json.loads((outputs["serve"] / "serve_report.json").read_text())
-    assert train["eval_accuracy_before"] < 0.6 <= 0.85 <= train["eval_accuracy"]
-    assert export["validation"]["passed"] and export["validation"]["max_abs_diff"] <= 1e-4
-    assert quantize["comparison"]["metric_candidate"] >= 0.85
-    assert serve["served_eval"]["accuracy"] >= 0.85 and serve["passed"]
+    # a pretrained encoder with a fresh head: chance before, well above it after 30 steps on 960 real reviews
+    assert train["eval_accuracy_before"] < 0.6 and train["eval_accuracy"] >= 0.68
+    assert export["validation"]["passed"] and export["validation"]["top1_agreement"] == 1.0
+    assert abs(quantize["comparison"]["metric_candidate"] - train["eval_accuracy"]) <= 0.02
+    assert serve["passed"] and serve["served_eval"]["accuracy"] == quantize["comparison"]["metric_candidate"]
     report = (workdir / "runs/quickstart/latest/report.md").read_text()
     assert "## Eval accuracy at each stage" in report and (workdir / "runs/quickstart/latest/report.html").is_file()
 
 
 def test_quickstart_again_is_fully_cached(workdir, monkeypatch):
-    run = run_recipe(workdir, monkeypatch, "quickstart")
-    assert [s["status"] for s in run["steps"]] == ["cached"] * 6
+    run = run_recipe(workdir, monkeypatch, "quickstart", *QUICK)
+    assert [s["status"] for s in run["steps"]] == ["cached"] * 5
 
 
 def test_tiny_llama_lora_serves_generation_probes(workdir, monkeypatch):
