@@ -244,7 +244,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     document = read_lock(path)  # a bad lock is a LockError: one line, exit 2
     changes = platform_changes(document.platform.model_dump(), describe())
     if changes:
-        out.print(f"this machine is not the lock's: {escape('; '.join(changes))}")
+        out.print(f"this machine is not the lock's: {escape('; '.join(changes))}", soft_wrap=True)
     result = verify_outputs(document, _plan(loaded, cache), cache)
     for difference in result.unexpected:
         out.print(f"[red]differs[/red] {escape(difference.line)}", soft_wrap=True)
@@ -258,7 +258,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     records = ", ".join(f"{step} {len(names)}" for step, names in result.records.items())
     out.print(f"{result.matched} artifact file(s) match {relative(path)}; {len(result.unexpected)} unexpected "
               f"difference(s), {len(result.expected)} explained by the platform; run records not compared: "
-              f"{records or 'none'}", markup=False)
+              f"{records or 'none'}", markup=False, soft_wrap=True)
     if result.unexpected:
         return 1
     if result.expected:

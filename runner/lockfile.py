@@ -311,7 +311,7 @@ def verify_outputs(document: Lock, steps: list[Step], cache: Cache) -> Verificat
             result.differences.append(Difference(step.kind, f"{step.kind}: not in the lock"))
             failed.add(step.kind)
             continue
-        key_note = ""
+        key_note: list[str] = []  # why the key differs, when only the platform makes it differ
         if locked.key != step.key:
             key_explained, other = _key_reasons(step, locked, platform_keyed)
             if other:
@@ -320,7 +320,7 @@ def verify_outputs(document: Lock, steps: list[Step], cache: Cache) -> Verificat
                 failed.add(step.kind)
                 continue
             platform_keyed.add(step.kind)
-            key_note = f"its key differs only by platform ({'; '.join(key_explained)})"
+            key_note = key_explained
         entry = cache.entry(step.kind, step.key)
         if entry is None:
             result.differences.append(Difference(step.kind, f"{step.kind}: not in the cache; run the recipe first"))
@@ -331,6 +331,9 @@ def verify_outputs(document: Lock, steps: list[Step], cache: Cache) -> Verificat
             continue
         reason = _explanation(step, locked, entry_platform(entry), key_note, explained, failed)
         if reason is None:
+            upstream = [dep for dep in step.depends if dep in failed]
+            if upstream:  # most likely a consequence: say so, so the first cause is looked at first
+                lines = [f"{line} (its inputs from {', '.join(upstream)} differ too)" for line in lines]
             failed.add(step.kind)
         else:
             explained[step.kind] = reason
@@ -338,7 +341,7 @@ def verify_outputs(document: Lock, steps: list[Step], cache: Cache) -> Verificat
     return result
 
 
-def _explanation(step: Step, locked: LockedStep, here: dict[str, Any], key_note: str, explained: dict[str, str],
+def _explanation(step: Step, locked: LockedStep, here: dict[str, Any], key_note: list[str], explained: dict[str, str],
                  failed: set[str]) -> str | None:
     """Why the platform explains this step's differences, or None when it does not."""
     if any(dep in failed for dep in step.depends):
@@ -346,7 +349,8 @@ def _explanation(step: Step, locked: LockedStep, here: dict[str, Any], key_note:
     dependence = PLATFORM_DEPENDENT.get(step.kind)
     changes = platform_changes(locked.platform.model_dump(), here, dependence.facts) if dependence else []
     if key_note:
-        changes.append(key_note)
+        changes.append("its cache key differs by platform only" if changes else
+                       f"its cache key differs by platform only ({'; '.join(key_note)})")
     if changes:
         return "; ".join([*changes, dependence.reason if dependence else "the planner keys this step by platform"])
     upstream = [dep for dep in step.depends if dep in explained]

@@ -96,7 +96,8 @@ def test_verify_on_another_platform_tells_expected_differences_from_unexpected_o
     assert main(["verify", "core.yaml", "--cache-dir", "cache-b"]) == 1
     captured = capsys.readouterr()
     assert "differs data/result.txt: sha256" in captured.out
-    assert "differs train/result.txt" in captured.out  # downstream of an unexpected difference: not excused
+    # downstream of an unexpected difference: not excused, and pointed at its likely cause
+    assert "differs train/result.txt" in captured.out and "(its inputs from data differ too)" in captured.out
 
     # and on the lock's own platform nothing is excused
     pretend_cpu(monkeypatch, "avx512_vnni")
