@@ -55,7 +55,7 @@ class StageSpec:
 _TORCH = ("torch", "transformers", "tokenizers", "safetensors")
 
 STAGES: dict[str, StageSpec] = {
-    "model": StageSpec("model", "runner.stages.model", 1, _TORCH),
+    "model": StageSpec("model", "runner.stages.model", 2, _TORCH),  # 2: tokenizer from the train split only
     # datasets writes a random cache fingerprint into state.json (its transforms are not hashable); the arrow files and
     # dataset_info.json hold the data
     "data": StageSpec(
@@ -64,18 +64,19 @@ STAGES: dict[str, StageSpec] = {
     # metrics.json and trainer_state.json hold runtimes and samples/s beside the losses; loss.png draws the metrics
     # table; peft's README.md model card names the base model's folder
     "train": StageSpec(
-        "train", "runner.stages.train", 1, (*_TORCH, "peft", "accelerate", "bitsandbytes"), True,
+        "train", "runner.stages.train", 2,  # 2: adapter_config.json without machine paths
+        (*_TORCH, "peft", "accelerate", "bitsandbytes"), True,
         records=("metrics.json", "trainer_state.json", "loss.png", "tensorboard/*", "*/README.md"),
     ),
     "export": StageSpec(
-        "export", "runner.stages.export", 2, (*_TORCH, "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai")
+        "export", "runner.stages.export", 3, (*_TORCH, "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai")
     ),
     "quantize": StageSpec(
-        "quantize", "runner.stages.quantize", 2,
+        "quantize", "runner.stages.quantize", 3,  # 3: dynamic int8 scored one text at a time
         (*_TORCH, "peft", "onnx", "onnxruntime", "onnxruntime-genai", "bitsandbytes"),
     ),
     "serve": StageSpec(
-        "serve", "runner.stages.serve", 2, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
+        "serve", "runner.stages.serve", 3, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
         records=("*",),  # the report holds latencies, a port and a pid; server.log is a log
     ),
 }
