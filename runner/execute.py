@@ -306,7 +306,14 @@ def _write_run_json(result: RunResult, loaded: Loaded) -> None:
 def environment(steps: list[Step]) -> dict[str, Any]:
     """The machine and the versions of every package that shaped a step (from the steps' key material)."""
     packages = {name: version for step in steps for name, version in step.material.get("packages", {}).items()}
-    return {**hardware_summary(), "packages": dict(sorted(packages.items()))}
+    found = {**hardware_summary(), "packages": dict(sorted(packages.items()))}
+    # where the base model came from, as its key saw it: hub id and commit, a local folder's content hash, or a model
+    # package's distribution, version and weights sha256 (so a reader can check them against the upstream files)
+    model = next((s.material["config"]["model"] for s in steps if "model" in s.material.get("config", {})), {})
+    source = {k: model[k] for k in ("hub", "revision", "path", "package") if model.get(k) is not None}
+    if source:
+        found["model"] = source
+    return found
 
 
 def hardware_summary() -> dict[str, Any]:
