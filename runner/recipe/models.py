@@ -113,7 +113,10 @@ class HubSource(Strict):
     """A dataset on the Hugging Face Hub."""
 
     hub: str = Field(pattern=r"^[\w.-]+(/[\w.-]+)?$", description="Dataset id, e.g. `stanfordnlp/imdb`.")
-    revision: str = Field(description="Pinned dataset revision (commit sha, or tag/branch name).")
+    revision: str = Field(
+        description="Pinned dataset revision: a full commit sha (a branch or tag name is resolved from the local HF "
+        "cache, else refused)."
+    )
     config: str | None = Field(None, description="Dataset configuration name, if it has several.")
     split: str = Field("train", description="Split to read, e.g. `train` or `train[:10%]`.")
     weight: PositiveFloat = Field(1.0, description="Share of this source in a mix of several sources.")

@@ -80,7 +80,7 @@ def model_source(model: Section) -> Found:
         loc = model.at(given[1]) if given else model.loc
         yield loc, f"give exactly one of hub, path, package, init (got {', '.join(given) or 'none'})"
     if model.given("hub") and not model.given("revision"):
-        yield model.at("hub"), "a hub model needs a pinned `revision` (a commit sha, or a tag/branch name)"
+        yield model.at("hub"), "a hub model needs a pinned `revision` (a full commit sha)"
     if model.given("revision") and not model.given("hub"):
         yield model.at("revision"), "`revision` only applies to a `hub` model" + (
             " (a package model is pinned by the package version the env installs)" if model.given("package") else "")
