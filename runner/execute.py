@@ -309,7 +309,7 @@ def environment(steps: list[Step]) -> dict[str, Any]:
     found = {**hardware_summary(), "packages": dict(sorted(packages.items()))}
     # where the base model came from, as its key saw it: hub id and commit, a local folder's content hash, or a model
     # package's distribution, version and weights sha256 (so a reader can check them against the upstream files)
-    model = next((s.material["config"]["model"] for s in steps if "model" in s.material.get("config", {})), {})
+    model: dict[str, Any] = next((s.material["config"]["model"] for s in steps if "model" in s.material.get("config", {})), {})
     source = {k: model[k] for k in ("hub", "revision", "path", "package") if model.get(k) is not None}
     if source:
         found["model"] = source
