@@ -181,3 +181,19 @@ def test_missing_onnx_artifact_is_a_stage_error(tiny_classifier_dir: Path, tmp_p
     cfg = config(tiny_classifier_dir, "sequence-classification", [{"text": "fun"}])
     with pytest.raises(StageError, match="no onnx/model.onnx"):
         serve_stage.run(cfg, {"export": tmp_path}, tmp_path)
+
+
+def test_accuracy_gate_holds_served_to_recorded_unless_the_data_step_truncated_the_rows():
+    """Rows the data step cut at data.max_length were scored on other input than the server reads (whole texts), so the
+    recorded figure is not comparable there; served must still equal the same model in-process, text by text."""
+    from runner.stages.serve_gates import check_accuracy
+
+    expected = ["pos", "neg", "pos", "neg"]
+    recorded = {"accuracy": 1.0, "samples": 4, "report": "quantize_report.json"}
+    answers = ["pos", "neg", "neg", "neg"]  # 0.75 served, 1.0 recorded
+    _, problems = check_accuracy(answers, answers, expected, [True] * 4, recorded, True)
+    assert problems and "differs from the offline accuracy" in problems[0]
+    result, problems = check_accuracy(answers, answers, expected, [True, True, False, True], recorded, True)
+    assert not problems and result["rows_truncated_by_the_data_step"] == 1 and result["passed"]
+    _, problems = check_accuracy(answers, expected, expected, [True, True, False, True], recorded, True)
+    assert problems == ["the server answered 1 of 4 test rows differently from the same model run in-process"]
