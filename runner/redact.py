@@ -62,10 +62,25 @@ class LineRedactor:
         data = self.pending + chunk
         end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
         if end == 0 and len(data) > 4 * self.hold:  # no line end in sight: let all but the held-back tail go
-            data, end = redact_bytes(data, self.values), len(data) - self.hold
+            end = self._safe_cut(data, len(data) - self.hold)
         self.pending = data[end:]
         if end:
             self.write_out(redact_bytes(data[:end], self.values))
+
+    def _safe_cut(self, data: bytes, cut: int) -> int:
+        """A cut at or before `cut` that splits no secret: not inside a run of token characters (an `hf_...` token is
+        one such run), and not after the start of a secret value whose rest has not arrived yet."""
+        start = cut
+        while start > 0 and (data[start - 1 : start].isalnum() or data[start - 1 : start] == b"_"):
+            start -= 1
+        if start > 0:  # a run reaching back to the very start is no token that fits the held-back tail anyway
+            cut = start
+        for value in self.values:
+            for length in range(min(len(value) - 1, cut), 0, -1):
+                if data[cut - length : cut] == value[:length]:
+                    cut -= length
+                    break
+        return cut
 
     def close(self) -> None:
         if self.pending:

@@ -673,3 +673,19 @@ def test_the_real_data_step_only_reads_a_data_file_and_a_model_outside_the_proje
     assert snapshot(outside) | snapshot(tiny_classifier_dir) == before
     assert sorted(p.name for p in outside.iterdir()) == ["reviews.csv"]
     assert {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")} == {"outside", "work"}
+
+
+def test_a_long_line_without_an_end_never_lets_half_a_token_out():
+    """Output with no line end is let out in pieces once it grows long; the cut never falls inside a token or a
+    secret value, so neither half reaches the log unmasked."""
+    from runner.redact import LineRedactor
+
+    token, secret = b"hf_" + b"A" * 34, b"sekret-value-1234"
+    for values, text in (([], token), ([secret], secret)):
+        out: list[bytes] = []
+        redactor = LineRedactor(out.append, values)
+        redactor.write(b"x " * 10000 + text[:25 if not values else 6])
+        redactor.write(text[25 if not values else 6 :] + b" end\n")
+        redactor.close()
+        log = b"".join(out)
+        assert log.endswith(b"*** end\n") and text[-8:] not in log and text[:8] not in log
