@@ -102,7 +102,10 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         entries[step.kind] = hit
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}), outputs=str(hit.outputs))
-    rank = node_rank(step)
+    try:
+        rank = node_rank(step)
+    except stages.StageError as exc:
+        return StepResult(step.kind, step.key, "failed", 0.0, error=str(exc))
     # Node 0 of a multi-node step (and every other step) works under the key's own lock and folder. The other nodes take
     # a lock and a folder of their own: on a shared cache (NFS), one lock for all would be held by node 0 through
     # torchrun's rendezvous, which waits for the very nodes blocked on that lock.
@@ -160,8 +163,12 @@ def node_rank(step: Step) -> int:
     distributed = (step.config.get("train") or {}).get("distributed") or {}
     if int(distributed.get("nnodes") or 1) <= 1:
         return 0
-    rank = os.environ.get("NODE_RANK", "0")
-    return int(rank) if rank.isdigit() else 0  # a bad NODE_RANK: the stage refuses it with a message
+    rank, nnodes = os.environ.get("NODE_RANK", "0"), int(distributed.get("nnodes") or 1)
+    # Checked here, before any lock: a bad rank taken for 0 would wait on node 0's lock through its rendezvous.
+    if not (rank.isascii() and rank.isdigit()) or int(rank) >= nnodes:
+        raise stages.StageError(f"NODE_RANK={rank!r}: expected this machine's number, 0..{nnodes - 1} "
+                                f"(train.distributed.nnodes is {nnodes})")
+    return int(rank)
 
 
 def _manifest_id(entry: Entry | None) -> tuple[int, int] | None:

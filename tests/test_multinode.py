@@ -100,3 +100,19 @@ def test_a_node_rank_outside_the_nodes_is_refused_with_its_value(rank: str, monk
         torchrun_args(train)
     monkeypatch.setenv("NODE_RANK", "1")
     assert torchrun_args(train)[-6:] == ["--node_rank", "1", "--master_addr", "127.0.0.1", "--master_port", "29500"]
+
+
+@pytest.mark.parametrize("rank", ["2", "-1", "node1", "\u00b2"])
+def test_the_executor_refuses_a_bad_node_rank_before_taking_any_lock(rank: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad NODE_RANK taken for node 0 would wait on node 0's key lock through its rendezvous: it is refused first, with
+    its value (a superscript two is a digit to str.isdigit, and no number to int)."""
+    from runner.execute import node_rank
+    from runner.plan import Step
+    from runner.stages import StageError
+
+    step = Step("train", {"train": {"distributed": {"nnodes": 2, "nproc_per_node": 1}}}, [])
+    monkeypatch.setenv("NODE_RANK", rank)
+    with pytest.raises(StageError, match=r"expected this machine's number, 0\.\.1"):
+        node_rank(step)
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert node_rank(step) == 1

@@ -701,7 +701,7 @@ def torchrun_args(train: TrainConfig) -> list[str]:
             "MASTER_ADDR/MASTER_PORT of node 0, and NODE_RANK 0..nnodes-1"
         )
     rank = os.environ["NODE_RANK"]
-    if not rank.isdigit() or int(rank) >= dist.nnodes:
+    if not (rank.isascii() and rank.isdigit()) or int(rank) >= dist.nnodes:
         raise StageError(f"NODE_RANK={rank!r}: expected this machine's number, 0..{dist.nnodes - 1} "
                          f"(train.distributed.nnodes is {dist.nnodes})")
     return [*args, "--node_rank", rank, "--master_addr", os.environ["MASTER_ADDR"],
