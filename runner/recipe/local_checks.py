@@ -82,13 +82,10 @@ def fetch_config(hub: str, revision: str | None) -> Path | None:
 
 def hub_cache_config(hub: str, revision: str | None) -> Path | None:
     """config.json of `hub` at `revision` in the local HF cache (a commit sha, or a branch/tag its refs/ resolves)."""
-    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
-    repo = root / f"models--{hub.replace('/', '--')}"
     commit = revision or "main"
-    ref = repo / "refs" / commit
-    if ref.is_file():
-        commit = ref.read_text().strip()
-    candidate = repo / "snapshots" / commit / "config.json"
+    if not COMMIT_SHA.match(commit):
+        commit = cached_ref("model", hub, commit) or commit
+    candidate = hub_cache_root() / f"models--{hub.replace('/', '--')}" / "snapshots" / commit / "config.json"
     return candidate if candidate.is_file() else None
 
 
