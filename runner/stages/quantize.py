@@ -131,7 +131,7 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
         quantize_dynamic(str(src / ONNX_NAME), str(dst / ONNX_NAME), **common)
     copy_side_files(src, dst)
     candidate = ort_runner(ort_session(dst / ONNX_NAME))
-    per_run_scales = not static  # quantize_dynamic's DynamicQuantizeLinear scales each run's whole input tensor
+    per_run_scales = per_run_activation_scales(dst / ONNX_NAME)  # the same graph fact the server batches by
     if per_run_scales:
         candidate = one_text_at_a_time(candidate)
     comparison = compare(ort_runner(reference), candidate, samples, model_cfg.task, pad_id)
@@ -152,6 +152,17 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
         "size_ratio": onnx_size(dst) / onnx_size(src),
         "comparison": comparison,
     }
+
+
+def per_run_activation_scales(onnx_path: Path) -> bool:
+    """Whether the graph computes activation scales from each run's whole input (dynamic int8's DynamicQuantizeLinear):
+    the server then runs each text alone (runner.serving.model), and so must this step's evaluation."""
+    import onnx
+
+    from runner.serving.model import DYNAMIC_SCALE_OPS
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type in DYNAMIC_SCALE_OPS for node in graph.node)
 
 
 def one_text_at_a_time(forward: Runner) -> Runner:
