@@ -7,6 +7,8 @@ Layout under the cache root (only this module knows it):
                                         with its sha256, size and role (artifact or record, see output_role), and
                                         the platform the entry was produced on (runner.platform_facts.describe)
     work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages)
+    memo/<kind>/<key>.json              sub-results a stage memoizes across step keys (evaluate: one score per
+                                        set and artifact), written atomically
     locks/<key>.lock                    per-key lock (flock: released by the kernel when its holder dies)
     quarantine/<kind>-<key>-<time>/     entries that failed verification, kept for inspection
     index/<recipe>.json                 the last key and key material of each step of a recipe (for "why stale")
@@ -98,6 +100,20 @@ def _atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_memo(folder: Path, key: str, value: dict[str, Any]) -> None:
+    """One memoized sub-result (see Cache.memo_dir), written atomically."""
+    _atomic_write(folder / f"{key}.json", json.dumps(value, sort_keys=True, indent=1))
+
+
+def read_memo(folder: Path, key: str) -> dict[str, Any] | None:
+    """A memoized sub-result, or None when absent or unreadable (a damaged memo costs a recomputation, not a wrong result)."""
+    try:
+        value = json.loads((folder / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def output_role(kind: str, rel: str, meta: dict[str, Any] | None = None) -> str:
@@ -211,6 +227,13 @@ class Cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path), timeout=timeout):
             yield
+
+    def memo_dir(self, kind: str) -> Path:
+        """A stage's memo of sub-results across keys (StageSpec.memo): files named by their own content key, each
+        written whole by write_memo, so a crash leaves a result or nothing."""
+        path = self.root / "memo" / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def workdir(self, kind: str, key: str, keep: bool) -> Path:
         """The folder a step writes into (call under the key's lock). Emptied unless `keep` (resumable stages)."""

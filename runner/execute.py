@@ -121,6 +121,8 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         spec = stages.STAGES[step.kind]  # looked up per call: tests swap in test-only stages
         out = cache.workdir(step.kind, work_key, keep=spec.resumable)
         inputs = {dep: entries[dep].outputs for dep in step.depends}
+        if spec.memo:
+            inputs["memo"] = cache.memo_dir(step.kind)
         started = time.time()
         with _step_log(run_dir / "logs" / f"{step.kind}.log"):
             try:

@@ -23,7 +23,7 @@ from runner.cache import Cache, HashMemo
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.schema import field_has
 
-ORDER = ("model", "data", "train", "export", "quantize", "serve")
+ORDER = ("model", "data", "train", "export", "quantize", "evaluate", "serve")
 
 
 @dataclass
@@ -58,6 +58,13 @@ def step_configs(recipe: Recipe) -> list[Step]:
             add("quantize", recipe.quantize, ["export", "data"])
         else:  # bitsandbytes quantizes the trained (merged) model, not the ONNX export
             add("quantize", recipe.quantize, ["train", "data", *base])
+    if recipe.evaluate is not None:
+        # scores what exists of base, trained, exported and quantized models; after them, before serve (a run that
+        # forgot too much stops before anything is served)
+        present = {"base": True, "train": True, "export": recipe.export is not None, "quantize": recipe.quantize is not None}
+        scored = [kind for kind in recipe.evaluate.artifacts if present[kind]]
+        add("evaluate", recipe.evaluate, ["data", *[k for k in scored if k != "base"], *base],
+            {"task_model_steps": scored})
     if recipe.serve is not None:
         onnx_quantized = recipe.quantize is not None and recipe.quantize.method.startswith("onnx-")
         # data: the served classifier's accuracy is measured on the test split through the running server
@@ -83,6 +90,13 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
             step.material["platform"] = facts
         step.key = key_of(step.material)
         keys[step.kind] = step.key
+        if step.kind == "evaluate":
+            # Each (set, artifact) score is memoized under the artifact's key (runner.stages.evaluate), so the stage
+            # learns the keys; they are already in the material as `upstream` (base: the model section's own key).
+            base_key = keys.get("model") or key_of({"model": step.material["config"]["model"]})
+            step.config["artifact_keys"] = {
+                kind: base_key if kind == "base" else keys[kind] for kind in step.config.pop("task_model_steps")
+            }
     memo.save()
     return steps
 

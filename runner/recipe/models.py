@@ -107,6 +107,12 @@ class Model(Strict):
     allow_pickle: bool = Field(
         False, description="Allow loading pickle (`.bin`) weights. Off: only safetensors are loaded."
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None,
+        description="Attention kernel for training (transformers `attn_implementation`): `sdpa` (PyTorch's fused "
+        "attention), `eager` (plain matmuls) or `flash_attention_2` (CUDA, needs the flash-attn package); the "
+        "library's choice when unset. `recipe doctor` checks it against the machine.",
+    )
 
 # --- data ---------------------------------------------------------------------------------------------------------------
 
@@ -187,6 +193,22 @@ class Data(Strict):
         None, description="The part of `template` that is the answer; with `mask_prompt` only it is learned."
     )
     mask_prompt: bool = Field(False, description="Leave the prompt out of the loss (needs `response_template`).")
+    messages_column: str | None = Field(
+        None,
+        description="Causal LM: a column of conversations, each a list of `{role, content}` turns (system, user, "
+        "assistant), rendered with the tokenizer's chat template; only assistant turns (their end-of-turn token "
+        "included) are learned. Instead of `template`.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template for `messages_column` when the tokenizer has none (or to replace its own); "
+        "saved with the trained tokenizer, so the server renders chats with it too.",
+    )
+    packing: bool = Field(
+        False,
+        description="Causal LM: pack examples into one padding-free row per batch (transformers "
+        "`DataCollatorWithFlattening`; position ids restart per example, so attention never crosses examples).",
+    )
     select: PositiveInt | None = Field(None, description="Keep this many rows after shuffling.")
     shuffle: bool = Field(True, description="Shuffle the rows with the recipe's seed before selecting.")
     max_length: PositiveInt = Field(128, description="Longest tokenized example; longer ones are truncated.")
@@ -265,11 +287,21 @@ class TrainCommon(Strict):
         1, description="Floor for the out-of-memory retry, which halves the batch and doubles accumulation."
     )
     distributed: Distributed | None = Field(None, description="Run on several processes with torchrun.")
+    liger: bool = Field(
+        False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; transformers "
+        "`use_liger_kernel`): less memory and faster steps on CUDA. Refused on CPU."
+    )
 
 class FullTrain(TrainCommon):
     """Update every weight."""
 
     method: Literal["full"] = Field(description="Full fine-tune: every parameter is trained.")
+    l2sp: PositiveFloat | None = Field(
+        None,
+        description="L2-SP regularization against forgetting: adds `l2sp * sum((w - w_pretrained)^2)` over the "
+        "pretrained weights to the loss, pulling the model toward where it started (Li et al. 2018). Costs one more "
+        "copy of the weights in memory.",
+    )
 
 
 class LoraTrain(TrainCommon):
@@ -445,11 +477,71 @@ class Serve(Strict):
     max_score_drift: Annotated[float, Field(ge=0)] = Field(1e-4, description="Largest score change, alone vs among 16 others.")
 
 
+# --- evaluate -----------------------------------------------------------------------------------------------------------
+
+ARTIFACTS = ("base", "train", "export", "quantize")
+
+
+class EvalSet(Strict):
+    """A set the evaluate step scores besides the recipe's test split: read like a data source."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=60, description="Names the set in the report.")
+    role: Literal["task", "general"] = Field(
+        "task",
+        description="`task`: more of what the model is tuned for (scored like the test split). `general`: what the "
+        "base model knew before; scored on the base and the tuned model to measure forgetting.",
+    )
+    source: Source = Field(description="`{hub: ..., revision: ...}`, `{path: ...}` or `{rows: ...}`.")
+    text_column: str = Field("text", description="Column with the text (classifier input; causal LM: text scored for loss).")
+    label_column: str | None = Field(
+        "label",
+        description="Classifier: column with the label (a task set uses the model's label names; a general set any "
+        "labels, for the linear probe).",
+    )
+    prompt_column: str | None = Field(None, description="Causal LM: column with prompts to answer greedily.")
+    answer_column: str | None = Field(
+        None, description="Causal LM: reference answers for `prompt_column` (exact match and contains)."
+    )
+    max_rows: PositiveInt | None = Field(None, description="Score at most this many rows (the first ones); all when unset.")
+
+
+class LmEval(Strict):
+    """lm-evaluation-harness tasks on the trained model (needs the `lm-eval` package and, for hub tasks, the network)."""
+
+    tasks: list[str] = Field(min_length=1, description="Task names, e.g. `[hellaswag, arc_easy]`, or local task YAML files.")
+    limit: PositiveInt | None = Field(None, description="Examples per task (all when unset).")
+    num_fewshot: Annotated[int, Field(ge=0)] | None = Field(None, description="Few-shot examples per prompt.")
+
+
+class Evaluate(Strict):
+    """Score the base model and every artifact (trained, exported, quantized) offline on the test split and on extra
+    sets, and gate the run on forgetting: `general` sets are scored on the base and the tuned model."""
+
+    test_split: bool = Field(True, description="Score the recipe's own test split (as the set `test`).")
+    sets: list[EvalSet] = Field(default_factory=list, description="Extra sets, each with a name and a role.")
+    artifacts: list[Literal["base", "train", "export", "quantize"]] = Field(
+        default_factory=lambda: list(ARTIFACTS),
+        description="Which models to score; the recipe's steps decide which exist (`base` is the model before training).",
+    )
+    max_rows: PositiveInt = Field(500, description="Most rows scored per set (each set's own `max_rows` can lower it).")
+    max_forgetting: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="Forgetting budget for `general` sets: causal LM, the largest relative perplexity increase (0.1 = "
+        "10% worse than the base); classifier, the largest drop of linear-probe accuracy (0.02 = two points). Over it, "
+        "the step fails. Unset: measured and reported, never failed.",
+    )
+    probe_test_size: float = Field(
+        0.3, gt=0, lt=1, description="Classifier: share of a general set held out to test its linear probe."
+    )
+    max_new_tokens: PositiveInt = Field(32, description="Causal LM: greedy tokens generated per prompt with answers.")
+    lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks (optional, causal LM).")
+
+
 # --- the recipe ---------------------------------------------------------------------------------------------------------
 
 
 class Recipe(Strict):
-    """One fine-tune, end to end: data -> train -> export -> quantize -> smoke-serve."""
+    """One fine-tune, end to end: data -> train -> export -> quantize -> evaluate -> smoke-serve."""
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100, description="Recipe name; names the run folder and lock file."
@@ -468,6 +560,9 @@ class Recipe(Strict):
     quantize: Quantize | None = Field(
         None, description="The quantize step: ONNX Runtime int8 (classifiers), weight-only int8/int4 (causal LMs) or "
         "bitsandbytes."
+    )
+    evaluate: Evaluate | None = Field(
+        None, description="The evaluate step: every artifact scored offline, and the forgetting gate."
     )
     serve: Serve | None = Field(None, description="The smoke-serve step.")
 

@@ -172,8 +172,9 @@ def probes_fit_task(recipe: Section) -> Found:
 
 def causal_lm_template(recipe: Section) -> Found:
     model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
-    if model["task"] == "causal-lm" and data.present() and data["template"] is None:
-        yield data.at("template"), "a causal-lm recipe needs `data.template` to turn rows into text"
+    if model["task"] == "causal-lm" and data.present() and data["template"] is None and data["messages_column"] is None:
+        yield data.at("template"), ("a causal-lm recipe needs `data.template` to turn rows into text, or "
+                                    "`data.messages_column` for chat conversations")
 
 
 def lora_export_merges(recipe: Section) -> Found:

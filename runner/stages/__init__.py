@@ -1,4 +1,4 @@
-"""The stages of the pipeline, one module each: model, data, train, export, quantize, serve.
+"""The stages of the pipeline, one module each: model, data, train, export, quantize, evaluate, serve.
 
 Every stage module has one entry point:
 
@@ -24,6 +24,8 @@ Output folders, by stage (what downstream stages rely on):
   model.onnx + model.onnx.data, genai_config.json, tokenizer) and, for causal LMs and `format: safetensors`, `merged/`
   (the merged checkpoint in safetensors), and `export_report.json`.
 - quantize: `onnx/` (same layout as export) or `model/` (bitsandbytes), and `quantize_report.json`.
+- evaluate: `evaluate_report.json` (every set's scores per artifact, the forgetting table and verdict) and
+  `confusion_<set>.png` (classifiers).
 - serve: `serve_report.json`.
 
 Each output is either an *artifact* (the same recipe and seed give the same bytes: weights, tokenizer, ONNX graphs,
@@ -50,6 +52,9 @@ class StageSpec:
     # Run records among the outputs: fnmatch patterns on the output's relative path (`*` also crosses `/`). They are
     # kept, hashed into the manifest and listed in the lock, but never compared across machines by `recipe verify`.
     records: tuple[str, ...] = ()
+    # Gets a cache-owned folder at inputs["memo"] for sub-results memoized by content across keys (evaluate: one score
+    # per (set, artifact)); the stage writes each memo file atomically (runner.cache.write_memo).
+    memo: bool = False
 
 
 _TORCH = ("torch", "transformers", "tokenizers", "safetensors")
@@ -74,6 +79,11 @@ STAGES: dict[str, StageSpec] = {
     "quantize": StageSpec(
         "quantize", "runner.stages.quantize", 3,  # 3: dynamic int8 scored one text at a time
         (*_TORCH, "peft", "onnx", "onnxruntime", "onnxruntime-genai", "bitsandbytes"),
+    ),
+    "evaluate": StageSpec(
+        "evaluate", "runner.stages.evaluate", 1,
+        (*_TORCH, "peft", "datasets", "onnxruntime", "onnxruntime-genai", "scikit-learn"),
+        records=("*.png",), memo=True,
     ),
     "serve": StageSpec(
         "serve", "runner.stages.serve", 3, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
