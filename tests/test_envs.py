@@ -17,7 +17,8 @@ RUNTIME = {"cpu": "cpu", "cuda13": "gpu"}  # env file -> the pyproject extra tha
 CUDA = {"cuda13": "13"}
 PIN = re.compile(r"^([a-z0-9]+(?:-[a-z0-9]+)*)==(\S+)$")  # normalized name == exact version, nothing else
 # Packages that differ between the variants by design: the torch build, the onnxruntime flavour, the CUDA libraries.
-VARIANT_SPECIFIC = re.compile(r"^(torch|onnxruntime(-gpu)?|onnxruntime-genai(-cuda)?|triton|nvidia-.*|cuda-.*)$")
+# liger-kernel: Triton kernels, CUDA only (train.liger is refused on CPU)
+VARIANT_SPECIFIC = re.compile(r"^(torch|onnxruntime(-gpu)?|onnxruntime-genai(-cuda)?|triton|liger-kernel|nvidia-.*|cuda-.*)$")
 
 
 def pins(name: str) -> dict[str, Version]:
