@@ -195,13 +195,21 @@ def _progress(event: str, result, step) -> None:
 
 
 def _summary(result) -> None:
+    """The run's last lines: what happened, the headline numbers (metric per artifact, served latency, forgetting
+    verdict), then where the report is, so the result reads without opening a file."""
+    from runner.report import collect, headline_lines
+
     ran = sum(s.status == "ran" for s in result.steps)
     cached = sum(s.status == "cached" for s in result.steps)
-    state = "[green]succeeded[/green]" if result.ok else "[red]failed[/red]"
+    failed = [s.kind for s in result.steps if s.status == "failed"]
+    state = "[green]succeeded[/green]" if result.ok else f"[red]failed[/red] at {', '.join(failed) or 'a step'}"
     out.print(f"{result.recipe} {state}: {ran} ran, {cached} cached. Run folder: {relative(result.run_dir)}")
-    report = result.run_dir / "report.md"
-    if report.is_file():
-        out.print(f"Report: {relative(report)}")
+    for line in headline_lines(collect(result)):
+        style = "red" if "over budget" in line else "green" if "within budget" in line else None
+        out.print(f"  {line}", markup=False, style=style, soft_wrap=True)
+    page, report = result.run_dir / "report.html", result.run_dir / "report.md"
+    if page.is_file():
+        out.print(f"Report: {relative(page)} (and {report.name} beside it)", markup=False, soft_wrap=True)
 
 
 def cmd_lock(args: argparse.Namespace) -> int:

@@ -1,30 +1,39 @@
-"""The run report: `report.md` and `report.html` in the run folder, built from run.json and the steps' own reports.
+"""The run report: `report.md` and `report.html` in the run folder, and the headline the CLI prints last.
 
-Sections: the plan (what ran, what came from the cache), data stats, training curves and metrics, the export and quantize
-gates, sizes, the serve latency table, the resolved recipe, and the environment. Every figure comes from a file a stage
-wrote; the report computes nothing of its own.
+`collect` gathers the facts once, from run.json's steps and the reports the stages wrote (a failed evaluate step's
+report from RUN_DIR/failed/evaluate/): what was trained on what, the headline metric of every artifact, the served
+latency and the forgetting verdict. `write_report` lays them out: headline, forgetting, the evaluation sets, the plan
+with why each step ran, one section per stage, the environment, the resolved recipe. Every figure comes from a file a
+stage wrote; the report computes nothing but differences. Layout: runner/report_render.py; stage sections:
+runner/report_stages.py; evaluation: runner/report_eval.py.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.execute import RunResult
+from runner import report_eval, report_stages
+from runner.execute import RunResult, StepResult
 from runner.recipe import Loaded
+from runner.recipe.errors import relative
+from runner.recipe.models import FileSource, HubSource, Recipe
+from runner.report_format import metric, num, seconds
+from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
 
-# Which file of each stage's output folder holds its detailed report, and the images worth showing.
+# Which file of each stage's output folder holds its report (shown instead of the step's small metrics, never beside
+# them: the metrics are a summary of the same figures).
 STAGE_REPORTS = {
     "data": "stats.json",
     "train": "metrics.json",
     "export": "export_report.json",
     "quantize": "quantize_report.json",
+    "evaluate": "evaluate_report.json",
     "serve": "serve_report.json",
 }
-IMAGES = {"train": ["loss.png"]}
 TITLES = {
     "model": "Model built from a config",
     "data": "Data",
@@ -35,151 +44,344 @@ TITLES = {
 }
 
 
-def write_report(result: RunResult, loaded: Loaded, environment: dict[str, Any]) -> tuple[Path, Path]:
-    sections = _sections(result)
+@dataclass
+class Score:
+    artifact: str  # base | train | export | quantize | served
+    name: str  # what a person calls it: "int8 ONNX"
+    value: float
+    rows: int | None
+    source: str  # where the figure was measured
+
+
+@dataclass
+class Facts:
+    result: RunResult
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    evaluate: dict[str, Any] | None = None
+    evaluate_file: Path | None = None
+    metric: str = ""
+    metric_set: str = ""  # which rows the headline metric is measured on
+    scores: list[Score] = field(default_factory=list)
+
+    @property
+    def latency(self) -> dict[str, Any] | None:
+        return (self.reports.get("serve") or {}).get("latency")
+
+    @property
+    def forgetting_verdict(self) -> str:
+        if self.evaluate is not None:
+            return str((self.evaluate.get("forgetting") or {}).get("verdict", "no general sets"))
+        if any(s.kind == "evaluate" for s in self.result.steps):
+            return "not measured (the evaluate step did not finish)"
+        return "not measured (the recipe has no evaluate step)"
+
+    def names(self) -> dict[str, str]:
+        return {kind: report_eval.artifact_name(kind, self.reports.get("quantize")) for kind in report_eval.ARTIFACTS}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def collect(result: RunResult) -> Facts:
+    facts = Facts(result)
     for step in result.steps:
-        for image in IMAGES.get(step.kind, []):
-            if step.outputs and (Path(step.outputs) / image).is_file():
-                shutil.copy(Path(step.outputs) / image, result.run_dir / f"{step.kind}-{image}")
+        if step.outputs:
+            facts.outputs[step.kind] = Path(step.outputs)
+        found = _read(Path(step.outputs) / STAGE_REPORTS[step.kind]) if step.outputs and step.kind in STAGE_REPORTS else None
+        if found is not None:
+            facts.reports[step.kind] = found
+        elif step.metrics:
+            facts.reports[step.kind] = dict(step.metrics)
+    if "evaluate" in facts.outputs:
+        facts.evaluate_file = facts.outputs["evaluate"] / "evaluate_report.json"
+    elif (kept := result.run_dir / "failed" / "evaluate" / "evaluate_report.json").is_file():
+        facts.evaluate_file = kept  # written before the forgetting gate raised; the executor kept it
+    if facts.evaluate_file is not None:
+        facts.evaluate = _read(facts.evaluate_file)
+    _headline(facts)
+    return facts
+
+
+def _headline(facts: Facts) -> None:
+    names = facts.names()
+    if facts.evaluate and facts.evaluate.get("sets"):
+        metric = str(facts.evaluate.get("headline_metric", "accuracy"))
+        sets = facts.evaluate["sets"]
+        chosen = next((s for s in sets if s.get("name") == "test"), None) or next(
+            (s for s in sets if s.get("role") == "task"), sets[0])
+        facts.metric, facts.metric_set = metric, f"set {chosen['name']} ({num(chosen.get('rows'))} rows)"
+        for kind, scores in (chosen.get("scores") or {}).items():
+            if isinstance(scores.get(metric), (int, float)):
+                facts.scores.append(Score(kind, names.get(kind, kind), scores[metric], chosen.get("rows"),
+                                          "evaluate step"))
+    else:  # no evaluate step: each stage's own measurement on (part of) the test split
+        train = facts.reports.get("train") or {}
+        metric = "accuracy" if "eval_accuracy" in train else "loss"
+        facts.metric, facts.metric_set = metric, "the test split"
+        test_rows = ((facts.reports.get("data") or {}).get("rows") or {}).get("test")
+        for kind, value, rows, source in (
+            ("base", train.get(f"eval_{metric}_before"), test_rows, "train step, before training"),
+            ("train", train.get(f"eval_{metric}"), test_rows, "train step's eval"),
+        ):
+            if isinstance(value, (int, float)):
+                facts.scores.append(Score(kind, names[kind], value, rows, source))
+        for kind, part in (("export", "validation"), ("quantize", "comparison")):
+            gate = (facts.reports.get(kind) or {}).get(part) or {}
+            if gate.get("metric") == metric and isinstance(gate.get("metric_candidate"), (int, float)):
+                facts.scores.append(Score(kind, names[kind], gate["metric_candidate"], gate.get("samples"),
+                                          f"{kind} step's gate"))
+    served = (facts.reports.get("serve") or {}).get("served_eval") or {}
+    if facts.metric == "accuracy" and isinstance(served.get("accuracy"), (int, float)):
+        shipped = names["quantize"] if "quantize" in facts.reports else names["export"]
+        facts.scores.append(Score("served", f"served ({shipped} over HTTP)", served["accuracy"], served.get("samples"),
+                                  "smoke-serve, over HTTP"))
+
+
+# --- the terminal's last lines ------------------------------------------------------------------------------------------
+
+
+def headline_lines(facts: Facts) -> list[str]:
+    """The numbers a person wants at the end of `recipe run`: metric per artifact, latency, forgetting."""
+    lines = []
+    if facts.scores:
+        figures = ", ".join(f"{s.name} {metric(s.value)}" for s in facts.scores)
+        lines.append(f"{facts.metric} on {facts.metric_set}: {figures}")
+    if latency := facts.latency:
+        lines.append(f"served latency: p50 {num(latency.get('p50_ms'))} ms, p95 {num(latency.get('p95_ms'))} ms "
+                     f"({num(latency.get('throughput_rps'))} requests/s at concurrency "
+                     f"{num(latency.get('throughput_concurrency'))})")
+    line = f"forgetting: {facts.forgetting_verdict}"
+    task = (facts.evaluate or {}).get("task", "")
+    rows = ((facts.evaluate or {}).get("forgetting") or {}).get("sets") or []
+    if rows:
+        line += " (" + "; ".join(f"{r['name']} {metric(r.get('base'))} -> {metric(r.get('tuned'))}, "
+                                 f"{report_eval.change_text(task, r.get('change'))}" for r in rows) + ")"
+    lines.append(line)
+    return lines
+
+
+# --- the report ---------------------------------------------------------------------------------------------------------
+
+
+def write_report(result: RunResult, loaded: Loaded, environment: dict[str, Any]) -> tuple[Path, Path]:
+    facts = collect(result)
     recipe_yaml = (result.run_dir / "recipe.yaml").read_text()
-    md = _markdown(result, sections, recipe_yaml, environment)
-    page = _html(result, sections, recipe_yaml, environment)
-    (result.run_dir / "report.md").write_text(md)
-    (result.run_dir / "report.html").write_text(page)
+    blocks = _blocks(facts, loaded.recipe, environment, recipe_yaml)
+    title = f"{result.recipe}: {'succeeded' if result.ok else 'FAILED'}"
+    (result.run_dir / "report.md").write_text(markdown(title, blocks))
+    verdict = ("succeeded", "ok") if result.ok else ("failed", "bad")
+    (result.run_dir / "report.html").write_text(page(result.recipe, verdict, blocks))
     return result.run_dir / "report.md", result.run_dir / "report.html"
 
 
-# The metric that follows the model from training to the server: (step, path in its details, what it measures).
-HEADLINE = [
-    ("train", ("eval_accuracy",), "PyTorch after training"),
-    ("export", ("validation", "metric_candidate"), "ONNX export"),
-    ("quantize", ("comparison", "metric_candidate"), "int8 ONNX"),
-    ("serve", ("served_eval", "accuracy"), "served by the running server"),
-]
+def _blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any], recipe_yaml: str) -> list[Block]:
+    result = facts.result
+    ran = sum(s.status == "ran" for s in result.steps)
+    cached = sum(s.status == "cached" for s in result.steps)
+    blocks: list[Block] = [Para(f"Run folder {relative(result.run_dir)}: {len(result.steps)} steps, {ran} ran, "
+                                f"{cached} from the cache, {seconds(sum(s.seconds for s in result.steps))} of work.",
+                                "muted")]
+    for step in result.steps:
+        if step.status == "failed":
+            blocks.append(Callout(f"Step {step.kind} failed", step.error or "no message"))
+    blocks += _headline_blocks(facts, recipe, environment)
+    if facts.evaluate is not None:
+        pictures = _confusion_pictures(facts)
+        blocks += report_eval.forgetting(facts.evaluate) + report_eval.sets(facts.evaluate, facts.names(), pictures)
+    elif any(s.kind == "evaluate" for s in result.steps):
+        blocks += report_eval.not_run("the evaluate step did not finish and left no report")
+    else:
+        blocks += report_eval.not_run("the recipe has no evaluate step (add an evaluate section to the recipe)")
+    blocks += _plan(result)
+    for step in result.steps:
+        blocks += _stage(facts, step)
+    blocks += _environment(environment)
+    blocks += [Heading("Resolved recipe", 2, "recipe"), Code(recipe_yaml, "yaml")]
+    return blocks
 
 
-def headline(sections: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """The eval accuracy at each stage (classifiers), from the stages' own reports."""
-    by_kind = {section["kind"]: section["details"] for section in sections}
-    rows = []
-    for kind, path, label in HEADLINE:
-        value: Any = by_kind.get(kind)
-        for part in path:
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)):
-            rows.append((label, value))
+def _headline_blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any]) -> list[Block]:
+    blocks: list[Block] = [Heading("Headline", 2, "headline"), Table(["", ""], _what(facts, recipe, environment),
+                                                                     compact=True)]
+    if facts.scores:
+        base = next((s.value for s in facts.scores if s.artifact == "base"), None)
+        tiles = []
+        for s in facts.scores:
+            change = f", {'+' if s.value >= base else '−'}{num(abs(s.value - base))} vs base" if (
+                base is not None and s.artifact != "base") else ""
+            tiles.append((s.name, metric(s.value), f"{num(s.rows)} rows · {s.source}{change}"))
+        blocks += [Para(f"{facts.metric} on {facts.metric_set}, at every artifact:", "lead"), Grid(tiles)]
+    latency = facts.latency
+    verdict = facts.forgetting_verdict
+    style = "ok" if verdict == "within budget" else "bad" if verdict == "over budget" else "muted"
+    tiles = [("served p50", f"{num(latency.get('p50_ms'))} ms", f"{num(latency.get('requests'))} requests, one at a time"),
+             ("served p95", f"{num(latency.get('p95_ms'))} ms",
+              f"{num(latency.get('throughput_rps'))} requests/s at concurrency {num(latency.get('throughput_concurrency'))}")
+             ] if latency else []
+    tiles.append(("forgetting", verdict if style != "muted" else verdict.split(" (")[0], _forgetting_note(facts)))
+    blocks.append(Grid(tiles))
+    return blocks
+
+
+def _forgetting_note(facts: Facts) -> str:
+    rows = ((facts.evaluate or {}).get("forgetting") or {}).get("sets") or []
+    if not rows:
+        return facts.forgetting_verdict.partition(" (")[2].rstrip(")")
+    task = (facts.evaluate or {}).get("task", "")
+    worst = max(rows, key=lambda r: r.get("change") if isinstance(r.get("change"), (int, float)) else float("-inf"))
+    return f"worst: {worst['name']}, {report_eval.change_text(task, worst.get('change'))}"
+
+
+def _what(facts: Facts, recipe: Recipe, environment: dict[str, Any]) -> list[list[str | Cell]]:
+    rows: list[list[str | Cell]] = [["base model", _base_model(recipe, environment)]]
+    sources = recipe.data.all_sources()
+    weighted = len(sources) > 1
+    for i, source in enumerate(sources):
+        what = (f"hub dataset {source.hub} ({source.split}, revision {source.revision[:12]})" if isinstance(source, HubSource)
+                else f"file {relative(Path(source.path))}" if isinstance(source, FileSource)
+                else f"{num(len(next(iter(source.rows.values()), [])))} inline rows")
+        share = f", weight {num(source.weight)}" if weighted else ""
+        rows.append([f"data source {i + 1}" if weighted else "data", what + share])
+    split = ((facts.reports.get("data") or {}).get("rows")) or {}
+    if split:
+        rows.append(["rows", f"{num(sum(split.values()))}: " + ", ".join(f"{num(n)} {name}" for name, n in split.items())])
+    rows.append(["method", _method(recipe)])
+    task = recipe.model.task + (f", labels {', '.join(recipe.data.labels)}" if recipe.data.labels else "")
+    rows.append(["task", task])
     return rows
 
 
-def _sections(result: RunResult) -> list[dict[str, Any]]:
-    sections = []
+def _base_model(recipe: Recipe, environment: dict[str, Any]) -> str:
+    model, source = recipe.model, environment.get("model") or {}
+    if model.init is not None:
+        i = model.init
+        return (f"built from a config (random weights): {i.architecture}, {i.num_layers} layers, hidden size "
+                f"{i.hidden_size}, {i.vocab_size}-token tokenizer trained on the recipe's data")
+    if isinstance(package := source.get("package"), dict):
+        weights = "; ".join(f"{name} sha256 {digest[:12]}…" for name, digest in (package.get("weights") or {}).items())
+        return (f"{model.package} (model package {package.get('distribution')} {package.get('version')}"
+                + (f"; {weights}" if weights else "") + ")")
+    if model.hub:
+        return f"hub model {model.hub} at revision {(source.get('revision') or model.revision or '')[:12]}"
+    return f"local folder {relative(Path(str(model.path)))}"
+
+
+def _method(recipe: Recipe) -> str:
+    t = recipe.train
+    method = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}[t.method]
+    if lora := getattr(t, "lora", None):
+        method += f" (r {lora.r}, alpha {num(lora.alpha)})"
+    if quant := getattr(t, "quantization", None):
+        method += f" over a {quant.bits}-bit base"
+    length = f"{num(t.max_steps)} steps" if t.max_steps else f"{num(t.epochs)} epoch{'s' if t.epochs != 1 else ''}"
+    parts = [method, length, f"learning rate {num(t.learning_rate)}", f"batch {t.batch_size}"]
+    if getattr(t, "l2sp", None):
+        parts.append(f"L2-SP toward the pretrained weights ({num(t.l2sp)})")  # type: ignore[attr-defined]
+    return ", ".join(parts)
+
+
+def _plan(result: RunResult) -> list[Block]:
+    failed_before = False
+    rows: list[list[str | Cell]] = []
     for step in result.steps:
-        details: dict[str, Any] = dict(step.metrics)
-        report_file = STAGE_REPORTS.get(step.kind)
-        if step.outputs and report_file and (Path(step.outputs) / report_file).is_file():
-            try:
-                details = {**details, **json.loads((Path(step.outputs) / report_file).read_text())}
-            except ValueError:
-                pass
-        images = [f"{step.kind}-{name}" for name in IMAGES.get(step.kind, [])
-                  if step.outputs and (Path(step.outputs) / name).is_file()]
-        sections.append({"kind": step.kind, "title": TITLES.get(step.kind, step.kind), "status": step.status,
-                         "details": details, "images": images, "error": step.error})
-    return sections
+        style = {"cached": "ok", "failed": "bad", "skipped": "muted"}.get(step.status, "")
+        rows.append([step.kind, step.key[:12], Cell(step.status, style), seconds(step.seconds) if step.seconds else "",
+                     _why(step, failed_before)])
+        failed_before = failed_before or step.status == "failed"
+    return [Heading("Plan: what ran and why", 2, "plan"),
+            Table(["step", "key", "status", "time", "why"], rows)]
 
 
-def _flat(details: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in details.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and len(value) <= 40:
-            rows += _flat(value, f"{name}.")
+def _why(step: StepResult, failed_before: bool) -> str:
+    if step.status == "cached":
+        return "same inputs as a finished earlier run: taken from the cache"
+    if step.status == "skipped":
+        return "not run: an earlier step failed" if failed_before else "not run: the run stopped before it (--until)"
+    why = "; ".join(step.reasons) or "forced (--force)"
+    return why + (" — failed (see above)" if step.status == "failed" else "")
+
+
+def _stage(facts: Facts, step: StepResult) -> list[Block]:
+    if step.kind == "evaluate":
+        return []  # its report is the forgetting and set tables above
+    details = facts.reports.get(step.kind)
+    blocks: list[Block] = [Heading(TITLES.get(step.kind, step.kind), 2, step.kind)]
+    if step.status == "skipped":
+        return blocks + [Para("not run", "muted")]
+    if step.error:
+        blocks.append(Callout(f"{step.kind} failed", step.error))
+    if details:
+        blocks += report_stages.SECTIONS.get(step.kind, report_stages.other)(details)
+    blocks += _pictures(facts, step)
+    return blocks
+
+
+def _copy(source: Path, run_dir: Path, name: str) -> Path:
+    target = run_dir / name
+    shutil.copy(source, target)
+    return target
+
+
+def _pictures(facts: Facts, step: StepResult) -> list[Block]:
+    out, run_dir = facts.outputs.get(step.kind), facts.result.run_dir
+    if out is None:
+        return []
+    if step.kind == "train" and (out / "loss.png").is_file():
+        return [Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "loss curves",
+                      "train and eval loss by optimizer step, with the training metrics")]
+    if step.kind == "serve":
+        latency = facts.latency or {}
+        if (out / "latency.png").is_file():
+            path = _copy(out / "latency.png", run_dir, "serve-latency.png")
+        elif latency.get("samples_ms"):
+            from runner.plots import latency_histogram
+
+            path = run_dir / "serve-latency.png"
+            latency_histogram(latency["samples_ms"], latency["p50_ms"], latency["p95_ms"], path)
         else:
-            rows.append((name, value))
-    return rows
+            return [Para("no latency histogram: this serve step recorded no latency samples", "muted")]
+        return [Image(path, "latency histogram", "latency of the sequential requests; dashed lines: p50 and p95")]
+    return []
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list):
-        text = ", ".join(_fmt(v) for v in value[:12])
-        return text + (", ..." if len(value) > 12 else "")
-    return str(value)
+def _confusion_pictures(facts: Facts) -> dict[str, Path]:
+    """confusion_<set>.png from the evaluate step's folder, or drawn here from the matrix in its report (a failed step's
+    folder keeps only the report)."""
+    pictures: dict[str, Path] = {}
+    run_dir, out = facts.result.run_dir, facts.outputs.get("evaluate")
+    for s in (facts.evaluate or {}).get("sets") or []:
+        name = str(s.get("name"))
+        if out is not None and (out / f"confusion_{name}.png").is_file():
+            pictures[name] = _copy(out / f"confusion_{name}.png", run_dir, f"evaluate-confusion_{name}.png")
+        elif found := report_eval.confusion_source(facts.evaluate or {}, s):
+            from runner.plots import confusion_matrix
+
+            artifact, matrix, labels = found
+            pictures[name] = run_dir / f"evaluate-confusion_{name}.png"
+            confusion_matrix(matrix, labels, pictures[name], f"{name}: {facts.names().get(artifact, artifact)}")
+    return pictures
 
 
-# --- Markdown -----------------------------------------------------------------------------------------------------------
+# How the base model's source facts (runner.execute.environment) read in the Environment table.
+SOURCE_FACTS = {"package": "import name", "folder": "folder", "distribution": "distribution", "version": "version",
+                "sha256": "folder content sha256", "hub": "hub id", "revision": "revision", "path": "folder"}
 
 
-def _markdown(result: RunResult, sections: list[dict[str, Any]], recipe_yaml: str, environment: dict[str, Any]) -> str:
-    verdict = "succeeded" if result.ok else "FAILED"
-    lines = [f"# {result.recipe}: {verdict}", ""]
-    accuracy = headline(sections)
-    if accuracy:
-        lines += ["## Eval accuracy at each stage", "", "| stage | accuracy |", "|---|---|"]
-        lines += [f"| {label} | {value:.4f} |" for label, value in accuracy] + [""]
-    lines += ["## Plan", "", "| step | key | status | seconds | why it ran |", "|---|---|---|---|---|"]
-    for step in result.steps:
-        why = "; ".join(step.reasons) if step.status == "ran" else ""
-        lines.append(f"| {step.kind} | `{step.key[:12]}` | {step.status} | {step.seconds:.1f} | {why} |")
-    for section in sections:
-        lines += ["", f"## {section['title']}", ""]
-        if section["error"]:
-            lines += [f"**Failed:** {section['error']}", ""]
-        for image in section["images"]:
-            lines += [f"![{section['kind']}]({image})", ""]
-        rows = _flat(section["details"])
-        if rows:
-            lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows]
-    lines += ["", "## Environment", "", "| package or fact | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _flat(environment)]
-    lines += ["", "## Resolved recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
-    return "\n".join(lines)
-
-
-# --- HTML ---------------------------------------------------------------------------------------------------------------
-
-_STYLE = """
-body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#1d2330}
-h1{margin-bottom:.2em} .ok{color:#137333} .bad{color:#b3261e} .muted{color:#667}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px} td,th{border:1px solid #dde;padding:4px 10px;text-align:left}
-th{background:#f3f5f9} code,pre{font-family:ui-monospace,monospace;font-size:13px}
-pre{background:#f6f8fa;padding:1em;overflow:auto}
-.cached{color:#137333} .ran{color:#0b57d0} .failed{color:#b3261e} .skipped{color:#999} img{max-width:100%;border:1px solid #eee}
-section{margin-top:1.5em}
-"""
-
-
-def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("figure", "value")) -> str:
-    body = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows)
-    return f"<table><tr><th>{header[0]}</th><th>{header[1]}</th></tr>{body}</table>"
-
-
-def _html(result: RunResult, sections: list[dict[str, Any]], recipe_yaml: str, environment: dict[str, Any]) -> str:
-    verdict = '<span class="ok">succeeded</span>' if result.ok else '<span class="bad">failed</span>'
-    plan_rows = "".join(
-        f"<tr><td>{s.kind}</td><td><code>{s.key[:12]}</code></td><td class='{s.status}'>{s.status}</td>"
-        f"<td>{s.seconds:.1f}</td><td>{html.escape('; '.join(s.reasons) if s.status == 'ran' else '')}</td></tr>"
-        for s in result.steps
-    )
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(result.recipe)} report</title>"
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(result.recipe)}: {verdict}</h1><p class='muted'>{html.escape(str(result.run_dir))}</p>",
-        (f"<section><h2>Eval accuracy at each stage</h2>{_table(headline(sections), ('stage', 'accuracy'))}</section>"
-         if headline(sections) else ""),
-        "<section><h2>Plan</h2><table><tr><th>step</th><th>key</th><th>status</th><th>seconds</th>"
-        f"<th>why it ran</th></tr>{plan_rows}</table></section>",
-    ]
-    for section in sections:
-        parts.append(f"<section><h2>{html.escape(section['title'])}</h2>")
-        if section["error"]:
-            parts.append(f"<p class='bad'><b>Failed:</b> {html.escape(section['error'])}</p>")
-        parts += [f"<img src='{html.escape(image)}' alt='{section['kind']}'>" for image in section["images"]]
-        rows = _flat(section["details"])
-        if rows:
-            parts.append(_table(rows))
-        parts.append("</section>")
-    parts.append(f"<section><h2>Environment</h2>{_table(_flat(environment), ('package or fact', 'value'))}</section>")
-    parts.append(f"<section><h2>Resolved recipe</h2><pre>{html.escape(recipe_yaml)}</pre></section></body></html>")
-    return "\n".join(parts)
+def _environment(environment: dict[str, Any]) -> list[Block]:
+    rows: list[list[str | Cell]] = [[k, num(v)] for k, v in environment.items() if not isinstance(v, dict)]
+    for kind, value in (environment.get("model") or {}).items():
+        for key, item in (value if isinstance(value, dict) else {kind: value}).items():
+            if isinstance(item, dict):  # weights: file -> sha256
+                rows += [[f"base model {kind}: {name} sha256", str(digest)] for name, digest in item.items()]
+            else:
+                rows.append([f"base model {kind}: {SOURCE_FACTS.get(key, key)}", num(item)])
+    packages = environment.get("packages") or {}
+    return [Heading("Environment", 2, "environment"), Table(["fact", "value"], rows, compact=True),
+            Table(["package", "version"], [[name, str(version)] for name, version in packages.items()],
+                  caption="packages that shaped a step")]

@@ -9,6 +9,7 @@ full-size figures come from `nox -s recipe -- quickstart` and go into the README
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -52,9 +53,10 @@ def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, 
     assert abs(quantize["comparison"]["metric_candidate"] - train["eval_accuracy"]) <= 0.02
     assert serve["passed"] and serve["served_eval"]["accuracy"] == quantize["comparison"]["metric_candidate"]
     report = (workdir / "runs/quickstart/latest/report.md").read_text()
-    assert "## Eval accuracy at each stage" in report and (workdir / "runs/quickstart/latest/report.html").is_file()
+    assert "## Headline" in report and (workdir / "runs/quickstart/latest/report.html").is_file()
+    assert re.search(r"^- \*\*int8 ONNX:\*\* 0\.\d{4} \(", report, re.M)  # the headline names every artifact's figure
     # the weights' provenance, checkable against the upstream file: all-MiniLM-L6-v2's model.safetensors
-    assert "| model.package.weights.model.safetensors | 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db |" in report
+    assert "| base model package: model.safetensors sha256 | 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db |" in report
 
 
 def test_quickstart_again_is_fully_cached(workdir, monkeypatch):

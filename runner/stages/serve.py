@@ -6,8 +6,8 @@ ready afterwards; `concurrency` identical requests at once with identical answer
 offline answers, which catches a batcher that hands results to the wrong request); for classifiers, batch invariance
 (a text alone vs among 16 concurrent others: no label flip, scores within `serve.max_score_drift`) and served accuracy
 equal to the accuracy the served artifact's report recorded offline on the same test rows (runner/stages/serve_gates.py);
-p50/p95 latency and throughput. The server is always stopped: its process group gets SIGTERM, then SIGKILL after a
-grace period, also on failure and Ctrl-C.
+p50/p95 latency (with the raw samples, drawn in out/latency.png) and throughput. The server is always stopped: its
+process group gets SIGTERM, then SIGKILL after a grace period, also on failure and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -309,7 +309,17 @@ def _measure(client: httpx.Client, route: str, payload: dict[str, Any], n: int, 
     p50, p95 = np.percentile(latencies, [50, 95])
     return {"requests": n, "p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3),
             "mean_ms": round(float(np.mean(latencies)), 3), "throughput_rps": round(n / elapsed, 2),
-            "throughput_concurrency": concurrency, "errors": errors}
+            "throughput_concurrency": concurrency, "errors": errors,
+            # the raw sequential timings, so the report can draw their histogram (serve's outputs are all run records)
+            "samples_ms": [round(value, 3) for value in latencies]}
+
+
+def _latency_picture(latency: dict[str, Any] | None, path: Path) -> None:
+    """latency.png beside the report (also when a gate failed: a slow p95 is best read from its histogram)."""
+    if latency and latency.get("samples_ms"):
+        from runner.plots import latency_histogram
+
+        latency_histogram(latency["samples_ms"], latency["p50_ms"], latency["p95_ms"], path)
 
 
 def _served_labels(client: httpx.Client, texts: list[str], batch: int) -> list[str]:
@@ -404,6 +414,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         report["server"]["exit_code"] = server.stop()
         report["passed"] = not failures
         (out / "serve_report.json").write_text(json.dumps(report, indent=2))
+        _latency_picture(report.get("latency"), out / "latency.png")
     if failures:
         raise StageError("smoke-serve failed:\n- " + "\n- ".join(failures) + f"\n(see {out / 'serve_report.json'})")
     latency = report["latency"]
