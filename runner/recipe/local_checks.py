@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import genai
-from runner.recipe import data_columns
+from runner.recipe import data_columns, eval_checks
 from runner.recipe.models import HubSource, Recipe, model_location
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
 
@@ -94,6 +94,7 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
     found = Findings()
     if recipe.data is not None:
         found.errors += data_columns.check(recipe)
+    found.errors += eval_checks.check(recipe)  # the evaluate section's files and the lm-eval package
     if recipe.model is None:  # the model section has errors of its own (the loader reports them)
         return found
     if recipe.data is not None:
@@ -169,6 +170,8 @@ def pin_revisions(recipe: Recipe, found: Findings) -> None:
         [(("data", "source"), data.source)] if data.sources is None
         else [(("data", "sources", i), s) for i, s in enumerate(data.sources)]
     )
+    if recipe.evaluate is not None:  # eval sets read hub datasets the same way
+        sources += [(("evaluate", "sets", i, "source"), spec.source) for i, spec in enumerate(recipe.evaluate.sets)]
     for at, source in sources:
         if isinstance(source, HubSource):
             wanted.append(((*at, "revision"), source, "dataset"))

@@ -479,7 +479,8 @@ class Serve(Strict):
 
 # --- evaluate -----------------------------------------------------------------------------------------------------------
 
-ARTIFACTS = ("base", "train", "export", "quantize")
+ArtifactKind = Literal["base", "train", "export", "quantize"]
+ARTIFACTS: tuple[ArtifactKind, ...] = ("base", "train", "export", "quantize")
 
 
 class EvalSet(Strict):
@@ -519,7 +520,7 @@ class Evaluate(Strict):
 
     test_split: bool = Field(True, description="Score the recipe's own test split (as the set `test`).")
     sets: list[EvalSet] = Field(default_factory=list, description="Extra sets, each with a name and a role.")
-    artifacts: list[Literal["base", "train", "export", "quantize"]] = Field(
+    artifacts: list[ArtifactKind] = Field(
         default_factory=lambda: list(ARTIFACTS),
         description="Which models to score; the recipe's steps decide which exist (`base` is the model before training).",
     )

@@ -209,6 +209,78 @@ def quantize_fits_task(recipe: Section) -> Found:
                                       "onnx-dynamic-int8 or onnx-static-int8")
 
 
+# --- evaluate (its sets, the forgetting budget, which artifacts) --------------------------------------------------------
+
+
+def eval_set_answers(spec: Section) -> Found:
+    if spec.given("prompt_column") != spec.given("answer_column"):
+        given, missing = ("prompt_column", "answer_column") if spec.given("prompt_column") else ("answer_column",
+                                                                                              "prompt_column")
+        yield spec.at(given), f"`{given}` needs `{missing}` (greedy answers are scored against reference answers)"
+
+
+def eval_sets_fit_task(recipe: Section) -> Found:
+    classify = recipe.section("model", m.Model)["task"] == "sequence-classification"
+    for spec in recipe.section("evaluate", m.Evaluate).items("sets", m.EvalSet):
+        try:
+            if classify:
+                for name in ("prompt_column", "answer_column"):
+                    if spec.given(name):
+                        yield spec.at(name), f"`{name}` applies to causal-lm recipes (a classifier is scored by labels)"
+                if spec["label_column"] is None:
+                    why = "for the linear probe" if spec["role"] == "general" else "to score its answers"
+                    yield spec.at("label_column"), f"a classifier's eval set needs `label_column` {why}"
+        except Skip:
+            continue
+
+
+def eval_set_names(evaluate: Section) -> Found:
+    seen = {"test"} if evaluate["test_split"] else set()
+    for spec in evaluate.items("sets", m.EvalSet):
+        try:
+            name = spec["name"]
+        except Skip:
+            continue
+        if name in seen:
+            what = "the test split's name (test_split: true)" if name == "test" else "taken by another set"
+            yield spec.at("name"), f"set name {name!r} is {what}; give each set a name of its own"
+        seen.add(name)
+
+
+def eval_forgetting(evaluate: Section) -> Found:
+    if evaluate["max_forgetting"] is None:
+        return
+    roles = []
+    for spec in evaluate.items("sets", m.EvalSet):
+        try:
+            roles.append(spec["role"])
+        except Skip:
+            return
+    if "general" not in roles:
+        yield evaluate.at("max_forgetting"), ("`max_forgetting` needs at least one set with `role: general` (the text "
+                                              "the base model knew, scored on the base and the tuned model)")
+    missing = [kind for kind in ("base", "train") if kind not in evaluate["artifacts"]]
+    if missing:
+        yield evaluate.at("artifacts"), (f"`max_forgetting` compares the base with the trained model: "
+                                         f"`artifacts` must include {' and '.join(missing)}")
+
+
+def eval_artifacts_exist(recipe: Section) -> Found:
+    """A written `artifacts` list must name steps the recipe has; the default (all four) scores those that exist."""
+    evaluate = recipe.section("evaluate", m.Evaluate)
+    if not evaluate.given("artifacts"):
+        return
+    for kind in ("export", "quantize"):
+        if kind in evaluate["artifacts"] and not recipe.section(kind, None).present():
+            yield evaluate.at("artifacts"), f"`artifacts` names {kind}, but the recipe has no `{kind}` section"
+
+
+def eval_lm_eval_task(recipe: Section) -> Found:
+    evaluate = recipe.section("evaluate", m.Evaluate)
+    if evaluate.given("lm_eval") and recipe.section("model", m.Model)["task"] != "causal-lm":
+        yield evaluate.at("lm_eval"), "`lm_eval` runs lm-evaluation-harness tasks on a causal-lm model"
+
+
 Rule = Callable[[Section], Found]
 TRAIN_CLASSES: dict[Any, type[BaseModel]] = {"full": m.FullTrain, "lora": m.LoraTrain, "qlora": m.QloraTrain}
 
@@ -241,6 +313,9 @@ SCOPES: list[tuple[list[Rule], Callable[[Section], list[Section]]]] = [
     ([train_eval_steps, train_min_batch], lambda root: [_train(root)]),
     ([lora_targets], _lora),
     ([probe_kind], lambda root: root.section("serve", m.Serve).items("probes", m.Probe)),
+    ([eval_sets_fit_task, eval_artifacts_exist, eval_lm_eval_task], lambda root: [root]),
+    ([eval_set_names, eval_forgetting], lambda root: [root.section("evaluate", m.Evaluate)]),
+    ([eval_set_answers], lambda root: root.section("evaluate", m.Evaluate).items("sets", m.EvalSet)),
 ]
 
 

@@ -172,6 +172,12 @@ def label_names(data_cfg: dict[str, Any], rows: Dataset) -> list[str]:
     return sorted(present, key=lambda name: (0, int(name), "") if re.fullmatch(r"-?\d+", name) else (1, 0, name))
 
 
+def read_source(source: HubSource | FileSource | InlineSource, cache_dir: Path | None) -> Dataset:
+    """One source's rows as written (no renames, templates or labels): how the evaluate step reads its extra sets, so
+    an eval set is read exactly like a data source."""
+    return _load_source(source, cache_dir)
+
+
 def _load_source(source: HubSource | FileSource | InlineSource, cache_dir: Path | None) -> Dataset:
     if isinstance(source, InlineSource):
         try:
