@@ -21,7 +21,7 @@ from runner.execute import RunResult, StepResult
 from runner.recipe import Loaded
 from runner.recipe.errors import relative
 from runner.recipe.models import FileSource, HubSource, Recipe
-from runner.report_format import metric, num, seconds
+from runner.report_format import metric, num, seconds, signed_metric
 from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
 
 # Which file of each stage's output folder holds its report (shown instead of the step's small metrics, never beside
@@ -213,18 +213,18 @@ def _headline_blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any]) 
         base = next((s.value for s in facts.scores if s.artifact == "base"), None)
         tiles = []
         for s in facts.scores:
-            change = f", {'+' if s.value >= base else '−'}{num(abs(s.value - base))} vs base" if (
-                base is not None and s.artifact != "base") else ""
-            tiles.append((s.name, metric(s.value), f"{num(s.rows)} rows · {s.source}{change}"))
+            change = f", {signed_metric(s.value - base)} vs base" if base is not None and s.artifact != "base" else ""
+            tiles.append((s.name, metric(s.value), f"{num(s.rows)} rows · {s.source}{change}", ""))
         blocks += [Para(f"{facts.metric} on {facts.metric_set}, at every artifact:", "lead"), Grid(tiles)]
     latency = facts.latency
     verdict = facts.forgetting_verdict
     style = "ok" if verdict == "within budget" else "bad" if verdict == "over budget" else "muted"
-    tiles = [("served p50", f"{num(latency.get('p50_ms'))} ms", f"{num(latency.get('requests'))} requests, one at a time"),
+    tiles = [("served p50", f"{num(latency.get('p50_ms'))} ms", f"{num(latency.get('requests'))} requests, one at a time", ""),
              ("served p95", f"{num(latency.get('p95_ms'))} ms",
-              f"{num(latency.get('throughput_rps'))} requests/s at concurrency {num(latency.get('throughput_concurrency'))}")
-             ] if latency else []
-    tiles.append(("forgetting", verdict if style != "muted" else verdict.split(" (")[0], _forgetting_note(facts)))
+              f"{num(latency.get('throughput_rps'))} requests/s at concurrency {num(latency.get('throughput_concurrency'))}",
+              "")] if latency else []
+    tiles.append(("forgetting", verdict if style != "muted" else verdict.split(" (")[0], _forgetting_note(facts),
+                  "" if style == "muted" else style))
     blocks.append(Grid(tiles))
     return blocks
 
@@ -313,7 +313,7 @@ def _stage(facts: Facts, step: StepResult) -> list[Block]:
     details = facts.reports.get(step.kind)
     blocks: list[Block] = [Heading(TITLES.get(step.kind, step.kind), 2, step.kind)]
     if step.status == "skipped":
-        return blocks + [Para("not run", "muted")]
+        return blocks + [Para(_why(step, any(s.status == "failed" for s in facts.result.steps)), "muted")]
     if step.error:
         blocks.append(Callout(f"{step.kind} failed", step.error))
     if details:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runner.report_format import DASH, metric, num, pct, signed
+from runner.report_format import DASH, metric, num, pct, signed_metric
 from runner.report_render import Block, Callout, Cell, Heading, Image, Para, Table
 
 Rows = list[list[str | Cell]]
@@ -53,16 +53,18 @@ def forgetting(report: dict[str, Any]) -> list[Block]:
     if not f.get("sets"):
         return blocks + [Para(f"Verdict: {verdict}. Add a `general` set under evaluate.sets to measure what the tuned "
                               "model forgot.", "muted")]
-    unit = f.get("unit") or ("relative perplexity increase" if task == "causal-lm" else "probe accuracy drop")
-    measure = "perplexity" if task == "causal-lm" else "probe accuracy"
+    lm = task == "causal-lm"
+    measure = "perplexity" if lm else "probe accuracy"
     budget = change_text(task, f.get("budget")) if f.get("budget") is not None else "not set"
     rows: Rows = [[s["name"], metric(s.get("base")), metric(s.get("tuned")), change_text(task, s.get("change")), budget,
              verdict_cell(s.get("within"))] for s in f["sets"]]
     style = {"within budget": "ok", "over budget": "bad"}.get(verdict, "warn")
-    blocks.append(Callout(f"Forgetting verdict: {verdict}",
-                          f"{measure} on general sets, base vs tuned; change = {unit}; budget evaluate.max_forgetting = "
-                          f"{budget}", style))
-    blocks.append(Table(["set", f"base {measure}", f"tuned {measure}", "change", "budget", "verdict"], rows))
+    what = ("Perplexity on each general set, base vs tuned model; change = relative perplexity increase" if lm else
+            "Linear-probe accuracy of the frozen encoder on each general set (logistic regression on mean-pooled "
+            "features), base vs tuned encoder; change = accuracy drop in points")
+    blocks.append(Callout(f"Forgetting verdict: {verdict}", f"{what}. Budget (evaluate.max_forgetting): {budget}.", style))
+    change = "perplexity increase" if lm else "accuracy drop"
+    blocks.append(Table(["set", f"base {measure}", f"tuned {measure}", change, "budget", "verdict"], rows))
     return blocks
 
 
@@ -113,7 +115,7 @@ def _pr(entry: dict[str, Any] | None) -> str:
 def _delta(value: Any, base: Any, artifact: str) -> str:
     if artifact == "base" or not isinstance(value, (int, float)) or not isinstance(base, (int, float)):
         return ""
-    return signed(value - base)
+    return signed_metric(value - base)
 
 
 def _origin(artifact: str, reused: set[str]) -> Cell:

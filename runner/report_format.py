@@ -35,6 +35,13 @@ def metric(value: Any) -> str:
     return num(value)
 
 
+def signed_metric(value: Any) -> str:
+    """A difference of two scores, with its sign (− for a drop), four decimals like the scores themselves."""
+    if not isinstance(value, (int, float)):
+        return DASH
+    return f"{'+' if value > 0 else '−' if value < 0 else '±'}{abs(value):.4f}"
+
+
 def plural(n: Any, word: str, many: str = "") -> str:
     return f"{num(n)} {word if n == 1 else many or word + 's'}"
 
@@ -62,12 +69,6 @@ def size(n: Any) -> str:
 
 def seconds(value: Any) -> str:
     return DASH if not isinstance(value, (int, float)) else f"{value:.1f} s"
-
-
-def before_after(before: Any, after: Any, digits: int = 4) -> str:
-    if before is None:
-        return num(after, digits)
-    return f"{num(before, digits)} → {num(after, digits)}"
 
 
 def label(key: str) -> str:

@@ -76,7 +76,7 @@ class Code:
 class Grid:
     """Headline figures side by side (HTML); a list in markdown."""
 
-    tiles: list[tuple[str, str, str]] = field(default_factory=list)  # (label, value, note)
+    tiles: list[tuple[str, str, str, str]] = field(default_factory=list)  # (label, value, note, style: ok | bad | "")
 
 
 Block = Heading | Para | Callout | Table | Bullets | Image | Code | Grid
@@ -114,7 +114,7 @@ def markdown(title: str, blocks: list[Block]) -> str:
         elif isinstance(block, Code):
             lines += [f"```{block.lang}", block.text.rstrip(), "```", ""]
         elif isinstance(block, Grid):
-            lines += [f"- **{label}:** {value}" + (f" ({note})" if note else "") for label, value, note in block.tiles]
+            lines += [f"- **{label}:** {value}" + (f" ({note})" if note else "") for label, value, note, _ in block.tiles]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -136,12 +136,15 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.kv td:first-child{color:var(--muted);white-space:nowrap} caption{text-align:left;font-weight:600;padding:.3em 0}
 .callout{border-left:5px solid var(--bad);background:#fdf1f0;padding:.7em 1em;margin:1em 0;border-radius:4px}
 .callout.ok{border-color:var(--ok);background:#eef7f0} .callout.warn{border-color:#d39e00;background:#fff8e5}
-.callout b{display:block;margin-bottom:.3em} .callout pre{background:none;padding:0;margin:0;white-space:pre-wrap}
+.callout b{display:block;margin-bottom:.3em;color:var(--bad)} .callout.ok b{color:var(--ok)} .callout.warn b{color:var(--warn)}
+.callout pre{background:none;padding:0;margin:0;white-space:pre-wrap;font:14px/1.5 system-ui,sans-serif;color:var(--ink)}
 .grid{display:flex;flex-wrap:wrap;gap:10px;margin:.8em 0 1.2em}
 .tile{flex:1 1 150px;border:1px solid var(--line);border-radius:6px;padding:.6em .8em;background:#fbfcfe}
 .tile .label{font-size:12px;color:var(--muted);text-transform:uppercase;letter-spacing:.03em}
 .tile .value{font-size:1.45em;font-weight:650;font-variant-numeric:tabular-nums}
 .tile .note{font-size:12.5px;color:var(--muted)}
+.tile-ok{border-color:#9fd3ad;background:#f1f9f3} .tile-ok .value{color:var(--ok)}
+.tile-bad{border-color:#eba8a2;background:#fdf1f0} .tile-bad .value{color:var(--bad)}
 figure{margin:.5em 0 1.5em} figure img{max-width:100%;border:1px solid var(--line);border-radius:4px}
 figcaption{font-size:13px;color:var(--muted)}
 code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px}
@@ -200,8 +203,9 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Code):
         return f"<pre>{html.escape(block.text)}</pre>"
     tiles = "".join(
-        f"<div class='tile'><div class='label'>{html.escape(label)}</div><div class='value'>{html.escape(value)}</div>"
-        f"<div class='note'>{html.escape(note)}</div></div>" for label, value, note in block.tiles
+        f"<div class='tile{f' tile-{style}' if style else ''}'><div class='label'>{html.escape(label)}</div>"
+        f"<div class='value'>{html.escape(value)}</div><div class='note'>{html.escape(note)}</div></div>"
+        for label, value, note, style in block.tiles
     )
     return f"<div class='grid'>{tiles}</div>"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from runner.report_format import before_after, generic, label, metric, num, pct, plural, seconds, size, text
+from runner.report_format import generic, label, metric, num, pct, plural, seconds, size, text
 from runner.report_render import Block, Callout, Cell, Table
 
 Rows = list[list[str | Cell]]
@@ -52,7 +52,8 @@ def data(stats: dict[str, Any]) -> list[Block]:
 
 def train(metrics: dict[str, Any]) -> list[Block]:
     m = metrics
-    rows: Rows = [["method", text(m.get("method"))]]
+    methods = {"full": "full fine-tune (every weight)", "lora": "LoRA adapters", "qlora": "QLoRA adapters over a quantized base"}
+    rows: Rows = [["method", methods.get(str(m.get("method")), text(m.get("method")))]]
     if "steps" in m:
         rows.append(["optimizer steps", f"{num(m['steps'])} ({plural(m.get('epochs'), 'epoch')})"])
     if "batch_size" in m:
@@ -64,7 +65,10 @@ def train(metrics: dict[str, Any]) -> list[Block]:
                                            f"({pct(m['trainable_params'] / m['total_params'], 2)})"])
     for name in ("loss", "accuracy", "perplexity", "f1"):
         if f"eval_{name}" in m:
-            rows.append([f"eval {name} (before → after)", before_after(m.get(f"eval_{name}_before"), m[f"eval_{name}"])])
+            score = metric if name in ("accuracy", "f1") else num
+            before = m.get(f"eval_{name}_before")
+            rows.append([f"eval {name} (before → after)",
+                         score(m[f"eval_{name}"]) if before is None else f"{score(before)} → {score(m[f'eval_{name}'])}"])
     if "train_loss" in m:
         rows.append(["train loss (mean over the run, last logged)", f"{num(m['train_loss'])}, {num(m.get('train_loss_last'))}"])
     if "train_runtime_s" in m:
