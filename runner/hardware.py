@@ -140,6 +140,8 @@ class Machine(BaseModel):
     driver_version: str | None = None
     cuda_version: str | None = None
     bitsandbytes_cuda: bool = False
+    flash_attn: bool | None = Field(None, description="The flash-attn package is installed (None: not probed, a profile).")
+    liger_kernel: bool | None = Field(None, description="The liger-kernel package is installed (None: not probed).")
     onnxruntime_providers: list[str] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list, description="What the probe could not find out, and why.")
 
@@ -169,6 +171,7 @@ def probe(cache_dir: Path | None = None) -> dict[str, Any]:
     }
     facts |= _probe_cuda(problems)
     facts["bitsandbytes_cuda"] = _bitsandbytes_cuda(facts["torch_cuda"], problems)
+    facts["flash_attn"], facts["liger_kernel"] = (_installed(name) for name in ("flash_attn", "liger_kernel"))
     facts["onnxruntime_providers"] = _onnxruntime_providers(problems)
     facts["problems"] = problems
     return facts
@@ -249,6 +252,12 @@ def _bitsandbytes_cuda(torch_cuda: bool, problems: list[str]) -> bool:
         problems.append(f"bitsandbytes unusable: {exc}")
         return False
     return lib is not None
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None  # found without importing it (flash_attn loads CUDA code)
 
 
 def _onnxruntime_providers(problems: list[str]) -> list[str]:
@@ -456,6 +465,8 @@ class Estimate(BaseModel):
     bits: int | None
     batch_size: int
     seq_len: int
+    packed_row_len: int | None = Field(None, description="data.packing: the longest packed row (batch_size x seq_len).")
+    attn_implementation: str | None = None
     gradient_accumulation: int
     gradient_checkpointing: bool
     processes: int = Field(description="Training processes on this machine (torchrun); on CPU they share the RAM.")
@@ -531,10 +542,15 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
     training = _training(shape, train)
     seq = min(recipe.data.max_length, getattr(config, "max_position_embeddings", recipe.data.max_length))
     tokens = train.batch_size * seq
+    # data.packing: the batch is one row of up to batch_size x max_length tokens. Per-token tensors are as many as
+    # padded (at worst every example is max_length long), but attention's seq-dependent ones (the mask, and
+    # eager's probabilities) now span the whole row: a row x row mask instead of batch_size seq x seq ones.
+    row = tokens if recipe.data.packing else seq
+    attn = recipe.model.attn_implementation
     widths = _widths(train, device)
     parts = _parameter_parts(shape, train, training)
-    parts["activations"] = int(tokens * _activation_bytes_per_token(shape, training, widths, seq, device,
-                                                                   train.gradient_checkpointing))
+    parts["activations"] = int(tokens * _activation_bytes_per_token(shape, training, widths, row, device,
+                                                                   train.gradient_checkpointing, attn))
     parts["loss"] = int(tokens * _loss_bytes_per_token(shape, widths))
     parts["ddp"] = parts["gradients"] if train.distributed else 0  # DDP's gradient buckets: a second copy of the gradients
     parts["runtime"] = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_BASELINE_BYTES
@@ -549,7 +565,8 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
         processes=processes, params_total=shape.total_params, params_trainable=_trainable(shape, train, training),
         params_quantized=_quantized_numel(shape, training),
         lora_targets=sorted({n.rsplit(".", 1)[-1] for n in training.targets}), parts=parts, phases=phases,
-        peak_bytes=peak, total_bytes=peak * processes, notes=_notes(shape, train, device),
+        peak_bytes=peak, total_bytes=peak * processes, notes=_notes(shape, train, device, attn, row if row != seq else None),
+        packed_row_len=row if recipe.data.packing else None, attn_implementation=attn,
     )
 
 
@@ -651,20 +668,23 @@ def _phases(parts: dict[str, int], accumulating: bool) -> dict[str, int]:
     }
 
 
-def _math_attention(shape: ModelShape, device: Device) -> bool:
+def _math_attention(shape: ModelShape, device: Device, attn: str | None = None) -> bool:
     # CUDA's memory-efficient SDPA kernel handles masks and dropout in O(seq); on CPU (torch 2.13) SDPA falls back to
     # the math kernel when attention dropout is on, which keeps seq x seq tensors (checked with saved_tensors_hooks).
-    return device == "cpu" and shape.attention_dropout > 0
+    # `eager` attention is that math everywhere: it keeps the seq x seq probabilities of every head.
+    return attn == "eager" or (device == "cpu" and shape.attention_dropout > 0 and attn != "flash_attention_2")
 
 
 def _activation_bytes_per_token(shape: ModelShape, training: Training, w: Widths, seq: int, device: Device,
-                                checkpointing: bool) -> float:
-    layer = _layer_bytes(shape, training, w, seq, device)
+                                checkpointing: bool, attn: str | None = None) -> float:
+    """`seq`: the length attention spans (max_length, or the packed row)."""
+    layer = _layer_bytes(shape, training, w, seq, device, attn)
     if checkpointing:  # each layer keeps only its input; one layer is recomputed (all its tensors) in the backward pass
         layers = shape.layers * shape.hidden * w.residual + layer
     else:
         layers = shape.layers * layer - _frozen_input_saving(shape, training, w)
-    shared_mask = seq * 4 if device == "cuda" else 0  # one seq x seq padding mask for all layers (fp32 at most)
+    # one seq x seq padding mask for all layers (fp32 at most); flash_attention_2 takes no mask
+    shared_mask = seq * 4 if device == "cuda" and attn != "flash_attention_2" else 0
     return layers + _outside_layers_bytes(shape, training, w) + shared_mask
 
 
@@ -682,10 +702,11 @@ def _frozen_input_saving(shape: ModelShape, training: Training, w: Widths) -> fl
     return norm + (adapted * shape.hidden * w.mask if training.lora_dropout > 0 else 0)
 
 
-def _layer_bytes(shape: ModelShape, training: Training, w: Widths, seq: int, device: Device) -> float:
+def _layer_bytes(shape: ModelShape, training: Training, w: Widths, seq: int, device: Device,
+                 attn_implementation: str | None = None) -> float:
     """Bytes autograd saves per token in one block: norms, attention, MLP internals, and the inputs linears keep."""
     h, i, kv, a = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads
-    math_attn = _math_attention(shape, device)
+    math_attn = _math_attention(shape, device, attn_implementation)
     if shape.family == "llama":  # RMSNorm in HF: saves its input and rstd; its normalised fp32 output when trained
         norms = 2 * h * w.residual + 2 * 4 + (2 * h * 4 if training.full else 0)
         mlp = 3 * i * w.inner  # SiLU input, SiLU output, up_proj output (the product's operands)
@@ -698,7 +719,7 @@ def _layer_bytes(shape: ModelShape, training: Training, w: Widths, seq: int, dev
         attn = (2 * h + 2 * kv) * w.attn + a * 4
     # The padding mask: the CPU flash kernel keeps an fp32 seq x seq copy per layer (measured); the math kernel only
     # adds it, and on CUDA one mask is shared by all layers (counted outside the layers).
-    mask = seq * 4 if device == "cpu" and not math_attn else 0
+    mask = seq * 4 if device == "cpu" and not math_attn and attn_implementation != "flash_attention_2" else 0
     sites = SITES[shape.family]
     layer0 = _layer0_names(shape)
     linear_inputs = (
@@ -772,12 +793,16 @@ def _loss_bytes_per_token(shape: ModelShape, w: Widths) -> float:
     return shape.vocab * (12 + (w.logits if w.logits != 4 else 0))
 
 
-def _notes(shape: ModelShape, train: Any, device: Device) -> list[str]:
+def _notes(shape: ModelShape, train: Any, device: Device, attn: str | None = None,
+           packed_row: int | None = None) -> list[str]:
     notes = []
+    if packed_row is not None and attn != "flash_attention_2":
+        notes.append(f"packing: attention's mask spans the packed row ({packed_row} tokens) rather than one example; "
+                     "flash_attention_2 needs none")
     if train.distributed and train.distributed.fsdp:
         notes.append("FSDP shards weights, gradients and optimizer states across processes: this per-process "
                      "estimate (DDP-like) is an upper bound")
-    if _math_attention(shape, device):
+    if _math_attention(shape, device, attn):
         notes.append("attention keeps seq x seq tensors here (math SDPA kernel: attention dropout on CPU)")
     if isinstance(train, QloraTrain) and device == "cpu" and train.quantization.bits == 4:
         notes.append("4-bit QLoRA does not train on CPU (see the train stage); estimated as if it did")
@@ -885,7 +910,7 @@ def _requirement_findings(recipe: Recipe, machine: Machine, device: Device) -> l
     return [f for f in (
         _accelerator(recipe, machine), _gpu_memory(recipe, machine, device), _compute_capability(recipe, machine, device),
         _ram(recipe, machine), _precision(recipe, machine, device), _quantization(recipe, machine, device),
-        _distributed(recipe, machine, device),
+        _distributed(recipe, machine, device), _attention(recipe, machine, device), _liger(recipe, machine, device),
     ) if f is not None]
 
 
@@ -991,6 +1016,47 @@ def _distributed(recipe: Recipe, machine: Machine, device: Device) -> Finding | 
                        detail=f"{dist.nproc_per_node} processes per node need as many GPUs; this machine has "
                               f"{len(machine.gpus)}", fix=[f"train.distributed.nproc_per_node={len(machine.gpus)}"])
     return Finding(check="distributed", status="ok", detail=f"{dist.nproc_per_node} processes on {device}")
+
+
+def _attention(recipe: Recipe, machine: Machine, device: Device) -> Finding | None:
+    """model.attn_implementation: sdpa and eager run anywhere; flash_attention_2 needs CUDA, compute capability 8.0+
+    and the flash-attn package (the train stage refuses the same before loading anything)."""
+    attn = recipe.model.attn_implementation
+    if attn is None:
+        return None
+    if attn != "flash_attention_2":
+        return Finding(check="attention", status="ok", detail=f"{attn} runs on {device}")
+    fix = ["model.attn_implementation=sdpa"]
+    if device != "cuda":
+        return Finding(check="attention", status="fail", detail="flash_attention_2 needs a CUDA GPU", fix=fix)
+    oldest = min((gpu.compute_capability for gpu in machine.gpus), key=_version)
+    if _version(oldest) < (8, 0):
+        return Finding(check="attention", status="fail",
+                       detail=f"flash_attention_2 needs compute capability 8.0+ (Ampere or newer); has {oldest}", fix=fix)
+    if machine.flash_attn is False:
+        return Finding(check="attention", status="fail", detail="flash_attention_2 needs the flash-attn package, which "
+                       "is not installed here", fix=fix)
+    if machine.flash_attn is None:
+        return Finding(check="attention", status="warn", detail="flash_attention_2: the GPU can run it; a profile does "
+                       "not say whether the flash-attn package is installed (no env in envs/ pins it)")
+    return Finding(check="attention", status="ok", detail=f"flash_attention_2 on compute capability {oldest}")
+
+
+def _liger(recipe: Recipe, machine: Machine, device: Device) -> Finding | None:
+    """train.liger: Liger's Triton kernels run on CUDA only, from the liger-kernel package (pinned in envs/cuda13)."""
+    if not recipe.train.liger:
+        return None
+    fix = ["train.liger=false"]
+    if device != "cuda":
+        return Finding(check="liger", status="fail", detail="train.liger needs a CUDA GPU: Liger's kernels are Triton "
+                       "GPU kernels and do not run on CPU", fix=fix)
+    if machine.liger_kernel is False:
+        return Finding(check="liger", status="fail", detail="train.liger needs the liger-kernel package, which is not "
+                       "installed here (envs/cuda13 pins it: `env: cuda13`)", fix=fix)
+    if machine.liger_kernel is None and recipe.env != "cuda13":
+        return Finding(check="liger", status="warn", detail=f"train.liger: the recipe's env `{recipe.env}` does not "
+                       "install liger-kernel; envs/cuda13 pins it (`env: cuda13`)")
+    return Finding(check="liger", status="ok", detail="Liger kernels on CUDA")
 
 
 def _memory_finding(estimated: Estimate, capacity: int, device: Device) -> Finding:

@@ -50,7 +50,9 @@ def step_configs(recipe: Recipe) -> list[Step]:
         # The built model's tokenizer is trained on the recipe's data, so the model step reads the data section too.
         steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}, []))
     add("data", recipe.data, base)
-    add("train", recipe.train, ["data", *base])
+    # data.packing changes how train batches its examples (the data step's output is the same): passed only when on,
+    # so the keys of recipes without it stay what they were
+    add("train", recipe.train, ["data", *base], {"packing": True} if recipe.data.packing else None)
     if recipe.export is not None:
         add("export", recipe.export, ["train", "data", *base])
     if recipe.quantize is not None:

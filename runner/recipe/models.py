@@ -206,8 +206,11 @@ class Data(Strict):
     )
     packing: bool = Field(
         False,
-        description="Causal LM: pack examples into one padding-free row per batch (transformers "
-        "`DataCollatorWithFlattening`; position ids restart per example, so attention never crosses examples).",
+        description="Causal LM: pack each batch's examples into one padding-free row (transformers "
+        "`DataCollatorWithFlattening`; position ids restart per example, so attention never crosses examples). "
+        "`train.batch_size` stays the number of examples per step (now per packed row, up to batch_size x "
+        "max_length tokens); the loss is the mean over the labelled tokens either way. Evaluation batches stay "
+        "padded, so eval loss compares with an unpacked run.",
     )
     select: PositiveInt | None = Field(None, description="Keep this many rows after shuffling.")
     shuffle: bool = Field(True, description="Shuffle the rows with the recipe's seed before selecting.")
@@ -263,7 +266,9 @@ class Distributed(Strict):
 class TrainCommon(Strict):
     epochs: PositiveFloat = Field(3, description="Passes over the training set (ignored when `max_steps` is set).")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
-    batch_size: PositiveInt = Field(8, description="Examples per device per step.")
+    batch_size: PositiveInt = Field(
+        8, description="Examples per device per step (with `data.packing`: examples packed into the step's one row)."
+    )
     gradient_accumulation: PositiveInt = Field(1, description="Steps whose gradients add up before an update.")
     learning_rate: PositiveFloat = Field(5e-5, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(

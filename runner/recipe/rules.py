@@ -177,6 +177,13 @@ def causal_lm_template(recipe: Section) -> Found:
                                     "`data.messages_column` for chat conversations")
 
 
+def packing_causal_lm(recipe: Section) -> Found:
+    model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
+    if data.present() and data["packing"] and model["task"] != "causal-lm":
+        yield data.at("packing"), ("`data.packing` is for causal-lm training (examples concatenated into one row); a "
+                                   f"{model['task']} model reads one example per row: leave packing off")
+
+
 def lora_export_merges(recipe: Section) -> Found:
     export, train = recipe.section("export", m.Export), recipe.section("train", None)
     if export.present() and export["format"] == "onnx" and not export["merge_adapter"] and train["method"] != "full":
@@ -304,7 +311,7 @@ def _lora(root: Section) -> list[Section]:
 
 # Each group of rules with the sections it reads (found lazily: finding one may Skip without stopping the others).
 SCOPES: list[tuple[list[Rule], Callable[[Section], list[Section]]]] = [
-    ([onnx_quantize_needs_export, serve_needs_onnx, probes_fit_task, causal_lm_template, lora_export_merges,
+    ([onnx_quantize_needs_export, serve_needs_onnx, probes_fit_task, causal_lm_template, packing_causal_lm, lora_export_merges,
       export_precision, quantize_fits_task], lambda root: [root]),
     ([model_source], lambda root: [root.section("model", m.Model)]),
     ([init_heads], lambda root: [root.section("model", m.Model).section("init", m.ModelInit)]),

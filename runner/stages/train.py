@@ -21,6 +21,7 @@ share one cache (NFS): each then works in a folder and under a lock of its own, 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import torch
 from pydantic import TypeAdapter
 from transformers import (
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedModel,
@@ -85,6 +87,7 @@ class Job:
     batch_size: int
     accumulation: int
     oom_retries: int = 0
+    packing: bool = False  # data.packing: the plan passes it as the train step's `packing` (only when on)
 
     @classmethod
     def parse(cls, config: dict[str, Any], inputs: dict[str, Path], out: Path) -> Job:
@@ -97,6 +100,7 @@ class Job:
             out=Path(out),
             batch_size=train.batch_size,
             accumulation=train.gradient_accumulation,
+            packing=bool(config.get("packing", False)),
         )
 
     @property
@@ -107,7 +111,7 @@ class Job:
         """The form the torchrun workers read back (see train_worker.py)."""
         return {
             "config": {"model": self.model_json, "train": self.train.model_dump(mode="json"),
-                       "seed": self.seed},
+                       "seed": self.seed, "packing": self.packing},
             "inputs": {kind: str(path) for kind, path in self.inputs.items()},
             "out": str(self.out),
             "retry": {"batch_size": self.batch_size, "accumulation": self.accumulation, "oom_retries": self.oom_retries},
@@ -124,7 +128,7 @@ class Job:
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     job = Job.parse(config, inputs, out)
-    check_hardware(job.train)
+    check_hardware(job.train, job.model)
     drop_incomplete_checkpoints(job.out / CHECKPOINTS)
     attempt = launch_distributed if job.train.distributed else train_here
     while True:
@@ -154,9 +158,17 @@ def smaller_batch(job: Job, reason: str) -> Job:
     return replace(job, batch_size=smaller, accumulation=job.accumulation * 2, oom_retries=job.oom_retries + 1)
 
 
-def check_hardware(train: TrainConfig) -> None:
+def check_hardware(train: TrainConfig, model: Model | None = None) -> None:
     """Refuse settings this machine cannot run, before loading anything."""
     cuda = torch.cuda.is_available()
+    if train.liger:
+        problem = liger_problem(cuda)
+        if problem:
+            raise StageError(problem)
+    if model is not None and model.attn_implementation == "flash_attention_2":
+        problem = flash_attention_problem(cuda)
+        if problem:
+            raise StageError(problem)
     if isinstance(train, QloraTrain) and train.quantization.bits == 4 and not cuda:
         # Checked here (design.md): on CPU, bitsandbytes repacks 4-bit weights after any no-grad forward and from then
         # on every gradient is exactly zero; training "runs" and learns nothing.
@@ -173,6 +185,31 @@ def check_hardware(train: TrainConfig) -> None:
         raise StageError("this GPU has no bfloat16 support; set `quantization.compute_dtype: float16`")
     if train.distributed and _backend(train) == "nccl" and not cuda:
         raise StageError("`distributed.backend: nccl` needs CUDA GPUs; use `gloo` (or `auto`) on CPU")
+
+
+def liger_problem(cuda: bool) -> str | None:
+    """Why `train.liger` cannot run here, or None. The doctor (runner/hardware.py) says the same before a run."""
+    if not cuda:
+        return ("`train.liger: true` needs a CUDA GPU: Liger's kernels are Triton GPU kernels, and on CPU transformers "
+                "would fail mid-setup; set `train.liger: false` on this machine")
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ("`train.liger: true` needs the liger-kernel package, which is not installed here; use the CUDA "
+                "environment (`env: cuda13`, envs/cuda13.txt pins it) or set `train.liger: false`")
+    return None
+
+
+def flash_attention_problem(cuda: bool) -> str | None:
+    """Why `model.attn_implementation: flash_attention_2` cannot run here, or None (sdpa and eager run anywhere)."""
+    if not cuda:
+        return ("`model.attn_implementation: flash_attention_2` needs a CUDA GPU; use `sdpa` (or leave it unset) on CPU")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return (f"`model.attn_implementation: flash_attention_2` needs compute capability 8.0+ (Ampere or newer); this "
+                f"GPU has {major}.{minor}: use `sdpa`")
+    if importlib.util.find_spec("flash_attn") is None:
+        return ("`model.attn_implementation: flash_attention_2` needs the flash-attn package, which is not installed "
+                "here; install it or use `sdpa`")
+    return None
 
 
 # --- one attempt in this process (also what every torchrun worker runs) ----------------------------------------------
@@ -261,6 +298,8 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
         kwargs |= classifier_kwargs(labels, tokenizer)
     if isinstance(job.train, QloraTrain):
         kwargs |= {"quantization_config": bnb_config(job.train), "device_map": {"": _device()}}
+    if job.model.attn_implementation is not None:
+        kwargs["attn_implementation"] = job.model.attn_implementation
     model = model_stage.load_model(job.model_json, job.inputs, job.model.task, **kwargs)
     if isinstance(job.train, FullTrain):
         return model
@@ -367,28 +406,61 @@ class RngPreservingTrainer(Trainer):
             if states[3] is not None:
                 torch.cuda.set_rng_state_all(states[3])
 
+    eval_collator: Any = None  # set by make_trainer: evaluation batches are padded even when training packs
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        training, self.data_collator = self.data_collator, self.eval_collator
+        try:  # the DataLoader keeps the collator it was built with
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training
+
+
+def padded_collator(tokenizer: Any, classifier: bool) -> Any:
+    if classifier:
+        return DataCollatorWithPadding(tokenizer)
+    # Pads input_ids/attention_mask with the tokenizer and labels with -100 (ignored by the loss), on the same side.
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
+
+
+def packed_collator() -> DataCollatorWithFlattening:
+    """data.packing: a batch of `batch_size` examples becomes one row of their tokens, with no padding.
+
+    position_ids restart at 0 for every example and no attention_mask is returned. transformers (masking_utils,
+    `find_packed_sequence_indices`) turns restarting position ids into a block-diagonal causal mask for sdpa and eager,
+    but only when attention_mask is None and there is no KV cache (Trainer sets `use_cache` off); flash_attention_2
+    reads the same boundaries from the position ids. Each example's first label becomes -100, so no token is predicted
+    across a boundary. The loss is the mean over the batch's labelled tokens, as with padded batches.
+    """
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
 
 def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) -> Trainer:
     classifier = job.model.task == CLASSIFIER
-    collator = (
-        DataCollatorWithPadding(tokenizer)
-        if classifier
-        # Pads input_ids/attention_mask with the tokenizer and labels with -100 (ignored by the loss), on the same side.
-        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
-    )
+    padded = padded_collator(tokenizer, classifier)
+    collator = packed_collator() if job.packing else padded
     # transformers 5 takes the TensorBoard folder from this variable (read when the Trainer builds its callbacks)
     previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.out / "tensorboard")
     try:
-        return _trainer(job, model, tokenizer, splits, collator, classifier)
+        trainer = _trainer(job, model, tokenizer, splits, collator, classifier)
     finally:
         if previous is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
         else:
             os.environ["TENSORBOARD_LOGGING_DIR"] = previous
+    # Evaluation stays on padded batches with packing: Trainer averages eval loss per batch weighted by the batch's
+    # size in rows, which a packed batch (one row) would change; padded, eval_loss is the same number with or without
+    # packing for the same weights, so runs compare.
+    if job.packing:
+        trainer.eval_collator = padded
+    return trainer
 
 
-def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, collator: Any, classifier: bool) -> Trainer:
+def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, collator: Any,
+             classifier: bool) -> RngPreservingTrainer:
     return RngPreservingTrainer(
         model=model,
         args=training_arguments(job),
@@ -420,6 +492,7 @@ def training_arguments(job: Job) -> TrainingArguments:
         weight_decay=t.weight_decay,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
+        use_liger_kernel=t.liger,  # check_hardware refused it without CUDA and liger-kernel
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=t.gradient_checkpointing,
         # Non-reentrant checkpointing works with frozen inputs (LoRA) without the enable_input_require_grads hook.

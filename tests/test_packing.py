@@ -1,0 +1,333 @@
+"""data.packing: a packed batch must train exactly what the same examples train alone or padded.
+
+The check that matters is cross-contamination: in one packed row, an example's tokens must not attend to the examples
+before it. The runner relies on transformers turning position ids that restart at 0 into a block-diagonal causal mask
+(masking_utils.find_packed_sequence_indices), which it does only when no attention_mask is passed and there is no KV
+cache. So each example's loss inside the packed row is compared with its loss run alone, and the same comparison is shown
+to fail when attention does cross (position ids not restarted, an all-ones attention_mask, a KV cache).
+
+Tolerance: 1e-5 relative. The packed and the lone forward compute the same sums in fp32 with other matrix shapes, so
+they differ by accumulation order only: measured 7e-9 (tiny model) and 1.1e-7 (SmolLM2-135M, 30 layers), against
+fp32's epsilon of 1.2e-7. A leak moves the losses by 7e-3 (tiny, random weights) to 9e-2 (SmolLM2) relative: 700x and
+more above the tolerance.
+
+Also here: the rule that packing is causal-LM only, the doctor's packed memory estimate (checked against what autograd
+saves), and the hardware refusals of train.liger and flash_attention_2 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.recipe.models import Lora, LoraTrain, Model, Recipe
+from runner.stages import StageError
+from tests.conftest import REPO, sentiment_rows
+
+TOLERANCE = 1e-5  # relative; see the module docstring
+LEAK = 1e-3  # a difference this large means attention crossed an example boundary (measured leaks: 7e-3 and more)
+SMOLLM2 = REPO / ".real-models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama(attn: str):  # noqa: ANN201 - a LlamaForCausalLM with random weights, in eval mode
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def examples(vocab: int, lengths: tuple[int, ...] = (7, 12, 5)) -> list[dict[str, list[int]]]:
+    """Token rows of different lengths; the first two labels are masked, as a prompt would be."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100, -100, *ids[2:]]})
+    return rows
+
+
+def _mean_loss(logits, labels):  # noqa: ANN001, ANN202 - the causal-LM loss: position i predicts label i+1
+    import torch
+
+    return torch.nn.functional.cross_entropy(logits[:-1].double(), labels[1:], ignore_index=-100, reduction="none")
+
+
+def alone(model, rows: list[dict[str, list[int]]]) -> list[float]:  # noqa: ANN001
+    import torch
+
+    losses = []
+    for row in rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0]
+        token = _mean_loss(logits, torch.tensor(row["labels"]))
+        losses.append(float(token[torch.tensor(row["labels"][1:]) != -100].mean()))
+    return losses
+
+
+def packed(model, rows: list[dict[str, list[int]]], leak: str | None = None) -> list[float]:  # noqa: ANN001
+    """Each example's loss inside one row built by the train stage's collator; `leak` breaks the isolation on purpose."""
+    import torch
+
+    from runner.stages.train import packed_collator
+
+    batch = packed_collator()(rows, return_tensors="pt")
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: it would switch packing off
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if leak == "positions not restarted":
+        inputs["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+    elif leak == "attention_mask passed":
+        inputs["attention_mask"] = torch.ones_like(batch["input_ids"])
+    elif leak == "kv cache on":
+        inputs["use_cache"] = True
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+    token = _mean_loss(logits, batch["labels"][0])
+    losses, start = [], 0
+    for row in rows:
+        n = len(row["input_ids"])
+        # logits at positions start..start+n-2 predict this example's labels 1..n-1; the boundary label is -100
+        own = token[start:start + n - 1]
+        losses.append(float(own[torch.tensor(row["labels"][1:]) != -100].mean()))
+        start += n
+    return losses
+
+
+def relative_gap(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+# --- cross-contamination -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_get_the_loss_they_get_alone(attn: str) -> None:
+    model = tiny_llama(attn)
+    rows = examples(100)
+    assert relative_gap(packed(model, rows), alone(model, rows)) < TOLERANCE
+
+
+@pytest.mark.parametrize("leak", ["positions not restarted", "attention_mask passed", "kv cache on"])
+def test_the_check_fails_when_attention_crosses_examples(leak: str) -> None:
+    """The comparison above can fail: each of these lets later examples attend to earlier ones."""
+    model = tiny_llama("sdpa")
+    rows = examples(100)
+    reference = alone(model, rows)
+    gap = relative_gap(packed(model, rows, leak), reference)
+    assert gap > LEAK
+    # The first example has nothing before it, so only the later ones change: the gap is attention, not noise.
+    assert abs(packed(model, rows, leak)[0] - reference[0]) / reference[0] < TOLERANCE
+
+
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="the real SmolLM2-135M-Instruct is built by bench/real_lm.py")
+def test_packing_on_real_smollm2_weights() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    rows = examples(model.config.vocab_size, (9, 20, 6))
+    reference = alone(model, rows)
+    assert relative_gap(packed(model, rows), reference) < TOLERANCE
+    assert relative_gap(packed(model, rows, "positions not restarted"), reference) > LEAK
+
+
+# --- the train stage -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal_data(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prompt-masked rows of uneven length, in the data step's layout."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts, names = sentiment_rows(64)
+    texts = [f"### Instruction:\n{t[: 12 + 9 * (i % 5)]}\n### Response:\n{n}{tokenizer.eos_token}"
+             for i, (t, n) in enumerate(zip(texts, names, strict=True))]
+    encoded = tokenizer(texts, truncation=True, max_length=48, return_token_type_ids=False)
+    labels = [[-100] * 4 + list(ids[4:]) for ids in encoded["input_ids"]]
+    folder = tmp_path_factory.mktemp("packing-data")
+    Dataset.from_dict({**encoded, "labels": labels}).train_test_split(test_size=0.25, seed=0).save_to_disk(
+        str(folder / "dataset"))
+    return folder
+
+
+def _config(model_dir: Path, packing: bool, **train: Any) -> dict[str, Any]:
+    settings = {"method": "lora", "lora": Lora(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), "max_steps": 3,
+                "batch_size": 8, "learning_rate": 1e-2, "eval_strategy": "no", "logging_steps": 1, "save_steps": 1000}
+    return {"model": Model(path=str(model_dir), task="causal-lm").model_dump(mode="json"),
+            "train": LoraTrain(**{**settings, **train}).model_dump(mode="json"), "seed": 42,
+            **({"packing": True} if packing else {})}
+
+
+def test_train_stage_packs_train_batches_and_pads_eval_batches(tiny_llama_dir: Path, causal_data: Path,
+                                                              tmp_path: Path) -> None:
+    """Through the stage's own model and Trainer (a peft-wrapped model): the packed batch's loss is the padded batch's."""
+    import torch
+
+    from runner.stages import model as model_stage
+    from runner.stages import train
+
+    job = train.Job.parse(_config(tiny_llama_dir, True), {"data": causal_data}, tmp_path)
+    tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    model = train.build_model(job, None, tokenizer)
+    trainer = train.make_trainer(job, model, tokenizer, train.read_splits(causal_data))
+    assert model.config.use_cache is False  # a KV cache would switch the block-diagonal mask off (see above)
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape[0] == 1
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 8 and starts[0] == 0  # batch_size examples in the row, each numbered from 0
+    assert (batch["labels"][0, starts] == -100).all()  # nothing is predicted across a boundary
+
+    lengths = [*(b - a for a, b in zip(starts, starts[1:], strict=False)), batch["input_ids"].shape[1] - starts[-1]]
+    pieces = torch.split(batch["input_ids"][0], lengths)
+    labels = torch.split(batch["labels"][0], lengths)
+    rows = [{"input_ids": p.tolist(), "attention_mask": [1] * len(p), "labels": [int(x) for x in lab]}
+            for p, lab in zip(pieces, labels, strict=True)]
+    padded = train.padded_collator(tokenizer, classifier=False)(rows)
+    model.eval()
+    with torch.no_grad():
+        packed_loss = trainer.compute_loss(model, {k: v.to(trainer.args.device) for k, v in batch.items()})
+        padded_loss = trainer.compute_loss(model, padded)
+    assert float(packed_loss) == pytest.approx(float(padded_loss), rel=TOLERANCE)
+
+    evaluation = next(iter(trainer.get_eval_dataloader()))
+    assert "attention_mask" in evaluation and evaluation["input_ids"].shape[0] == 8  # padded rows, one per example
+
+
+def test_packed_training_learns_what_padded_training_learns(tiny_llama_dir: Path, causal_data: Path,
+                                                            tmp_path: Path) -> None:
+    """Same examples per step, same token-mean loss: the two runs take the same steps, up to fp32 rounding."""
+    from runner.stages import train
+
+    results = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        out.mkdir()
+        results[packing] = train.run(_config(tiny_llama_dir, packing), {"data": causal_data}, out)
+    assert results[True]["eval_loss_before"] == results[False]["eval_loss_before"]  # eval is padded in both
+    assert results[True]["eval_loss"] < results[True]["eval_loss_before"]
+    # three Adam steps amplify rounding a little: 1e-4 is still far below what one step changes (~1e-1 here)
+    assert results[True]["eval_loss"] == pytest.approx(results[False]["eval_loss"], rel=1e-4)
+    history = json.loads((tmp_path / "packing-True" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
+
+
+# --- recipe rule, doctor, hardware ------------------------------------------------------------------------------------------
+
+
+def _recipe(task: str = "causal-lm", **data: Any) -> dict[str, Any]:
+    init = {"architecture": "llama", "hidden_size": 96, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
+            "vocab_size": 500}
+    return {"name": "tiny", "model": {"task": task, "init": init},
+            "data": {"source": {"rows": {"text": ["x"], "label": ["a"]}}, "max_length": 48, **data},
+            "train": {"method": "full", "batch_size": 4}}
+
+
+def test_packing_is_refused_for_classifiers() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="data.packing` is for causal-lm"):
+        Recipe.model_validate(_recipe("sequence-classification", packing=True))
+    Recipe.model_validate(_recipe(template="{text}", packing=True))
+
+
+def _saved_bytes(model, batch: dict[str, Any]) -> int:  # noqa: ANN001 - what autograd keeps for backward
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):  # noqa: ANN001, ANN202
+        storage = tensor.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in params)
+
+
+def test_doctor_estimates_packed_rows_as_autograd_saves_them() -> None:
+    """One packed row of batch x max_length tokens: per-token tensors as many as padded, but the CPU kernel's fp32 mask
+    spans the whole row (row x row, not batch x seq x seq). Measured with saved_tensors_hooks, as test_doctor does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner import hardware
+
+    recipe = Recipe.model_validate(_recipe(template="{text}", packing=True))
+    estimated = hardware.estimate(recipe, "cpu")
+    padded = hardware.estimate(Recipe.model_validate(_recipe(template="{text}")), "cpu")
+    assert estimated.packed_row_len == 4 * 48 and padded.packed_row_len is None
+    assert estimated.parts["activations"] > padded.parts["activations"]
+    config = hardware._init_config(recipe)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(1, 500, (1, 4 * 48))
+    measured = _saved_bytes(model, {"input_ids": ids, "position_ids": torch.arange(48).repeat(4)[None], "labels": ids,
+                                    "use_cache": False})
+    saved_loss = 4 * 4 * 48 * 500  # the fp32 log_softmax is the saved part of "loss"
+    assert estimated.parts["activations"] + saved_loss == pytest.approx(measured, rel=0.03)
+
+
+def test_doctor_checks_attention_and_liger_against_the_machine() -> None:
+    from runner.hardware import check, load_profile
+
+    def finding(name: str, profile: str, **fields: Any) -> Any:
+        raw = _recipe(template="{text}")
+        raw["model"] |= fields.get("model", {})
+        raw["train"] |= fields.get("train", {})
+        raw["env"] = fields.get("env", "cpu")
+        verdict = check(Recipe.model_validate(raw), load_profile(profile))
+        return next(f for f in verdict.findings if f.check == name), verdict.fits
+
+    t4, a100 = "t4-16gb", "a100-40gb"
+    flash = {"model": {"attn_implementation": "flash_attention_2"}}
+    on_t4, fits = finding("attention", t4, **flash)
+    assert on_t4.status == "fail" and "compute capability 8.0+" in on_t4.detail and not fits
+    assert on_t4.fix == ["model.attn_implementation=sdpa"]
+    assert finding("attention", a100, **flash)[0].status == "warn"  # a profile cannot say whether flash-attn is there
+    assert finding("attention", t4, model={"attn_implementation": "eager"})[0].status == "ok"
+    assert finding("liger", a100, train={"liger": True}, env="cuda13")[0].status == "ok"
+    assert finding("liger", a100, train={"liger": True})[0].status == "warn"  # the cpu env does not install it
+
+
+def test_liger_and_flash_attention_are_refused_on_cpu_by_doctor_and_train(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from runner.cli import main
+    from runner.stages.train import check_hardware
+
+    if torch.cuda.is_available():
+        pytest.skip("refused only without CUDA")
+    code = main(["doctor", str(REPO / "recipes" / "tiny_llama_lora.yaml"), "train.liger=true",
+                 "model.attn_implementation=flash_attention_2"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 1
+    assert "train.liger needs a CUDA GPU" in printed and "flash_attention_2 needs a CUDA GPU" in printed
+    lora = LoraTrain(method="lora", lora=Lora(target_modules="all-linear"), liger=True)
+    with pytest.raises(StageError, match="train.liger: true` needs a CUDA GPU"):
+        check_hardware(lora)
+    with pytest.raises(StageError, match="flash_attention_2` needs a CUDA GPU"):
+        check_hardware(lora.model_copy(update={"liger": False}),
+                       Model(task="causal-lm", hub="x/y", revision="0" * 40, attn_implementation="flash_attention_2"))
