@@ -21,7 +21,7 @@ from runner.execute import RunResult, StepResult
 from runner.recipe import Loaded
 from runner.recipe.errors import relative
 from runner.recipe.models import FileSource, HubSource, Recipe
-from runner.report_format import metric, num, seconds, signed_metric
+from runner.report_format import SHARES, metric, num, seconds, signed, signed_metric
 from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
 
 # Which file of each stage's output folder holds its report (shown instead of the step's small metrics, never beside
@@ -150,7 +150,7 @@ def headline_lines(facts: Facts) -> list[str]:
     """The numbers a person wants at the end of `recipe run`: metric per artifact, latency, forgetting."""
     lines = []
     if facts.scores:
-        figures = ", ".join(f"{s.name} {metric(s.value)}" for s in facts.scores)
+        figures = ", ".join(f"{s.name} {metric(s.value, facts.metric)}" for s in facts.scores)
         lines.append(f"{facts.metric} on {facts.metric_set}: {figures}")
     if latency := facts.latency:
         lines.append(f"served latency: p50 {num(latency.get('p50_ms'))} ms, p95 {num(latency.get('p95_ms'))} ms "
@@ -213,8 +213,9 @@ def _headline_blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any]) 
         base = next((s.value for s in facts.scores if s.artifact == "base"), None)
         tiles = []
         for s in facts.scores:
-            change = f", {signed_metric(s.value - base)} vs base" if base is not None and s.artifact != "base" else ""
-            tiles.append((s.name, metric(s.value), f"{num(s.rows)} rows · {s.source}{change}", ""))
+            change = "" if base is None or s.artifact == "base" else (
+                f", {signed_metric(s.value - base)} vs base" if facts.metric in SHARES else f", {signed(s.value - base)} vs base")
+            tiles.append((s.name, metric(s.value, facts.metric), f"{num(s.rows)} rows · {s.source}{change}", ""))
         blocks += [Para(f"{facts.metric} on {facts.metric_set}, at every artifact:", "lead"), Grid(tiles)]
     latency = facts.latency
     verdict = facts.forgetting_verdict
@@ -252,6 +253,8 @@ def _what(facts: Facts, recipe: Recipe, environment: dict[str, Any]) -> list[lis
     if split:
         rows.append(["rows", f"{num(sum(split.values()))}: " + ", ".join(f"{num(n)} {name}" for name, n in split.items())])
     rows.append(["method", _method(recipe)])
+    if sets := (facts.evaluate or {}).get("sets"):
+        rows.append(["evaluated on", "; ".join(f"{s['name']} ({s.get('role')}, {num(s.get('rows'))} rows)" for s in sets)])
     task = recipe.model.task + (f", labels {', '.join(recipe.data.labels)}" if recipe.data.labels else "")
     rows.append(["task", task])
     return rows

@@ -28,9 +28,12 @@ def num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def metric(value: Any) -> str:
-    """A score in [0, 1] (accuracy, F1) with four decimals so that a column lines up; anything else as `num`."""
-    if isinstance(value, float) and 0 <= value <= 1:
+SHARES = ("accuracy", "f1", "macro_f1", "probe_accuracy", "exact_match", "contains")
+
+
+def metric(value: Any, name: str = "accuracy") -> str:
+    """A score in [0, 1] (accuracy, F1) with four decimals so that a column lines up; a loss or a perplexity as `num`."""
+    if name in SHARES and isinstance(value, float) and 0 <= value <= 1:
         return f"{value:.4f}"
     return num(value)
 

@@ -92,7 +92,8 @@ def _comparison(c: dict[str, Any], reference: str, candidate: str) -> Rows:
     rows: Rows = []
     if "metric" in c:
         rows.append([f"eval {c['metric']} on {num(c.get('samples'))} rows",
-                     f"{metric(c.get('metric_reference'))} ({reference}) → {metric(c.get('metric_candidate'))} ({candidate})"])
+                     f"{metric(c.get('metric_reference'), c['metric'])} ({reference}) → "
+                     f"{metric(c.get('metric_candidate'), c['metric'])} ({candidate})"])
     if "max_abs_diff" in c:
         bound = f", tolerance {num(c['tolerance'])}" if "tolerance" in c else ""
         rows.append(["largest output difference", f"{num(c['max_abs_diff'])} (output scale {num(c.get('reference_scale'))}"
@@ -147,7 +148,10 @@ def quantize(report: dict[str, Any]) -> list[Block]:
     comparison = r.get("comparison") or {}
     rows += _comparison(comparison, "export", "quantized")
     if "metric_drop" in r:  # metric_before/after repeat the comparison's reference and candidate
-        rows.append([f"{r.get('metric', 'metric')} drop", num(r["metric_drop"])])
+        if r.get("metric") == "accuracy":
+            rows.append(["accuracy drop", f"{num(r['metric_drop'])} ({num(100 * r['metric_drop'], 3)} points)"])
+        else:  # a loss: the quantize stage gates its relative increase
+            rows.append([f"{r.get('metric', 'loss')} increase", pct(r["metric_drop"], 2)])
     if greedy := r.get("greedy"):
         rows.append(["greedy decoding", f"{num(greedy.get('agreed'))} of {num(greedy.get('prompts'))} prompts agree "
                                         f"({pct(greedy.get('agreement'))})"])

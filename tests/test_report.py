@@ -174,6 +174,7 @@ def test_the_headline_has_what_was_trained_and_every_artifacts_metric(runs) -> N
     assert "| data | file recipes/data/reviews.csv |" in headline
     assert "| rows | 1,200: 960 train, 240 test |" in headline
     assert "| method | full fine-tune, 1 epoch, learning rate 5e-05, batch 32 |" in headline
+    assert "| evaluated on | test (task, 240 rows); general_news (general, 400 rows) |" in headline
     assert "accuracy on set test (240 rows)" in headline
     for name, value in (("base model", "0.4958"), ("trained (PyTorch)", "0.7042"), ("ONNX export", "0.7041"),
                         ("int8 ONNX", "0.6958"), ("served (int8 ONNX over HTTP)", "0.6958")):
