@@ -81,9 +81,14 @@ def _probe_set(scores: dict[str, Any], names: dict[str, str], artifacts: list[st
     """A general set on a classifier: the linear probe on frozen features (base and tuned encoder)."""
     base = scores.get("base", {}).get("probe_accuracy")
     rows: Rows = [[names[a], metric(scores[a].get("probe_accuracy")), _delta(scores[a].get("probe_accuracy"), base, a),
-                   " / ".join(num(v) for v in (scores[a].get("probe_rows") or {}).values()), _origin(a, reused)]
+                   _probe_rows(scores[a].get("probe_rows") or {}), _origin(a, reused)]
                   for a in artifacts]
     return [Table(["artifact", "probe accuracy", "vs base", "probe rows (train / test)", "score"], rows)]
+
+
+def _probe_rows(rows: dict[str, Any]) -> str:
+    # by name: a memoized score comes back with its keys sorted (test before train)
+    return f"{num(rows.get('train'))} / {num(rows.get('test'))}"
 
 
 def _classifier_set(s: dict[str, Any], names: dict[str, str], artifacts: list[str], reused: set[str]) -> list[Block]:

@@ -81,7 +81,8 @@ def evaluate_report(budget: float | None, tuned_probe: float) -> dict[str, Any]:
                         "quantize": classifier_scores(0.6958, [[83, 40], [33, 84]])}},
             {"name": "general_news", "role": "general", "rows": 400, "source": "data/general.csv", "reused": [],
              "scores": {"base": {"probe_accuracy": 0.84, "probe_rows": {"train": 300, "test": 100}},
-                        "train": {"probe_accuracy": tuned_probe, "probe_rows": {"train": 300, "test": 100}}}},
+                        # as a memoized score comes back: keys sorted
+                        "train": {"probe_accuracy": tuned_probe, "probe_rows": {"test": 100, "train": 300}}}},
         ],
         "forgetting": {"budget": budget, "unit": "probe accuracy drop (points as a fraction)", "verdict": verdict,
                        "sets": [{"name": "general_news", "metric": "probe_accuracy", "base": 0.84, "tuned": tuned_probe,
