@@ -58,8 +58,7 @@ class Facts:
     result: RunResult
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
-    evaluate: dict[str, Any] | None = None
-    evaluate_file: Path | None = None
+    evaluate: dict[str, Any] | None = None  # evaluate_report.json, also a failed step's
     metric: str = ""
     metric_set: str = ""  # which rows the headline metric is measured on
     scores: list[Score] = field(default_factory=list)
@@ -93,17 +92,17 @@ def collect(result: RunResult) -> Facts:
     for step in result.steps:
         if step.outputs:
             facts.outputs[step.kind] = Path(step.outputs)
-        found = _read(Path(step.outputs) / STAGE_REPORTS[step.kind]) if step.outputs and step.kind in STAGE_REPORTS else None
+        found = None
+        if step.kind in STAGE_REPORTS:
+            # a failed step's report (written before its gate raised) is kept by the executor in RUN_DIR/failed/<kind>/
+            folder = Path(step.outputs) if step.outputs else result.run_dir / "failed" / step.kind
+            found = _read(folder / STAGE_REPORTS[step.kind])
         if found is not None:
             facts.reports[step.kind] = found
         elif step.metrics:
             facts.reports[step.kind] = dict(step.metrics)
-    if "evaluate" in facts.outputs:
-        facts.evaluate_file = facts.outputs["evaluate"] / "evaluate_report.json"
-    elif (kept := result.run_dir / "failed" / "evaluate" / "evaluate_report.json").is_file():
-        facts.evaluate_file = kept  # written before the forgetting gate raised; the executor kept it
-    if facts.evaluate_file is not None:
-        facts.evaluate = _read(facts.evaluate_file)
+    if "evaluate" in facts.reports and "task" in facts.reports["evaluate"]:
+        facts.evaluate = facts.reports["evaluate"]
     _headline(facts)
     return facts
 
@@ -317,8 +316,8 @@ def _stage(facts: Facts, step: StepResult) -> list[Block]:
     blocks: list[Block] = [Heading(TITLES.get(step.kind, step.kind), 2, step.kind)]
     if step.status == "skipped":
         return blocks + [Para(_why(step, any(s.status == "failed" for s in facts.result.steps)), "muted")]
-    if step.error:
-        blocks.append(Callout(f"{step.kind} failed", step.error))
+    if step.status == "failed":  # its error is in the box at the top; what it measured before failing follows
+        blocks.append(Para("This step failed: its error is at the top of the report.", "muted"))
     if details:
         blocks += report_stages.SECTIONS.get(step.kind, report_stages.other)(details)
     blocks += _pictures(facts, step)
@@ -332,9 +331,7 @@ def _copy(source: Path, run_dir: Path, name: str) -> Path:
 
 
 def _pictures(facts: Facts, step: StepResult) -> list[Block]:
-    out, run_dir = facts.outputs.get(step.kind), facts.result.run_dir
-    if out is None:
-        return []
+    out, run_dir = facts.outputs.get(step.kind) or run_dir_failed(facts, step), facts.result.run_dir
     if step.kind == "train" and (out / "loss.png").is_file():
         return [Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "loss curves",
                       "train and eval loss by optimizer step, with the training metrics")]
@@ -351,6 +348,10 @@ def _pictures(facts: Facts, step: StepResult) -> list[Block]:
             return [Para("no latency histogram: this serve step recorded no latency samples", "muted")]
         return [Image(path, "latency histogram", "latency of the sequential requests; dashed lines: p50 and p95")]
     return []
+
+
+def run_dir_failed(facts: Facts, step: StepResult) -> Path:
+    return facts.result.run_dir / "failed" / step.kind  # holds only the reports: pictures are drawn from them
 
 
 def _confusion_pictures(facts: Facts) -> dict[str, Path]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runner.report_format import DASH, metric, num, pct, signed_metric
+from runner.report_format import DASH, metric, num, pct, signed_metric, signed_pct
 from runner.report_render import Block, Callout, Cell, Heading, Image, Para, Table
 
 Rows = list[list[str | Cell]]
@@ -35,7 +35,7 @@ def change_text(task: str, value: Any) -> str:
     if not isinstance(value, (int, float)):
         return DASH
     if task == "causal-lm":
-        return f"{'+' if value > 0 else ''}{100 * value:.1f}% perplexity"
+        return f"{signed_pct(value)} perplexity"
     return f"{100 * value:.1f} points"
 
 
@@ -138,7 +138,7 @@ def _lm_set(s: dict[str, Any], names: dict[str, str], artifacts: list[str], reus
     rows: Rows = []
     for a in artifacts:
         ppl = scores[a].get("perplexity")
-        change = "" if a == "base" or not isinstance(ppl, (int, float)) or not base else pct(ppl / base - 1)
+        change = "" if a == "base" or not isinstance(ppl, (int, float)) or not base else signed_pct(ppl / base - 1)
         cells = [pct(scores[a].get(k)) if k in ("exact_match", "contains") else num(scores[a].get(k)) for k, _ in columns]
         rows.append([names[a], *cells, change, _origin(a, reused)])
     return [Table(["artifact", *(h for _, h in columns), "perplexity vs base", "score"], rows)]

@@ -45,6 +45,12 @@ def signed_metric(value: Any) -> str:
     return f"{'+' if value > 0 else '−' if value < 0 else '±'}{abs(value):.4f}"
 
 
+def signed_pct(value: Any, digits: int = 1) -> str:
+    if not isinstance(value, (int, float)):
+        return DASH
+    return f"{'+' if value > 0 else '−' if value < 0 else '±'}{100 * abs(value):.{digits}f}%"
+
+
 def plural(n: Any, word: str, many: str = "") -> str:
     return f"{num(n)} {word if n == 1 else many or word + 's'}"
 

@@ -297,3 +297,74 @@ def test_serve_records_its_raw_latency_samples_and_draws_them(tmp_path: Path) ->
     assert len(calls) == 5 + 20 + 20  # warm-up, timed one by one, throughput
     serve_stage._latency_picture(latency, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_serve_step_still_shows_what_it_measured(tmp_path: Path, loaded, monkeypatch) -> None:
+    """The p95 gate failed: the executor kept serve_report.json in RUN_DIR/failed/serve/ (and nothing else)."""
+    result = make_run(tmp_path, "none")
+    slow = {**SERVE, "passed": False, "failures": ["p95 latency 28.93 ms > serve.max_p95_ms 20"]}
+    kept = result.run_dir / "failed" / "serve"
+    kept.mkdir(parents=True)
+    (kept / "serve_report.json").write_text(json.dumps(slow))
+    error = f"smoke-serve failed:\n- p95 latency 28.93 ms > serve.max_p95_ms 20\n(see {kept / 'serve_report.json'})"
+    result.steps[-1] = StepResult("serve", result.steps[-1].key, "failed", 9.0, error=error, reasons=["key changed"])
+    md = write_report(result, loaded, ENVIRONMENT)[0].read_text()
+    assert "> **Step serve failed**\n>\n> smoke-serve failed:\n> - p95 latency 28.93 ms > serve.max_p95_ms 20\n" in md
+    serve = section(md, "Smoke-serve")
+    assert "| gate | **FAILED** |" in serve and "p50 14.55 ms, p95 28.93 ms" in serve
+    assert md.count("p95 latency 28.93 ms > serve.max_p95_ms 20") == 1  # the error once, at the top
+    assert (result.run_dir / "serve-latency.png").is_file()  # drawn from the kept samples
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buffer, width=200, highlight=False, emoji=False))
+    cli._summary(result)
+    assert "  served latency: p50 14.55 ms, p95 28.93 ms (140 requests/s at concurrency 8)" in buffer.getvalue()
+
+
+LM_TRAIN = {"method": "lora", "train_loss": 0.7839, "train_loss_last": 0.4359, "eval_loss_before": 4.7178,
+            "eval_loss": 0.527, "eval_perplexity_before": 111.92, "eval_perplexity": 1.6939, "steps": 48, "epochs": 2.0,
+            "trainable_params": 921600, "total_params": 135436608, "adapter_bytes": 3702168}
+
+
+def lm_scores(loss: float, perplexity: float, exact: float | None = None) -> dict[str, Any]:
+    return {"loss": loss, "perplexity": perplexity, "tokens": 912, **({"exact_match": exact, "contains": exact}
+                                                                        if exact is not None else {})}
+
+
+def test_a_causal_lm_report_gives_perplexity_and_its_relative_increase(tmp_path: Path) -> None:
+    lm = load_recipe(REPO / "recipes" / "tiny_llama_lora.yaml", [])
+    evaluate = {
+        "task": "causal-lm", "headline_metric": "perplexity",
+        "artifacts": {"base": {"key": "b" * 24, "about": "base model before fine-tuning"},
+                      "train": {"key": "t" * 24, "about": "trained model (torch)"},
+                      "export": {"key": "e" * 24, "about": "ONNX export"}},
+        "sets": [{"name": "test", "role": "task", "rows": 42, "source": "the recipe's test split", "reused": [],
+                  "scores": {"base": lm_scores(4.72, 112.0, 0.0), "train": lm_scores(0.527, 1.694, 0.5),
+                             "export": lm_scores(0.5273, 1.6944, 0.5)}},
+                 {"name": "wiki", "role": "general", "rows": 50, "source": "data/general.txt", "reused": [],
+                  "scores": {"base": lm_scores(3.2, 24.5), "train": lm_scores(3.31, 27.44),
+                             "export": lm_scores(3.31, 27.44)}}],
+        "forgetting": {"budget": 0.1, "unit": "relative perplexity increase", "verdict": "over budget",
+                       "sets": [{"name": "wiki", "metric": "perplexity", "base": 24.5, "tuned": 27.44, "change": 0.12,
+                                 "within": False}]},
+    }
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("name: tiny_llama_lora\n")
+    steps = []
+    for kind, name, content in (("train", "metrics.json", LM_TRAIN), ("evaluate", "evaluate_report.json", evaluate)):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / name).write_text(json.dumps(content))
+        steps.append(StepResult(kind, f"{kind}0123456789abcdef", "ran", 1.0, {}, str(tmp_path / kind)))
+    result = RunResult("tiny_llama_lora", run_dir, steps)
+    md = write_report(result, lm, {"packages": {}})[0].read_text()
+    headline = section(md, "Headline")
+    assert "perplexity on set test (42 rows)" in headline
+    assert "- **base model:** 112 (42 rows · evaluate step)" in headline
+    assert "- **trained (PyTorch):** 1.694 (42 rows · evaluate step, −110.3 vs base)" in headline
+    assert "built from a config (random weights): llama" in headline and "LoRA (r " in headline
+    forgetting = section(md, "Forgetting")
+    assert "| wiki | 24.5 | 27.44 | +12.0% perplexity | +10.0% perplexity | **OVER BUDGET** |" in forgetting
+    sets = section(md, "Evaluation sets")
+    assert "| artifact | loss | perplexity | tokens | exact match | contains | perplexity vs base | score |" in sets
+    assert "| trained (PyTorch) | 0.527 | 1.694 | 912 | 50.0% | 50.0% | −98.5% | scored |" in sets
+    assert "![confusion" not in md
