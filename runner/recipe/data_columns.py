@@ -64,7 +64,9 @@ def _needed(recipe: Recipe) -> list[tuple[str, str]]:
     """(the field that names it, column) for every column the data step reads."""
     data = recipe.data
     needed: list[tuple[str, str]] = []
-    if data.template:
+    if data.messages_column is not None:  # a chat recipe reads its conversations, nothing else
+        needed.append(("messages_column", data.messages_column))
+    elif data.template:
         try:
             fields = [name for _, name, _, _ in string.Formatter().parse(data.template) if name]
         except ValueError:  # a malformed template: the data step explains how to write one

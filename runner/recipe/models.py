@@ -296,17 +296,22 @@ class TrainCommon(Strict):
         False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; transformers "
         "`use_liger_kernel`): less memory and faster steps on CUDA. Refused on CPU."
     )
+    # On every method so that a LoRA recipe that sets it gets the rule's message (rules.train_l2sp) at this field,
+    # rather than "unknown field".
+    l2sp: PositiveFloat | None = Field(
+        None,
+        description="`method: full` only. L2-SP regularization against forgetting: adds `l2sp * sum((w - w0)^2)` to "
+        "the training loss, w0 being a frozen copy of the pretrained weights as the base checkpoint gave them (Li et al. "
+        "2018), so the model is pulled toward where it started. Parameters the checkpoint lacks (a newly initialized "
+        "classifier head) have no pretrained value and are left out. The logged `loss` includes the penalty; "
+        "`l2sp_penalty` and `l2sp_distance` (the L2 distance from w0) are logged beside it. Costs one more copy of the "
+        "weights in memory (the doctor counts it).",
+    )
 
 class FullTrain(TrainCommon):
     """Update every weight."""
 
     method: Literal["full"] = Field(description="Full fine-tune: every parameter is trained.")
-    l2sp: PositiveFloat | None = Field(
-        None,
-        description="L2-SP regularization against forgetting: adds `l2sp * sum((w - w_pretrained)^2)` over the "
-        "pretrained weights to the loss, pulling the model toward where it started (Li et al. 2018). Costs one more "
-        "copy of the weights in memory.",
-    )
 
 
 class LoraTrain(TrainCommon):
@@ -445,12 +450,22 @@ class BnbQuantize(Strict):
 Quantize = Annotated[OnnxDynamicInt8 | OnnxStaticInt8 | OnnxWeightOnly | BnbQuantize, Field(discriminator="method")]
 
 
+class ProbeMessage(Strict):
+    role: Literal["system", "user", "assistant"] = Field(description="Who speaks.")
+    content: str = Field(description="What they say.")
+
+
 class Probe(Strict):
-    """One request the smoke test sends: a text with its expected label, or a prompt with what the answer must show."""
+    """One request the smoke test sends: a text with its expected label, a prompt, or a chat conversation, with what
+    the answer must show."""
 
     text: str | None = Field(None, description="Classifier input.")
     expect_label: str | None = Field(None, description="The label the classifier must answer.")
-    prompt: str | None = Field(None, description="Generator prompt.")
+    prompt: str | None = Field(None, description="Generator prompt (sent to /generate).")
+    messages: list[ProbeMessage] | None = Field(
+        None, min_length=1, description="A conversation sent to /v1/chat/completions (greedy), rendered with the "
+        "chat template the model was trained with; the reply is checked like a prompt's answer.",
+    )
     expect_nonempty: bool = Field(False, description="The generated text must not be empty.")
     expect_pattern: str | None = Field(None, description="A regular expression the generated text must match.")
     expect_contains: str | None = Field(None, description="Text the generated answer must contain (case-insensitive).")

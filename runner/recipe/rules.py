@@ -118,6 +118,39 @@ def data_response_template(data: Section) -> Found:
         yield data.at("response_template"), "`response_template` must be part of `template`"
 
 
+def data_messages(data: Section) -> Found:
+    """A chat recipe's conversations are rendered by their template, not by `template`; its loss is already on the
+    assistant turns only, so `mask_prompt`/`response_template` have nothing to act on."""
+    if data["messages_column"] is None:
+        if data["chat_template"] is not None:
+            yield data.at("chat_template"), "`chat_template` renders `messages_column` conversations: set `messages_column`"
+        return
+    for name in ("template", "response_template"):
+        if data[name] is not None:
+            yield data.at(name), f"give either `{name}` or `messages_column` (conversations are rendered by the chat template)"
+    if data["mask_prompt"]:
+        yield data.at("mask_prompt"), ("`messages_column` already learns only the assistant turns; `mask_prompt` is for "
+                                       "`template` rows: leave it out")
+    if data["chat_template"] is not None:
+        from runner.chat import template_problem  # jinja2 only: a syntax error is found before any step runs
+
+        problem = template_problem(data["chat_template"])
+        if problem:
+            yield data.at("chat_template"), problem
+
+
+def chat_recipe(recipe: Section) -> Found:
+    model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
+    if not data.present() or data["messages_column"] is None:
+        return
+    if model["task"] != "causal-lm":
+        yield data.at("messages_column"), (f"`messages_column` trains a causal-lm chat model; a {model['task']} model "
+                                           "reads `text_column`")
+    elif model.given("init") and data["chat_template"] is None:
+        yield data.at("messages_column"), ("a tokenizer built from `model.init` has no chat template: set "
+                                           "`data.chat_template` (recipes/tiny_chat_lora.yaml has a ChatML one)")
+
+
 def lora_targets(lora: Section) -> Found:
     if lora["target_modules"] == []:
         yield lora.at("target_modules"), "`target_modules` must name at least one module (or be `all-linear`)"
@@ -133,9 +166,21 @@ def train_min_batch(train: Section) -> Found:
         yield train.at("min_batch_size"), "`min_batch_size` must not exceed `batch_size`"
 
 
+def train_l2sp(train: Section) -> Found:
+    if train["l2sp"] is None:  # unset (or its own error: Skip)
+        return
+    if train["method"] != "full":
+        yield train.at("l2sp"), (f"`l2sp` applies to `method: full` (it pulls every trained weight toward its "
+                                 f"pretrained value); {train['method']} keeps the pretrained weights frozen and "
+                                 "trains adapters: remove `l2sp`")
+    elif train.section("distributed", m.Distributed)["fsdp"]:
+        yield train.at("l2sp"), ("`l2sp` does not work with `distributed.fsdp`: FSDP shards the weights, and the "
+                                 "penalty reads whole ones; use DDP (leave `fsdp` unset) or drop `l2sp`")
+
+
 def probe_kind(probe: Section) -> Found:
-    if probe.given("text") == probe.given("prompt"):
-        yield probe.loc, "a probe has exactly one of `text` (classifier) or `prompt` (generator)"
+    if [probe.given("text"), probe.given("prompt"), probe.given("messages")].count(True) != 1:
+        yield probe.loc, "a probe has exactly one of `text` (classifier) or `prompt` (generator) or `messages` (chat)"
         return
     if probe.given("text"):
         for name in ("expect_nonempty", "expect_pattern", "expect_contains"):
@@ -163,11 +208,12 @@ def serve_needs_onnx(recipe: Section) -> Found:
 
 def probes_fit_task(recipe: Section) -> Found:
     task = recipe.section("model", m.Model)["task"]
-    kind = "text" if task == "sequence-classification" else "prompt"
+    classify = task == "sequence-classification"
+    kinds, others = (["text"], ["prompt", "messages"]) if classify else (["prompt", "messages"], ["text"])
     for probe in recipe.section("serve", m.Serve).items("probes", m.Probe):
-        other = "prompt" if kind == "text" else "text"
-        if probe.given(other) and not probe.given(kind):
-            yield probe.at(other), f"a {task} model is probed with `{kind}` probes"
+        for other in others:
+            if probe.given(other) and not any(probe.given(kind) for kind in kinds):
+                yield probe.at(other), f"a {task} model is probed with {' or '.join(f'`{k}`' for k in kinds)} probes"
 
 
 def causal_lm_template(recipe: Section) -> Found:
@@ -214,6 +260,7 @@ def quantize_fits_task(recipe: Section) -> Found:
     if task == "sequence-classification" and method == "onnx-weight-only":
         yield quantize.at("method"), ("onnx-weight-only is built by the causal-LM exporter; a classifier takes "
                                       "onnx-dynamic-int8 or onnx-static-int8")
+
 
 
 # --- evaluate (its sets, the forgetting budget, which artifacts) --------------------------------------------------------
@@ -312,12 +359,12 @@ def _lora(root: Section) -> list[Section]:
 # Each group of rules with the sections it reads (found lazily: finding one may Skip without stopping the others).
 SCOPES: list[tuple[list[Rule], Callable[[Section], list[Section]]]] = [
     ([onnx_quantize_needs_export, serve_needs_onnx, probes_fit_task, causal_lm_template, packing_causal_lm, lora_export_merges,
-      export_precision, quantize_fits_task], lambda root: [root]),
+      export_precision, quantize_fits_task, chat_recipe], lambda root: [root]),
     ([model_source], lambda root: [root.section("model", m.Model)]),
     ([init_heads], lambda root: [root.section("model", m.Model).section("init", m.ModelInit)]),
-    ([data_sources, data_prompt_mask, data_response_template], lambda root: [root.section("data", m.Data)]),
+    ([data_sources, data_prompt_mask, data_response_template, data_messages], lambda root: [root.section("data", m.Data)]),
     ([inline_columns], _sources),
-    ([train_eval_steps, train_min_batch], lambda root: [_train(root)]),
+    ([train_eval_steps, train_min_batch, train_l2sp], lambda root: [_train(root)]),
     ([lora_targets], _lora),
     ([probe_kind], lambda root: root.section("serve", m.Serve).items("probes", m.Probe)),
     ([eval_sets_fit_task, eval_artifacts_exist, eval_lm_eval_task], lambda root: [root]),

@@ -6,19 +6,21 @@ events ending with `data: [DONE]` when `stream` is true, and errors as `{"error"
 with status 400 for what this server does not do (`n` > 1, `logprobs`, `tools`).
 
 Streaming and non-streaming answers come from one function (`completion_events`), so a streamed text is the
-non-streamed text cut into pieces. Chat messages are rendered with the tokenizer's own chat template (jinja, sandboxed,
-as transformers renders it) and encoded without adding special tokens again: the template already wrote the BOS.
+non-streamed text cut into pieces. Chat messages are rendered by runner.chat, the renderer the data step trains with
+(the tokenizer's own chat template, sandboxed jinja, as transformers renders it), and encoded without adding special
+tokens again: the template already wrote the BOS. So the served prompt ids are the ids training saw.
 """
 
 import json
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runner import chat
+from runner.chat import load_chat_template as load_chat_template  # the server's entry point to it
 from runner.serving.model import Generator, InputError
 
 
@@ -87,31 +89,12 @@ def stop_strings(request: _Sampling) -> list[str]:
 # --- chat template ------------------------------------------------------------------------------------------------------
 
 
-def load_chat_template(artifact_dir: Path) -> str | None:
-    """The template the tokenizer was saved with: chat_template.jinja (transformers 5) or tokenizer_config.json's."""
-    path = Path(artifact_dir) / "chat_template.jinja"
-    if path.is_file():
-        return path.read_text()
-    config_path = Path(artifact_dir) / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    template = config.get("chat_template")
-    return template if isinstance(template, str) else None
-
-
 def render_chat(template: str, messages: list[dict[str, str]], special: dict[str, str | None]) -> str:
-    """Render messages the way transformers' apply_chat_template does (sandboxed jinja, trim/lstrip blocks)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+    """The prompt for `messages` through runner.chat, the renderer the data step trained with (generation prompt on)."""
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
-    except TemplateError as exc:
-        raise OpenAIError(400, f"the chat template refused these messages: {exc}", "messages") from None
+        return chat.render(template, messages, special, add_generation_prompt=True)
+    except chat.ChatTemplateError as exc:
+        raise OpenAIError(400, str(exc), "messages") from None
 
 
 # --- generation ---------------------------------------------------------------------------------------------------------

@@ -29,11 +29,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value, concatenate_datasets, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    DatasetInfo,
+    Features,
+    List,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+)
 from datasets.table import InMemoryTable
 
 from runner.recipe.models import Data, FileSource, HubSource, InlineSource, Model
-from runner.stages import StageError
+from runner.stages import StageError, data_chat
 from runner.stages.model import CLASSIFY, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,8 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     seed = int(config["seed"])
     classify = task == CLASSIFY
     masking = data.mask_prompt and not classify
+    if classify and data.messages_column is not None:
+        raise StageError("data.messages_column is for causal-lm chat training; a classifier reads data.text_column")
     if masking and not data.template:
         raise StageError("`mask_prompt` needs `data.template` (the answer is found as its `response_template` part)")
     tokenizer = load_tokenizer(config["model"], inputs)
@@ -75,14 +87,17 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             "this model only has a slow one: set `mask_prompt: false`"
         )
 
+    # chat rows: rendered with the recipe's (or the tokenizer's) template, labels on assistant turns only
+    chat = data_chat.format_for(data, tokenizer) if data.messages_column is not None else None
+
     with scratch_dir(out) as cache_dir:
-        rows = load_rows(config["data"], seed, task, cache_dir)
+        rows = load_rows(config["data"], seed, task, cache_dir, chat=chat)
         names = label_names(config["data"], rows) if classify else None
         if names is not None:
             rows = _encode_labels(rows, names)
-        rows = _tokenize(rows, tokenizer, data, lm=not classify, mask=masking)
+        rows = _tokenize(rows, tokenizer, data, lm=not classify, mask=masking, chat=chat is not None)
         splits = _split(rows, data, seed, stratify=classify and data.stratify)
-        stats = _stats(rows, splits, data, names, masking)
+        stats = _stats(rows, splits, data, names, masking or chat is not None)
         frozen = DatasetDict({name: _freeze(split) for name, split in splits.items()})
         frozen.save_to_disk(out / "dataset")
 
@@ -90,6 +105,8 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         labels = {"id2label": {str(i): name for i, name in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if chat is not None:  # the train step saves it with the tokenizer, so the server renders as training did
+        data_chat.save_template(chat, out)
     for warning in stats["warnings"]:
         log.warning(warning)
     return {
@@ -119,18 +136,21 @@ def scratch_dir(out: Path) -> Iterator[Path]:
 # --- rows: sources, columns, labels, templates, mixing ------------------------------------------------------------------
 
 
-def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None) -> Dataset:
+def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None,
+              chat: data_chat.ChatFormat | None = None) -> Dataset:
     """The recipe's rows before tokenization, shuffled with `seed` and cut to `select`.
 
     Columns: `text` (the filled template, or the text column), `label` (the label name as a string; classification) and
-    `prompt_length` (characters before `response_template`; only with `mask_prompt`). The model step trains its tokenizer
-    on these texts; the data step tokenizes them.
+    `prompt_length` (characters before `response_template`; only with `mask_prompt`); with `messages_column`, `text` is
+    the conversation rendered with `chat` and `spans` its assistant turns' characters. The model step trains its
+    tokenizer on these texts; the data step tokenizes them.
     """
     data = Data.model_validate(data_cfg)
     sources = data.all_sources()
     raw = [_load_source(source, cache_dir) for source in sources]
     _check_renames(data.columns, raw)
-    parts = [_prepare(_rename(ds, data.columns), data, task, _describe(source)) for ds, source in zip(raw, sources, strict=True)]
+    parts = [_prepare(_rename(ds, data.columns), data, task, _describe(source), chat)
+             for ds, source in zip(raw, sources, strict=True)]
     rows = parts[0] if len(parts) == 1 else _mix(parts, [s.weight for s in sources], seed, data.shuffle)
     if data.shuffle:
         rows = rows.shuffle(seed=seed, keep_in_memory=True)
@@ -141,14 +161,15 @@ def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | 
     return rows.flatten_indices(keep_in_memory=True)
 
 
-def train_split_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None) -> Dataset:
+def train_split_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None,
+                     chat: data_chat.ChatFormat | None = None) -> Dataset:
     """The rows the data step puts in its train split, before tokenization: what a tokenizer may learn from.
 
     The split is the data step's own (`_split` on the same rows in the same order, labels encoded the same way), so a
     tokenizer trained on these never sees a test row: the test accuracy then measures text the pipeline never read."""
     data = Data.model_validate(data_cfg)
     classify = task == CLASSIFY
-    rows = load_rows(data_cfg, seed, task, cache_dir)
+    rows = load_rows(data_cfg, seed, task, cache_dir, chat=chat)
     if classify:
         rows = _encode_labels(rows, label_names(data_cfg, rows))
     return _split(rows, data, seed, stratify=classify and data.stratify)["train"]
@@ -278,10 +299,12 @@ def _template_fields(template: str) -> list[str]:
     return fields
 
 
-def _prepare(ds: Dataset, data: Data, task: str, where: str) -> Dataset:
+def _prepare(ds: Dataset, data: Data, task: str, where: str, chat: data_chat.ChatFormat | None = None) -> Dataset:
     """One source as the common columns (text, label, prompt_length), so that sources can be mixed."""
     if len(ds) == 0:
         raise StageError(f"{where} has no rows")
+    if data.messages_column is not None and task != CLASSIFY:
+        return _prepare_chat(ds, data, where, chat)
     classify = task == CLASSIFY
     needed = _template_fields(data.template) if data.template else [data.text_column]
     if classify:
@@ -318,6 +341,24 @@ def _prepare(ds: Dataset, data: Data, task: str, where: str) -> Dataset:
         features=Features(features),
         keep_in_memory=True,
         desc=f"Reading {where}",
+    )
+
+
+def _prepare_chat(ds: Dataset, data: Data, where: str, chat: data_chat.ChatFormat | None) -> Dataset:
+    """A source of conversations as `text` (rendered) and `spans` (assistant characters), see runner.stages.data_chat."""
+    column = str(data.messages_column)
+    if column not in ds.column_names:
+        raise StageError(f"{where}: data.messages_column {column!r} not found; available columns: "
+                         f"{', '.join(ds.column_names)} (rename with data.columns)")
+    if chat is None:
+        raise StageError("data.messages_column: rows of conversations need a chat template to be read")
+    return ds.map(
+        partial(data_chat.build_batch, column=column, format=chat, where=where),
+        batched=True,
+        remove_columns=ds.column_names,
+        features=Features({"text": Value("string"), "spans": List(Value("int64"))}),
+        keep_in_memory=True,
+        desc=f"Rendering {where}",
     )
 
 
@@ -414,8 +455,8 @@ def _encode_labels(rows: Dataset, names: list[str]) -> Dataset:
     )
 
 
-def _tokenize(rows: Dataset, tokenizer: Any, data: Data, lm: bool, mask: bool) -> Dataset:
-    encode = partial(
+def _tokenize(rows: Dataset, tokenizer: Any, data: Data, lm: bool, mask: bool, chat: bool = False) -> Dataset:
+    encode: Any = partial(
         _encode_batch,
         tokenizer=tokenizer,
         max_length=data.max_length,
@@ -423,6 +464,8 @@ def _tokenize(rows: Dataset, tokenizer: Any, data: Data, lm: bool, mask: bool) -
         eos=(tokenizer.eos_token or "") if lm else "",
         mask=mask,
     )
+    if chat:  # no eos appended: the template ends each turn itself
+        encode = partial(data_chat.encode_batch, tokenizer=tokenizer, max_length=data.max_length)
     drop = [name for name in rows.column_names if name not in ("text", "labels")]
     return rows.map(encode, batched=True, remove_columns=drop, num_proc=data.num_proc, keep_in_memory=True, desc="Tokenizing")
 

@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runner.recipe.models import Model, ModelInit, model_location
+from runner import chat as chat_lib
+from runner.recipe.models import Data, Model, ModelInit, model_location
 from runner.recipe.packages import PackageMissing
 from runner.stages import StageError
+from runner.stages.data_chat import ChatFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -132,11 +134,14 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         raise StageError("a distilbert model cannot be a causal LM; use `architecture: llama` for `task: causal-lm`")
     seed = int(config["seed"])
 
+    chat = chat_format(config["data"], cfg.init)  # None unless the recipe trains on conversations
     with data_stage.scratch_dir(out) as cache_dir:
         # the tokenizer learns from the train split only: a vocabulary fitted to test rows would leak them
-        rows = data_stage.train_split_rows(config["data"], seed, cfg.task, cache_dir)
-        tokenizer = train_tokenizer(_texts(rows), len(rows), cfg.init)
+        rows = data_stage.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
+        tokenizer = train_tokenizer(_texts(rows, chat), len(rows), cfg.init, chat)
         names = rows.features["labels"].names if cfg.task == CLASSIFY else None
+    if chat is not None:  # saved with the tokenizer: every later stage (and the server) renders with it
+        tokenizer.chat_template = chat.template
 
     model = build_model(cfg.init, cfg.task, tokenizer, names, seed)
     target = out / "model"
@@ -149,15 +154,54 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     return {"parameters": parameters, "vocab_size": len(tokenizer)}
 
 
-def _texts(rows: Any, batch_size: int = 1000) -> Iterator[str]:
+def _texts(rows: Any, chat: ChatFormat | None, batch_size: int = 1000) -> Iterator[str]:
+    # a chat's markers (<|im_start|> ...) become special tokens: left in the text, BPE would spend merges on their pieces
+    specials = [*chat_markers(chat.template), *chat.special.values()] if chat is not None else []
     for batch in rows.iter(batch_size=batch_size):
-        yield from batch["text"]
+        for text in batch["text"]:
+            for special in specials:
+                text = text.replace(special, " ")
+            yield text
 
 
-def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit) -> PreTrainedTokenizerFast:
+# --- chat recipes: the template's markers as special tokens ---------------------------------------------------------------
+
+LLAMA_SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def chat_format(data_cfg: dict[str, Any], init: ModelInit) -> ChatFormat | None:
+    """For a `messages_column` recipe: the recipe's template and the special tokens the built tokenizer will have.
+
+    A tokenizer trained here has no template of its own, so `data.chat_template` is required. Its end-of-turn marker
+    (ChatML's <|im_end|>) becomes the eos token: generation, in export's gate and in the server, stops where a turn
+    ends, as with SmolLM2 or Qwen, whose eos is <|im_end|> too."""
+    data = Data.model_validate(data_cfg)
+    if data.messages_column is None:
+        return None
+    if init.architecture != "llama":
+        raise StageError("data.messages_column trains a causal LM: use `model.init.architecture: llama`")
+    if not data.chat_template:
+        raise StageError("data.messages_column with model.init needs data.chat_template: a tokenizer built here has no "
+                         "chat template of its own (recipes/tiny_chat_lora.yaml has a ChatML one)")
+    special = chat_lib.template_tokens(LLAMA_SPECIAL)
+    try:
+        eos = chat_lib.end_of_turn(data.chat_template, special) or LLAMA_SPECIAL["eos_token"]
+    except chat_lib.ChatTemplateError as exc:
+        raise StageError(f"data.chat_template: {exc}") from None
+    return ChatFormat(data.chat_template, {**special, "eos_token": eos})
+
+
+def chat_markers(template: str) -> list[str]:
+    """The template's markers that are not already one of the architecture's special tokens."""
+    return [marker for marker in chat_lib.markers(template) if marker not in LLAMA_SPECIAL.values()]
+
+
+def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit, chat: ChatFormat | None = None
+                    ) -> PreTrainedTokenizerFast:
     """A real byte-level BPE tokenizer trained on `texts`, with the special tokens of the architecture.
 
     distilbert: lowercased, [CLS] text [SEP], [PAD]/[UNK]/[MASK]; llama: <s> text, </s> as eos and <pad> of its own.
+    With `chat`, the template's markers are special tokens too (one id each, never split), and eos is its end of turn.
     Byte-level BPE for both, not WordPiece for distilbert: tokenizers' WordPieceTrainer assigns its `##` pieces in hash
     order, so its vocabulary changes from process to process (checked with tokenizers 0.22), while BPE over the sorted
     byte alphabet is reproducible, and the model step must be. It also never produces an unknown token.
@@ -170,9 +214,12 @@ def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit) -> PreTra
         single, pair, bracket = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ["[CLS]", "[SEP]"]
     else:
         # A pad token of its own (Llama-2 pads with eos) so that a collator masking pads never masks eos.
-        special = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+        special = dict(LLAMA_SPECIAL)
         # Llama prepends <s>; the data step appends eos to training texts, so prompts at inference stay open.
         single, pair, bracket = "<s> $A", "<s> $A <s>:1 $B:1", ["<s>"]
+    markers = chat_markers(chat.template) if chat is not None else []
+    if chat is not None:
+        special["eos_token"] = chat.special["eos_token"]
     tok = Tokenizer(models.BPE(unk_token=special["unk_token"]))
     if init.architecture == "distilbert":
         tok.normalizer = normalizers.Lowercase()  # uncased, as distilbert-base-uncased: more words per small vocabulary
@@ -180,7 +227,7 @@ def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit) -> PreTra
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=init.vocab_size,
-        special_tokens=list(special.values()),
+        special_tokens=list(dict.fromkeys([*special.values(), *markers])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer, length=count)
@@ -191,6 +238,7 @@ def train_tokenizer(texts: Iterator[str], count: int, init: ModelInit) -> PreTra
         tokenizer_object=tok,
         model_max_length=init.max_position_embeddings,
         model_input_names=["input_ids", "attention_mask"],
+        **({"extra_special_tokens": [m for m in markers if m not in special.values()]} if markers else {}),
         **special,
     )
 

@@ -30,8 +30,10 @@ import httpx
 import numpy as np
 
 import runner
+from runner.chat import load_chat_template
 from runner.recipe.models import Model, Probe, Serve
 from runner.redact import RedactedFile
+from runner.serving import openai
 from runner.serving.model import Classifier, load_model
 from runner.serving.settings import ServerSettings
 from runner.stages import StageError, serve_gates
@@ -127,17 +129,42 @@ class ServerProcess:
 # --- what the server should answer ----------------------------------------------------------------------------------
 
 
+CHAT_ROUTE = "/v1/chat/completions"
+
+
 def _payload(probe: Probe) -> dict[str, Any]:
     if probe.text is not None:
         return {"texts": [probe.text]}
+    if probe.messages is not None:  # greedy, so the reply can be held equal to the offline one
+        return {"messages": [m.model_dump() for m in probe.messages], "max_tokens": probe.max_new_tokens,
+                "temperature": 0}
     return {"prompt": probe.prompt, "max_new_tokens": probe.max_new_tokens}
 
 
+def _route(probe: Probe, route: str) -> str:
+    """Where a probe goes: chat probes to the OpenAI-style chat endpoint, the others to the task's route."""
+    return CHAT_ROUTE if probe.messages is not None else route
+
+
+def _shown(probe: Probe) -> str | None:
+    """The probe's input as the report shows it (a chat probe: its last message)."""
+    return probe.messages[-1].content if probe.messages else (probe.text or probe.prompt)
+
+
 def _answer(body: dict[str, Any]) -> dict[str, Any]:
+    if "choices" in body:  # a chat completion: the reply's text (it carries no token ids)
+        return {"text": body["choices"][0]["message"]["content"]}
     return body["predictions"][0] if "predictions" in body else body
 
 
+def _comparable(body: dict[str, Any]) -> dict[str, Any]:
+    """A response body without what differs between equal answers (a chat completion's id and creation time)."""
+    return {"choices": body["choices"], "usage": body.get("usage")} if "choices" in body else body
+
+
 def _agrees(served: dict[str, Any], offline: dict[str, Any]) -> bool:
+    if "tokens" in offline and "tokens" not in served:
+        return served.get("text") == offline["text"]
     if "tokens" in offline:
         return served.get("tokens") == offline["tokens"]
     scores = served.get("scores", {})
@@ -188,7 +215,25 @@ def _offline(artifact: Path, probes: list[Probe], threads: int, rows: TestRows |
             rows.same_ids = [e.ids == ids for e, ids in zip(model.tokenizer.encode_batch(rows.texts), rows.ids,
                                                             strict=True)]
         return model.info, [model.predict([t])[0] for t in texts], model.predict(texts)
-    return model.info, [model.generate(p.prompt or "", p.max_new_tokens) for p in probes], []
+    return model.info, [_generate_offline(model, artifact, p) for p in probes], []
+
+
+def _generate_offline(model: Any, artifact: Path, probe: Probe) -> dict[str, Any]:
+    """What the server must answer: a chat probe's prompt ids come from the same renderer and template it uses."""
+    if probe.messages is None:
+        return model.generate(probe.prompt or "", probe.max_new_tokens)
+    template = load_chat_template(artifact)
+    if template is None:
+        raise StageError(f"a `messages` probe needs a chat template, and {artifact} has none (chat_template.jinja or "
+                         "tokenizer_config.json's): train with data.messages_column / data.chat_template")
+    request = openai.ChatRequest(messages=[m.model_dump() for m in probe.messages], max_tokens=probe.max_new_tokens,
+                                 temperature=0)
+    try:
+        prompt_ids = openai.prompt_ids_for(model, request, template)
+    except openai.OpenAIError as exc:
+        raise StageError(f"serve.probes: {exc.message}") from None
+    result = model.generate_ids(prompt_ids, probe.max_new_tokens)
+    return {"text": model.decode(result["tokens"]), **result}
 
 
 # --- the checks -----------------------------------------------------------------------------------------------------
@@ -198,19 +243,19 @@ def _check_probes(client: httpx.Client, route: str, probes: list[Probe], offline
                   offline_batch: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
     results, failures = [], []
     for probe, expected in zip(probes, offline, strict=True):
-        response = client.post(route, json=_payload(probe))
+        response = client.post(_route(probe, route), json=_payload(probe))
         if response.status_code != 200:
             failures.append(f"probe {_payload(probe)} got HTTP {response.status_code}: {response.text[:200]}")
-            results.append({"input": probe.text or probe.prompt, "status": response.status_code, "passed": False})
+            results.append({"input": _shown(probe), "status": response.status_code, "passed": False})
             continue
         served = _answer(response.json())
         problem = _probe_verdict(probe, served)
         same = _agrees(served, expected)
         if problem:
-            failures.append(f"probe {probe.text or probe.prompt!r}: {problem}")
+            failures.append(f"probe {_shown(probe)!r}: {problem}")
         if not same:
-            failures.append(f"probe {probe.text or probe.prompt!r}: served {served} differs from offline {expected}")
-        results.append({"input": probe.text or probe.prompt, "answer": served.get("label", served.get("text")),
+            failures.append(f"probe {_shown(probe)!r}: served {served} differs from offline {expected}")
+        results.append({"input": _shown(probe), "answer": served.get("label", served.get("text")),
                         "passed": problem is None, "matches_offline": same, "problem": problem})
     if offline_batch:  # the whole set as one request: padding across texts must not change anyone's answer
         response = client.post(route, json={"texts": [p.text for p in probes]})
@@ -263,9 +308,9 @@ def _check_bad_inputs(client: httpx.Client, route: str, task: str, settings: Ser
     return results, failures
 
 
-def _at_once(client: httpx.Client, route: str, payloads: list[dict[str, Any]]) -> list[httpx.Response]:
-    with ThreadPoolExecutor(len(payloads)) as pool:
-        return list(pool.map(lambda p: client.post(route, json=p), payloads))
+def _at_once(client: httpx.Client, route: str, probes: list[Probe]) -> list[httpx.Response]:
+    with ThreadPoolExecutor(len(probes)) as pool:
+        return list(pool.map(lambda p: client.post(_route(p, route), json=_payload(p)), probes))
 
 
 def _score_gap(served: dict[str, Any], offline: dict[str, Any]) -> float:
@@ -276,14 +321,15 @@ def _score_gap(served: dict[str, Any], offline: dict[str, Any]) -> float:
 def _check_concurrency(client: httpx.Client, route: str, probes: list[Probe], offline: list[dict[str, Any]],
                        n: int) -> tuple[dict[str, Any], list[str]]:
     failures = []
-    same = _at_once(client, route, [_payload(probes[0])] * n)
-    bodies = [r.json() if r.status_code == 200 else None for r in same]
+    same = _at_once(client, route, [probes[0]] * n)
+    # a chat completion's body carries its own id and creation time: its answer is what must be identical
+    bodies = [_comparable(r.json()) if r.status_code == 200 else None for r in same]
     identical = all(b is not None for b in bodies) and all(b == bodies[0] for b in bodies)
     if not identical:
         failures.append(f"{n} identical concurrent requests: statuses {sorted({r.status_code for r in same})}, "
                         f"{len({json.dumps(b, sort_keys=True) for b in bodies})} distinct answers")
     picks = [i % len(probes) for i in range(n)]
-    mixed = _at_once(client, route, [_payload(probes[i]) for i in picks])
+    mixed = _at_once(client, route, [probes[i] for i in picks])
     mixed_ok = all(r.status_code == 200 and _agrees(_answer(r.json()), offline[i]) for r, i in zip(mixed, picks, strict=True))
     gap = max((_score_gap(_answer(r.json()), offline[i]) for r, i in zip(mixed, picks, strict=True) if r.status_code == 200),
               default=0.0)
@@ -395,7 +441,8 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
                     report["served_vs_offline"], found = serve_gates.check_accuracy(
                         answers, rows.offline, rows.expected, rows.same_ids, recorded, info.batch_invariant)
                     failures += found
-            report["latency"] = _measure(client, route, _payload(serve.probes[0]), serve.latency_requests,
+            first = serve.probes[0]
+            report["latency"] = _measure(client, _route(first, route), _payload(first), serve.latency_requests,
                                          serve.concurrency)
             if report["latency"]["errors"]:
                 failures.append(f"{report['latency']['errors']} requests failed while measuring latency")

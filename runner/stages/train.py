@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
-from runner.stages import StageError
+from runner.stages import StageError, data_chat
 from runner.stages import model as model_stage  # called through the module: tests wrap load_model
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,11 @@ def _train_once(job: Job) -> dict[str, Any]:
     labels = read_labels(job.inputs["data"])
     splits = read_splits(job.inputs["data"])
     tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    # chat recipes: the template the data step rendered with is saved with this tokenizer, so export and the server
+    # render conversations as training did (data.chat_template may replace the tokenizer's own)
+    template = data_chat.saved_template(job.inputs["data"])
+    if template is not None:
+        tokenizer.chat_template = template
     model = build_model(job, labels, tokenizer)
     counts = parameter_counts(model)
     trainer = make_trainer(job, model, tokenizer, splits)
