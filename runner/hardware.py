@@ -475,7 +475,8 @@ class Estimate(BaseModel):
     params_quantized: int
     lora_targets: list[str] = Field(description="Module names (last part) that get LoRA adapters.")
     parts: dict[str, int] = Field(
-        description="weights, half_copies, gradients, optimizer, activations, loss, ddp, runtime, allocator")
+        description="weights, half_copies, gradients, optimizer, activations, loss, ddp, l2sp_reference (train.l2sp's "
+        "copy of the pretrained weights), runtime, allocator")
     phases: dict[str, int] = Field(description="The two candidate peaks without the runtime: backward_start, optimizer_step.")
     peak_bytes: int = Field(description="One process: the larger phase plus the runtime and the allocator's share.")
     total_bytes: int = Field(description="All processes that share the memory checked (CPU: peak * processes).")
@@ -553,9 +554,13 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
                                                                    train.gradient_checkpointing, attn))
     parts["loss"] = int(tokens * _loss_bytes_per_token(shape, widths))
     parts["ddp"] = parts["gradients"] if train.distributed else 0  # DDP's gradient buckets: a second copy of the gradients
+    # train.l2sp: the frozen fp32 copy of the pretrained weights (all of them: a fresh head's few are left out, not counted
+    # out here); and its penalty's gradient reaches every weight first thing in the backward pass (runner/stages/
+    # regularize.py), so the gradients are alive through the whole of it, as with accumulation.
+    parts["l2sp_reference"] = 4 * shape.total_params if train.l2sp else 0
     parts["runtime"] = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_BASELINE_BYTES
     parts["allocator"] = _allocator_bytes(parts, device)
-    phases = _phases(parts, train.gradient_accumulation > 1)
+    phases = _phases(parts, train.gradient_accumulation > 1 or bool(train.l2sp))
     processes = train.distributed.nproc_per_node if train.distributed and device == "cpu" else 1
     peak = max(phases.values()) + parts["runtime"] + parts["allocator"]
     return Estimate(
@@ -660,8 +665,8 @@ def _allocator_bytes(parts: dict[str, int], device: Device) -> int:
 
 def _phases(parts: dict[str, int], accumulating: bool) -> dict[str, int]:
     """The two moments that can be the peak (see the module docstring), without the runtime."""
-    persistent = parts["weights"] + parts["optimizer"] + parts["ddp"]
-    kept_gradients = parts["gradients"] if accumulating else 0  # accumulation keeps them between micro-batches
+    persistent = parts["weights"] + parts["optimizer"] + parts["ddp"] + parts.get("l2sp_reference", 0)
+    kept_gradients = parts["gradients"] if accumulating else 0  # accumulation keeps them between micro-batches (L2-SP too)
     return {
         "backward_start": persistent + parts["half_copies"] + parts["activations"] + parts["loss"] + kept_gradients,
         "optimizer_step": persistent + parts["gradients"],
@@ -1301,6 +1306,9 @@ def _print_estimate(out: Any, e: Estimate, capacity: float | None) -> None:
     out.print(f"  peak = max({phases}) + runtime = {e.peak_bytes / GIB:.2f} GiB"
               + (f" x {e.processes} processes" if e.processes > 1 else "")
               + (f" of {capacity:.2f}" if capacity is not None else ""), markup=False)
+    if e.parts.get("l2sp_reference"):
+        out.print(f"  l2sp: frozen fp32 copy of the pretrained weights {e.parts['l2sp_reference'] / GIB:.2f} GiB, and the "
+                  "gradients live through the whole backward pass", markup=False)
     for note in e.notes:
         out.print(f"  note: {note}", markup=False)
 

@@ -281,7 +281,7 @@ def eval_sets_fit_task(recipe: Section) -> Found:
                 for name in ("prompt_column", "answer_column"):
                     if spec.given(name):
                         yield spec.at(name), f"`{name}` applies to causal-lm recipes (a classifier is scored by labels)"
-                if spec["label_column"] is None:
+                if spec.present() and "label_column" in spec.value and spec.value["label_column"] is None:  # null
                     why = "for the linear probe" if spec["role"] == "general" else "to score its answers"
                     yield spec.at("label_column"), f"a classifier's eval set needs `label_column` {why}"
         except Skip:

@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
-from runner.stages import StageError, data_chat
+from runner.stages import StageError, data_chat, regularize
 from runner.stages import model as model_stage  # called through the module: tests wrap load_model
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ def _train_once(job: Job) -> dict[str, Any]:
         "oom_retries": job.oom_retries,
         "resumed_from_step": checkpoint_step(resume) if resume else None,
         "train_runtime_s": round(result.metrics["train_runtime"], 3),
+        **regularize.final_metrics(model),  # train.l2sp: strength, anchored parameters, final distance
     }
     save_outputs(trainer, job, labels, metrics, started)
     return metrics
@@ -305,7 +306,10 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
         kwargs |= {"quantization_config": bnb_config(job.train), "device_map": {"": _device()}}
     if job.model.attn_implementation is not None:
         kwargs["attn_implementation"] = job.model.attn_implementation
-    model = model_stage.load_model(job.model_json, job.inputs, job.model.task, **kwargs)
+    kwargs |= regularize.load_kwargs(job.train.l2sp)  # L2-SP: from_pretrained also reports which weights it loaded
+    # train.l2sp: the frozen copy of the pretrained weights is taken here, from the base (a resume loads the checkpoint
+    # later, inside Trainer.train)
+    model = regularize.attach(model_stage.load_model(job.model_json, job.inputs, job.model.task, **kwargs), job.train.l2sp)
     if isinstance(job.train, FullTrain):
         return model
     if isinstance(job.train, QloraTrain):
@@ -421,6 +425,28 @@ class RngPreservingTrainer(Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = training
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """train.l2sp: the training loss gets the L2-SP penalty (runner/stages/regularize.py); evaluation's does not."""
+        result: Any = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+        anchor = regularize.anchor_of(self.accelerator.unwrap_model(model))
+        if anchor is None or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        # the same test training_step makes before dividing the loss by the accumulation steps
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        term = regularize.penalty(self.accelerator.unwrap_model(model), anchor)
+        loss = loss + regularize.micro_batch_term(term, bool(scaled), self.current_gradient_accumulation_steps)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        anchor = regularize.anchor_of(self.model)
+        if anchor is not None and "loss" in logs:  # a training log entry: the penalty's share of its loss
+            logs = {**logs, **regularize.log_entries(anchor)}
+        super().log(logs, *args, **kwargs)
 
 
 def padded_collator(tokenizer: Any, classifier: bool) -> Any:
