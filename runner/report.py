@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner import report_eval, report_stages
+from runner import report_eval, report_recipe, report_stages
 from runner.execute import RunResult, StepResult
 from runner.recipe import Loaded
 from runner.recipe.errors import relative
-from runner.recipe.models import FileSource, HubSource, Recipe
+from runner.recipe.models import Recipe
 from runner.report_format import SHARES, metric, num, seconds, signed, signed_metric
 from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
 
@@ -119,27 +119,36 @@ def _headline(facts: Facts) -> None:
             if isinstance(scores.get(metric), (int, float)):
                 facts.scores.append(Score(kind, names.get(kind, kind), scores[metric], chosen.get("rows"),
                                           "evaluate step"))
-    else:  # no evaluate step: each stage's own measurement on (part of) the test split
-        train = facts.reports.get("train") or {}
-        metric = "accuracy" if "eval_accuracy" in train else "loss"
+        # an artifact left out of evaluate.artifacts still gets the figure its own stage measured, labelled as such
+        scored = {score.artifact for score in facts.scores}
+        facts.scores += [score for score in _stage_scores(facts, metric) if score.artifact not in scored]
+        facts.scores.sort(key=lambda score: list(report_eval.ARTIFACTS).index(score.artifact)
+                          if score.artifact in report_eval.ARTIFACTS else 99)
+    else:
+        metric = "accuracy" if "eval_accuracy" in (facts.reports.get("train") or {}) else "loss"
         facts.metric, facts.metric_set = metric, "the test split"
-        test_rows = ((facts.reports.get("data") or {}).get("rows") or {}).get("test")
-        for kind, value, rows, source in (
-            ("base", train.get(f"eval_{metric}_before"), test_rows, "train step, before training"),
-            ("train", train.get(f"eval_{metric}"), test_rows, "train step's eval"),
-        ):
-            if isinstance(value, (int, float)):
-                facts.scores.append(Score(kind, names[kind], value, rows, source))
-        for kind, part in (("export", "validation"), ("quantize", "comparison")):
-            gate = (facts.reports.get(kind) or {}).get(part) or {}
-            if gate.get("metric") == metric and isinstance(gate.get("metric_candidate"), (int, float)):
-                facts.scores.append(Score(kind, names[kind], gate["metric_candidate"], gate.get("samples"),
-                                          f"{kind} step's gate"))
+        facts.scores = _stage_scores(facts, metric)
     served = (facts.reports.get("serve") or {}).get("served_eval") or {}
     if facts.metric == "accuracy" and isinstance(served.get("accuracy"), (int, float)):
         shipped = names["quantize"] if "quantize" in facts.reports else names["export"]
         facts.scores.append(Score("served", f"served ({shipped} over HTTP)", served["accuracy"], served.get("samples"),
                                   "smoke-serve, over HTTP"))
+
+
+def _stage_scores(facts: Facts, metric: str) -> list[Score]:
+    """Each stage's own measurement of `metric` on (part of) the test split: train's eval before and after training,
+    the export and quantize gates' candidate."""
+    names, train, found = facts.names(), facts.reports.get("train") or {}, []
+    test_rows = ((facts.reports.get("data") or {}).get("rows") or {}).get("test")
+    for kind, value, source in (("base", train.get(f"eval_{metric}_before"), "train step, before training"),
+                                ("train", train.get(f"eval_{metric}"), "train step's eval")):
+        if isinstance(value, (int, float)):
+            found.append(Score(kind, names[kind], value, test_rows, source))
+    for kind, part in (("export", "validation"), ("quantize", "comparison")):
+        gate = (facts.reports.get(kind) or {}).get(part) or {}
+        if gate.get("metric") == metric and isinstance(gate.get("metric_candidate"), (int, float)):
+            found.append(Score(kind, names[kind], gate["metric_candidate"], gate.get("samples"), f"{kind} step's gate"))
+    return found
 
 
 # --- the terminal's last lines ------------------------------------------------------------------------------------------
@@ -206,8 +215,8 @@ def _blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any], recipe_ya
 
 
 def _headline_blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any]) -> list[Block]:
-    blocks: list[Block] = [Heading("Headline", 2, "headline"), Table(["", ""], _what(facts, recipe, environment),
-                                                                     compact=True)]
+    what = report_recipe.what(recipe, environment, facts.reports.get("data"), facts.evaluate)
+    blocks: list[Block] = [Heading("Headline", 2, "headline"), Table(["", ""], what, compact=True)]
     if facts.scores:
         base = next((s.value for s in facts.scores if s.artifact == "base"), None)
         tiles = []
@@ -236,56 +245,6 @@ def _forgetting_note(facts: Facts) -> str:
     task = (facts.evaluate or {}).get("task", "")
     worst = max(rows, key=lambda r: r.get("change") if isinstance(r.get("change"), (int, float)) else float("-inf"))
     return f"worst: {worst['name']}, {report_eval.change_text(task, worst.get('change'))}"
-
-
-def _what(facts: Facts, recipe: Recipe, environment: dict[str, Any]) -> list[list[str | Cell]]:
-    rows: list[list[str | Cell]] = [["base model", _base_model(recipe, environment)]]
-    sources = recipe.data.all_sources()
-    weighted = len(sources) > 1
-    for i, source in enumerate(sources):
-        what = (f"hub dataset {source.hub} ({source.split}, revision {source.revision[:12]})" if isinstance(source, HubSource)
-                else f"file {relative(Path(source.path))}" if isinstance(source, FileSource)
-                else f"{num(len(next(iter(source.rows.values()), [])))} inline rows")
-        share = f", weight {num(source.weight)}" if weighted else ""
-        rows.append([f"data source {i + 1}" if weighted else "data", what + share])
-    split = ((facts.reports.get("data") or {}).get("rows")) or {}
-    if split:
-        rows.append(["rows", f"{num(sum(split.values()))}: " + ", ".join(f"{num(n)} {name}" for name, n in split.items())])
-    rows.append(["method", _method(recipe)])
-    if sets := (facts.evaluate or {}).get("sets"):
-        rows.append(["evaluated on", "; ".join(f"{s['name']} ({s.get('role')}, {num(s.get('rows'))} rows)" for s in sets)])
-    task = recipe.model.task + (f", labels {', '.join(recipe.data.labels)}" if recipe.data.labels else "")
-    rows.append(["task", task])
-    return rows
-
-
-def _base_model(recipe: Recipe, environment: dict[str, Any]) -> str:
-    model, source = recipe.model, environment.get("model") or {}
-    if model.init is not None:
-        i = model.init
-        return (f"built from a config (random weights): {i.architecture}, {i.num_layers} layers, hidden size "
-                f"{i.hidden_size}, {i.vocab_size}-token tokenizer trained on the recipe's data")
-    if isinstance(package := source.get("package"), dict):
-        weights = "; ".join(f"{name} sha256 {digest[:12]}…" for name, digest in (package.get("weights") or {}).items())
-        return (f"{model.package} (model package {package.get('distribution')} {package.get('version')}"
-                + (f"; {weights}" if weights else "") + ")")
-    if model.hub:
-        return f"hub model {model.hub} at revision {(source.get('revision') or model.revision or '')[:12]}"
-    return f"local folder {relative(Path(str(model.path)))}"
-
-
-def _method(recipe: Recipe) -> str:
-    t = recipe.train
-    method = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA"}[t.method]
-    if lora := getattr(t, "lora", None):
-        method += f" (r {lora.r}, alpha {num(lora.alpha)})"
-    if quant := getattr(t, "quantization", None):
-        method += f" over a {quant.bits}-bit base"
-    length = f"{num(t.max_steps)} steps" if t.max_steps else f"{num(t.epochs)} epoch{'s' if t.epochs != 1 else ''}"
-    parts = [method, length, f"learning rate {num(t.learning_rate)}", f"batch {t.batch_size}"]
-    if getattr(t, "l2sp", None):
-        parts.append(f"L2-SP toward the pretrained weights ({num(t.l2sp)})")  # type: ignore[attr-defined]
-    return ", ".join(parts)
 
 
 def _plan(result: RunResult) -> list[Block]:

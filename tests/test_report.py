@@ -368,3 +368,15 @@ def test_a_causal_lm_report_gives_perplexity_and_its_relative_increase(tmp_path:
     assert "| artifact | loss | perplexity | tokens | exact match | contains | perplexity vs base | score |" in sets
     assert "| trained (PyTorch) | 0.527 | 1.694 | 912 | 50.0% | 50.0% | −98.5% | scored |" in sets
     assert "![confusion" not in md
+
+
+def test_an_artifact_left_out_of_evaluate_keeps_its_own_stages_figure(tmp_path: Path, loaded) -> None:
+    result = make_run(tmp_path, "passed")
+    evaluate = evaluate_report(0.02, 0.83)
+    for entry in evaluate["sets"]:  # evaluate.artifacts: [base, train]
+        entry["scores"] = {k: v for k, v in entry["scores"].items() if k in ("base", "train")}
+    (tmp_path / "cache" / "evaluate" / "evaluate_report.json").write_text(json.dumps(evaluate))
+    headline = section(write_report(result, loaded, ENVIRONMENT)[0].read_text(), "Headline")
+    assert "- **trained (PyTorch):** 0.7042 (240 rows · evaluate step, +0.2084 vs base)" in headline
+    assert "- **ONNX export:** 0.7000 (240 rows · export step's gate, +0.2042 vs base)" in headline
+    assert "- **int8 ONNX:** 0.6958 (240 rows · quantize step's gate, +0.2000 vs base)" in headline
