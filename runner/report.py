@@ -192,9 +192,9 @@ def _blocks(facts: Facts, recipe: Recipe, environment: dict[str, Any], recipe_ya
     result = facts.result
     ran = sum(s.status == "ran" for s in result.steps)
     cached = sum(s.status == "cached" for s in result.steps)
+    work = sum(s.seconds for s in result.steps)
     blocks: list[Block] = [Para(f"Run folder {relative(result.run_dir)}: {len(result.steps)} steps, {ran} ran, "
-                                f"{cached} from the cache, {seconds(sum(s.seconds for s in result.steps))} of work.",
-                                "muted")]
+                                f"{cached} from the cache" + (f", {seconds(work)} of work." if work else "."), "muted")]
     for step in result.steps:
         if step.status == "failed":
             blocks.append(Callout(f"Step {step.kind} failed", step.error or "no message"))
