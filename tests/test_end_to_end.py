@@ -41,7 +41,8 @@ QUICK = ["data.select=1200", "train.epochs=1", "train.learning_rate=1e-4"]
 def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, monkeypatch):
     run = run_recipe(workdir, monkeypatch, "quickstart", *QUICK)
     steps = {s["kind"]: s for s in run["steps"]}
-    assert [s["status"] for s in run["steps"]] == ["ran"] * 5
+    assert [(s["kind"], s["status"]) for s in run["steps"]] == [
+        (kind, "ran") for kind in ("data", "train", "export", "quantize", "evaluate", "serve")]
     outputs = {kind: Path(step["outputs"]) for kind, step in steps.items()}
     train = json.loads((outputs["train"] / "metrics.json").read_text())
     export = json.loads((outputs["export"] / "export_report.json").read_text())
@@ -54,6 +55,11 @@ def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, 
     assert serve["passed"] and serve["served_eval"]["accuracy"] == quantize["comparison"]["metric_candidate"]
     report = (workdir / "runs/quickstart/latest/report.md").read_text()
     assert "## Headline" in report and (workdir / "runs/quickstart/latest/report.html").is_file()
+    # the forgetting table (base vs tuned probe accuracy on the general set) and the three pictures
+    assert "| set | base probe accuracy | tuned probe accuracy | accuracy drop | budget | verdict |" in report
+    assert len(serve["latency"]["samples_ms"]) == serve["latency"]["requests"]
+    for picture in ("train-loss.png", "serve-latency.png", "evaluate-confusion_test.png"):
+        assert f"]({picture})" in report and (workdir / "runs/quickstart/latest" / picture).is_file()
     assert re.search(r"^- \*\*int8 ONNX:\*\* 0\.\d{4} \(", report, re.M)  # the headline names every artifact's figure
     # the weights' provenance, checkable against the upstream file: all-MiniLM-L6-v2's model.safetensors
     assert "| base model package: model.safetensors sha256 | 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db |" in report
@@ -61,7 +67,7 @@ def test_quickstart_reaches_its_accuracy_through_the_served_int8_model(workdir, 
 
 def test_quickstart_again_is_fully_cached(workdir, monkeypatch):
     run = run_recipe(workdir, monkeypatch, "quickstart", *QUICK)
-    assert [s["status"] for s in run["steps"]] == ["cached"] * 5
+    assert [s["status"] for s in run["steps"]] == ["cached"] * 6
 
 
 def test_tiny_llama_lora_serves_generation_probes(workdir, monkeypatch):
