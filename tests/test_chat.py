@@ -320,3 +320,17 @@ def test_the_shipped_conversations_are_trainable_chats_as_recorded():
         assert turns == ["user", "assistant"] * (len(turns) // 2)  # alternating, ending on the assistant
         texts.add("\n".join(m["content"] for m in messages))
     assert len(texts) == len(rows)
+
+
+def test_a_local_model_without_a_chat_template_is_refused_at_validate_time(chatml, tmp_path):
+    folder = tmp_path / "model"
+    chatml.chat_template = None
+    chatml.save_pretrained(folder)
+    chatml.chat_template = SMOLLM2
+    text = RECIPE.replace(
+        "  init: {architecture: llama, hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 32, vocab_size: 300}",
+        f"  path: {folder}").replace("  chat_template: \"{% for m in messages %}{{ m['content'] }}{% endfor %}\"\n", "")
+    expected = "r.yaml:7:3: data.messages_column: the model's tokenizer"
+    assert any(p.startswith(expected) and "has no chat template" in p for p in problems(tmp_path, text))
+    chatml.save_pretrained(folder)  # now with its template: that complaint is gone (others, like no weights, remain)
+    assert not any(p.startswith(expected) for p in problems(tmp_path, text))

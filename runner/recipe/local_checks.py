@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import genai
+from runner.chat import load_chat_template
 from runner.recipe import data_columns, eval_checks
 from runner.recipe.models import HubSource, Recipe, model_location
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
@@ -105,6 +106,7 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
         found.errors.append((source_field, folder_problem))
         if not readable:  # no folder, so no config.json to check either
             return found
+    chat_template_present(recipe, found)
     config, source = model_config(recipe, fetch)
     if config is None:
         if recipe.model.path is not None or recipe.model.package is not None:
@@ -125,6 +127,24 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
             found.errors.append((("export", "format"), f"{problem} (from {source}); use `format: safetensors` to "
                                  "export the merged model instead"))
     return found
+
+
+def chat_template_present(recipe: Recipe, found: Findings) -> None:
+    """A `messages_column` recipe without `data.chat_template` renders with the tokenizer's own template: one must be in
+    the model folder (chat_template.jinja or tokenizer_config.json), else the data step would stop on it. A hub model
+    not in the HF cache is checked by the data step. (`model.init` recipes need the field: rules.chat_recipe.)"""
+    model, data = recipe.model, recipe.data
+    if data is None or data.messages_column is None or data.chat_template is not None or model.init is not None:
+        return
+    if model.hub is not None:
+        config = hub_cache_config(model.hub, model.revision)
+        folder = config.parent if config is not None else None
+    else:
+        folder = Path(model_location(model) or "")
+    if folder is not None and folder.is_dir() and (folder / "tokenizer_config.json").is_file() \
+            and load_chat_template(folder) is None:
+        found.errors.append((("data", "messages_column"), f"the model's tokenizer ({folder}) has no chat template: "
+                             "set `data.chat_template` (a Jinja template, e.g. ChatML as in recipes/tiny_chat_lora.yaml)"))
 
 
 def model_folder(recipe: Recipe) -> tuple[str | None, bool]:
