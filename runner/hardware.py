@@ -465,7 +465,8 @@ class Estimate(BaseModel):
     bits: int | None
     batch_size: int
     seq_len: int
-    packed_row_len: int | None = Field(None, description="data.packing: the longest packed row (batch_size x seq_len).")
+    packed_row_len: int | None = Field(
+        None, description="data.packing: the widest packed row (seq_len; batch_size x seq_len with flash_attention_2).")
     attn_implementation: str | None = None
     gradient_accumulation: int
     gradient_checkpointing: bool
@@ -543,10 +544,11 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
     training = _training(shape, train)
     seq = min(recipe.data.max_length, getattr(config, "max_position_embeddings", recipe.data.max_length))
     tokens = train.batch_size * seq
-    # data.packing: the batch is one row of up to batch_size x max_length tokens. Per-token tensors are as many as
-    # padded (at worst every example is max_length long), but attention's seq-dependent ones (the mask, and
-    # eager's probabilities) now span the whole row: a row x row mask instead of batch_size seq x seq ones.
-    row = tokens if recipe.data.packing else seq
+    # data.packing (runner/stages/packing.py) lays a batch out in rows no wider than its longest example, so at worst
+    # (every example max_length long) the tokens and the seq x seq masks are those of padding; flash_attention_2 packs
+    # one row of up to batch_size x max_length tokens, but its attention keeps nothing seq-dependent. The worst-case
+    # peak is the padded one; packing saves on typical batches (by the padded/real tokens ratio; bench/packing.py).
+    row = tokens if recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2" else seq
     attn = recipe.model.attn_implementation
     widths = _widths(train, device)
     parts = _parameter_parts(shape, train, training)
@@ -570,7 +572,7 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
         processes=processes, params_total=shape.total_params, params_trainable=_trainable(shape, train, training),
         params_quantized=_quantized_numel(shape, training),
         lora_targets=sorted({n.rsplit(".", 1)[-1] for n in training.targets}), parts=parts, phases=phases,
-        peak_bytes=peak, total_bytes=peak * processes, notes=_notes(shape, train, device, attn, row if row != seq else None),
+        peak_bytes=peak, total_bytes=peak * processes, notes=_notes(shape, train, device, attn, recipe.data.packing),
         packed_row_len=row if recipe.data.packing else None, attn_implementation=attn,
     )
 
@@ -799,11 +801,11 @@ def _loss_bytes_per_token(shape: ModelShape, w: Widths) -> float:
 
 
 def _notes(shape: ModelShape, train: Any, device: Device, attn: str | None = None,
-           packed_row: int | None = None) -> list[str]:
+           packing: bool = False) -> list[str]:
     notes = []
-    if packed_row is not None and attn != "flash_attention_2":
-        notes.append(f"packing: attention's mask spans the packed row ({packed_row} tokens) rather than one example; "
-                     "flash_attention_2 needs none")
+    if packing:
+        notes.append("packing: estimated for the worst case, every example max_length long, which packs into as many "
+                     "tokens as padding; typical batches need less")
     if train.distributed and train.distributed.fsdp:
         notes.append("FSDP shards weights, gradients and optimizer states across processes: this per-process "
                      "estimate (DDP-like) is an upper bound")

@@ -206,11 +206,12 @@ class Data(Strict):
     )
     packing: bool = Field(
         False,
-        description="Causal LM: pack each batch's examples into one padding-free row (transformers "
-        "`DataCollatorWithFlattening`; position ids restart per example, so attention never crosses examples). "
-        "`train.batch_size` stays the number of examples per step (now per packed row, up to batch_size x "
-        "max_length tokens); the loss is the mean over the labelled tokens either way. Evaluation batches stay "
-        "padded, so eval loss compares with an unpacked run.",
+        description="Causal LM: pack each batch's examples into rows without padding between them (transformers "
+        "`DataCollatorWithFlattening`; position ids restart per example, so attention never crosses examples): rows "
+        "as wide as the batch's longest example with sdpa/eager, one row with flash_attention_2. `train.batch_size` "
+        "stays the number of examples per step; the loss is the mean over the labelled tokens either way, so packing "
+        "changes speed, not what is learned. Evaluation batches stay padded, so eval loss compares with an unpacked "
+        "run.",
     )
     select: PositiveInt | None = Field(None, description="Keep this many rows after shuffling.")
     shuffle: bool = Field(True, description="Shuffle the rows with the recipe's seed before selecting.")
@@ -267,7 +268,7 @@ class TrainCommon(Strict):
     epochs: PositiveFloat = Field(3, description="Passes over the training set (ignored when `max_steps` is set).")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: PositiveInt = Field(
-        8, description="Examples per device per step (with `data.packing`: examples packed into the step's one row)."
+        8, description="Examples per device per step (with `data.packing`: the examples packed into the step's rows)."
     )
     gradient_accumulation: PositiveInt = Field(1, description="Steps whose gradients add up before an update.")
     learning_rate: PositiveFloat = Field(5e-5, description="Peak learning rate.")

@@ -40,7 +40,6 @@ import torch
 from pydantic import TypeAdapter
 from transformers import (
     DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
     DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedModel,
@@ -53,6 +52,7 @@ from transformers import (
 from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
 from runner.stages import StageError, data_chat, regularize
 from runner.stages import model as model_stage  # called through the module: tests wrap load_model
+from runner.stages.packing import PackingCollator
 
 log = logging.getLogger(__name__)
 
@@ -456,22 +456,16 @@ def padded_collator(tokenizer: Any, classifier: bool) -> Any:
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding="longest")
 
 
-def packed_collator() -> DataCollatorWithFlattening:
-    """data.packing: a batch of `batch_size` examples becomes one row of their tokens, with no padding.
-
-    position_ids restart at 0 for every example and no attention_mask is returned. transformers (masking_utils,
-    `find_packed_sequence_indices`) turns restarting position ids into a block-diagonal causal mask for sdpa and eager,
-    but only when attention_mask is None and there is no KV cache (Trainer sets `use_cache` off); flash_attention_2
-    reads the same boundaries from the position ids. Each example's first label becomes -100, so no token is predicted
-    across a boundary. The loss is the mean over the batch's labelled tokens, as with padded batches.
-    """
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+def packed_collator(tokenizer: Any, model: Model) -> PackingCollator:
+    """data.packing (runner/stages/packing.py): one row per batch for flash_attention_2, else rows as wide as the
+    batch's longest example."""
+    return PackingCollator(tokenizer.pad_token_id, one_row=model.attn_implementation == "flash_attention_2")
 
 
 def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) -> Trainer:
     classifier = job.model.task == CLASSIFIER
     padded = padded_collator(tokenizer, classifier)
-    collator = packed_collator() if job.packing else padded
+    collator = packed_collator(tokenizer, job.model) if job.packing else padded
     # transformers 5 takes the TensorBoard folder from this variable (read when the Trainer builds its callbacks)
     previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.out / "tensorboard")
