@@ -66,7 +66,8 @@ def encode(tokenizer, conversations: list[list[dict]], template: str | None = No
     """The data step's rendering and labelling of `conversations` (data_chat.build_batch + encode_batch)."""
     fmt = data_chat.format_for(Data(source={"path": "x.jsonl"}, messages_column="messages", chat_template=template),
                                tokenizer)
-    rows = data_chat.build_batch({"messages": conversations}, column="messages", format=fmt, where="test rows")
+    rows = data_chat.build_batch({"messages": conversations}, list(range(len(conversations))), column="messages",
+                                 format=fmt, where="test rows")
     return data_chat.encode_batch(rows, tokenizer=tokenizer, max_length=256)
 
 
@@ -152,7 +153,7 @@ def test_no_doubled_bos_when_the_template_writes_it(chatml):
 
 def test_truncation_keeps_labels_aligned(chatml):
     fmt = data_chat.format_for(Data(source={"path": "x.jsonl"}, messages_column="messages"), chatml)
-    rows = data_chat.build_batch({"messages": [CONVERSATION]}, column="messages", format=fmt, where="t")
+    rows = data_chat.build_batch({"messages": [CONVERSATION]}, [0], column="messages", format=fmt, where="t")
     full = data_chat.encode_batch(rows, tokenizer=chatml, max_length=256)
     cut = data_chat.encode_batch(rows, tokenizer=chatml, max_length=20)
     assert cut["input_ids"][0] == full["input_ids"][0][:20] and cut["labels"][0] == full["labels"][0][:20]
@@ -251,8 +252,9 @@ def test_chat_rows_that_cannot_be_trained_on_are_stage_errors(chatml, tmp_path):
 
     with pytest.raises(StageError, match="tokenizer has none: set data.chat_template"):
         run([CONVERSATION] * 4)
-    with pytest.raises(StageError, match="turn 0 has role 'human'"):
-        run([[{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 4, chat_template=SMOLLM2)
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(StageError, match=r"conversation 3 \(column 'messages'\): turn 0 has role 'human'"):
+        run([good, good, [{"role": "human", "content": "hi"}, good[1]], good], chat_template=SMOLLM2)
     with pytest.raises(StageError, match="no assistant turn"):
         run([[{"role": "user", "content": "hi"}]] * 4, chat_template=SMOLLM2)
 

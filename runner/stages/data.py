@@ -355,6 +355,7 @@ def _prepare_chat(ds: Dataset, data: Data, where: str, chat: data_chat.ChatForma
     return ds.map(
         partial(data_chat.build_batch, column=column, format=chat, where=where),
         batched=True,
+        with_indices=True,
         remove_columns=ds.column_names,
         features=Features({"text": Value("string"), "spans": List(Value("int64"))}),
         keep_in_memory=True,

@@ -51,13 +51,14 @@ def format_for(data: Data, tokenizer: Any) -> ChatFormat:
     return ChatFormat(template, special)
 
 
-def build_batch(batch: dict[str, list[Any]], *, column: str, format: ChatFormat, where: str) -> dict[str, list[Any]]:
-    """Rendered text and flattened assistant spans for a batch of conversations."""
+def build_batch(batch: dict[str, list[Any]], indices: list[int], *, column: str, format: ChatFormat,
+                where: str) -> dict[str, list[Any]]:
+    """Rendered text and flattened assistant spans for a batch of conversations (`indices`: their rows in the source)."""
     texts, spans = [], []
-    for index, messages in enumerate(batch[column]):
+    for index, messages in zip(indices, batch[column], strict=True):
         problem = chat.check_messages(messages)
         if problem is not None:
-            raise StageError(f"{where}: row {index} of a batch of column {column!r}: {problem} (got {str(messages)[:120]})")
+            raise StageError(f"{where}: conversation {index + 1} (column {column!r}): {problem} (got {str(messages)[:120]})")
         try:
             text, found = chat.assistant_spans(format.template, messages, format.special)
         except chat.ChatTemplateError as exc:
