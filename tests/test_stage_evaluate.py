@@ -131,11 +131,16 @@ def test_adding_a_set_scores_only_that_set(tiny_classifier_dir, classifier_input
         "test": ["base", "export"], "more_reviews": ["base", "export"], "general": ["base"]}
 
 
-def test_task_set_with_labels_the_model_lacks_is_refused(tiny_classifier_dir, classifier_inputs, tmp_path):
+def test_task_set_labels_are_the_models_names_or_ids(tiny_classifier_dir, classifier_inputs, tmp_path):
+    ids = {"name": "ids", "role": "task", "source": {"rows": {"text": ["a", "b", "c"], "label": [0, 1, 1]}}}
+    evaluate_stage.run(_config(tiny_classifier_dir, "sequence-classification", {"train": "k"}, sets=[ids],
+                               test_split=False), classifier_inputs, tmp_path)
+    scores = json.loads((tmp_path / "evaluate_report.json").read_text())["sets"][0]["scores"]["train"]
+    assert {label: row["support"] for label, row in scores["per_class"].items()} == {"negative": 1, "positive": 2}
     odd = {"name": "odd", "role": "task", "source": {"rows": {"text": ["a", "b"], "label": ["neutral", "positive"]}}}
     with pytest.raises(StageError, match=r"'odd' has labels \['neutral'\] that the model does not know"):
         evaluate_stage.run(_config(tiny_classifier_dir, "sequence-classification", {"train": "k"}, sets=[odd]),
-                           {**classifier_inputs, "memo": tmp_path}, tmp_path)
+                           classifier_inputs, tmp_path)
 
 
 def test_lm_loss_and_perplexity_on_the_tiny_llama(tiny_llama_dir, llama_inputs, llama_export, tmp_path):

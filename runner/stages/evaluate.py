@@ -181,10 +181,14 @@ def score(scorer: models.Scorer, scored: ScoredSet, task: str, cfg: Evaluate, se
 
 
 def check_task_labels(sets: list[ScoredSet], labels: list[str] | None) -> None:
+    """A task set's labels must be the model's label names; integer labels are read as label ids (as data.labels
+    reads them in the data step)."""
     if labels is None:
         return
     for scored in sets:
         if scored.role == "task" and scored.labels is not None:
+            if set(scored.labels) - set(labels) and all(v.isdigit() and int(v) < len(labels) for v in scored.labels):
+                scored.labels = [labels[int(v)] for v in scored.labels]
             unknown = sorted(set(scored.labels) - set(labels))
             if unknown:
                 raise StageError(f"evaluate set {scored.name!r} has labels {unknown} that the model does not know "
