@@ -83,7 +83,9 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         "evaluate", "runner.stages.evaluate", 1,
         (*_TORCH, "peft", "datasets", "onnxruntime", "onnxruntime-genai", "scikit-learn"),
-        records=("*.png",), memo=True,
+        # evaluate_report.json lists which scores the memo supplied: that depends on what this machine's cache ran
+        # before (the same key scores everything fresh elsewhere), so the report is a run record, not an artifact
+        records=("*.png", "evaluate_report.json"), memo=True,
     ),
     "serve": StageSpec(
         "serve", "runner.stages.serve", 3, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
