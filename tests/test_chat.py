@@ -63,11 +63,12 @@ def chatml():
 
 
 def encode(tokenizer, conversations: list[list[dict]], template: str | None = None) -> dict:
-    """The data step's rendering and labelling of `conversations` (data_chat.build_batch + encode_batch)."""
+    """The data step's rendering and labelling of `conversations` (data_chat check, render and encode)."""
     fmt = data_chat.format_for(Data(source={"path": "x.jsonl"}, messages_column="messages", chat_template=template),
                                tokenizer)
-    rows = data_chat.build_batch({"messages": conversations}, list(range(len(conversations))), column="messages",
-                                 format=fmt, where="test rows")
+    checked = data_chat.check_batch({"messages": conversations}, list(range(len(conversations))), column="messages",
+                                    where="test rows")
+    rows = data_chat.render_batch(checked, format=fmt)
     return data_chat.encode_batch(rows, tokenizer=tokenizer, max_length=256)
 
 
@@ -153,7 +154,8 @@ def test_no_doubled_bos_when_the_template_writes_it(chatml):
 
 def test_truncation_keeps_labels_aligned(chatml):
     fmt = data_chat.format_for(Data(source={"path": "x.jsonl"}, messages_column="messages"), chatml)
-    rows = data_chat.build_batch({"messages": [CONVERSATION]}, [0], column="messages", format=fmt, where="t")
+    rows = data_chat.render_batch(data_chat.check_batch({"messages": [CONVERSATION]}, [0], column="messages", where="t"),
+                                  format=fmt)
     full = data_chat.encode_batch(rows, tokenizer=chatml, max_length=256)
     cut = data_chat.encode_batch(rows, tokenizer=chatml, max_length=20)
     assert cut["input_ids"][0] == full["input_ids"][0][:20] and cut["labels"][0] == full["labels"][0][:20]

@@ -149,8 +149,7 @@ def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | 
     sources = data.all_sources()
     raw = [_load_source(source, cache_dir) for source in sources]
     _check_renames(data.columns, raw)
-    parts = [_prepare(_rename(ds, data.columns), data, task, _describe(source), chat)
-             for ds, source in zip(raw, sources, strict=True)]
+    parts = [_prepare(_rename(ds, data.columns), data, task, _describe(source)) for ds, source in zip(raw, sources, strict=True)]
     rows = parts[0] if len(parts) == 1 else _mix(parts, [s.weight for s in sources], seed, data.shuffle)
     if data.shuffle:
         rows = rows.shuffle(seed=seed, keep_in_memory=True)
@@ -158,7 +157,10 @@ def load_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | 
         if data.select > len(rows):
             log.warning("data.select is %d but only %d rows are there; using all of them", data.select, len(rows))
         rows = rows.select(range(min(data.select, len(rows))), keep_in_memory=True)
-    return rows.flatten_indices(keep_in_memory=True)
+    rows = rows.flatten_indices(keep_in_memory=True)
+    if data.messages_column is not None and task != CLASSIFY:
+        rows = _render_chats(rows, chat)  # only the selected rows: rendering every prefix costs
+    return rows
 
 
 def train_split_rows(data_cfg: dict[str, Any], seed: int, task: str, cache_dir: Path | None = None,
@@ -299,12 +301,12 @@ def _template_fields(template: str) -> list[str]:
     return fields
 
 
-def _prepare(ds: Dataset, data: Data, task: str, where: str, chat: data_chat.ChatFormat | None = None) -> Dataset:
+def _prepare(ds: Dataset, data: Data, task: str, where: str) -> Dataset:
     """One source as the common columns (text, label, prompt_length), so that sources can be mixed."""
     if len(ds) == 0:
         raise StageError(f"{where} has no rows")
     if data.messages_column is not None and task != CLASSIFY:
-        return _prepare_chat(ds, data, where, chat)
+        return _prepare_chat(ds, data, where)
     classify = task == CLASSIFY
     needed = _template_fields(data.template) if data.template else [data.text_column]
     if classify:
@@ -344,22 +346,35 @@ def _prepare(ds: Dataset, data: Data, task: str, where: str, chat: data_chat.Cha
     )
 
 
-def _prepare_chat(ds: Dataset, data: Data, where: str, chat: data_chat.ChatFormat | None) -> Dataset:
-    """A source of conversations as `text` (rendered) and `spans` (assistant characters), see runner.stages.data_chat."""
+def _prepare_chat(ds: Dataset, data: Data, where: str) -> Dataset:
+    """A source of conversations, checked, as one `conversation` column (JSON text: sources whose turns carry different
+    keys still mix); `_render_chats` renders them once rows are selected (see runner.stages.data_chat)."""
     column = str(data.messages_column)
     if column not in ds.column_names:
         raise StageError(f"{where}: data.messages_column {column!r} not found; available columns: "
                          f"{', '.join(ds.column_names)} (rename with data.columns)")
-    if chat is None:
-        raise StageError("data.messages_column: rows of conversations need a chat template to be read")
     return ds.map(
-        partial(data_chat.build_batch, column=column, format=chat, where=where),
+        partial(data_chat.check_batch, column=column, where=where),
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
+        features=Features({"conversation": Value("string")}),
+        keep_in_memory=True,
+        desc=f"Reading {where}",
+    )
+
+
+def _render_chats(rows: Dataset, chat: data_chat.ChatFormat | None) -> Dataset:
+    """`conversation` -> `text` (rendered) and `spans` (the assistant turns' characters)."""
+    if chat is None:
+        raise StageError("data.messages_column: rows of conversations need a chat template to be read")
+    return rows.map(
+        partial(data_chat.render_batch, format=chat),
+        batched=True,
+        remove_columns=["conversation"],
         features=Features({"text": Value("string"), "spans": List(Value("int64"))}),
         keep_in_memory=True,
-        desc=f"Rendering {where}",
+        desc="Rendering conversations",
     )
 
 

@@ -13,6 +13,7 @@ used to `chat_template.jinja` in its output, and the train step saves it with th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,26 @@ def format_for(data: Data, tokenizer: Any) -> ChatFormat:
     return ChatFormat(template, special)
 
 
-def build_batch(batch: dict[str, list[Any]], indices: list[int], *, column: str, format: ChatFormat,
-                where: str) -> dict[str, list[Any]]:
-    """Rendered text and flattened assistant spans for a batch of conversations (`indices`: their rows in the source)."""
-    texts, spans = [], []
+def check_batch(batch: dict[str, list[Any]], indices: list[int], *, column: str, where: str) -> dict[str, list[Any]]:
+    """Conversations checked (`indices`: their rows in the source, for the error) and kept as JSON text."""
+    out = []
     for index, messages in zip(indices, batch[column], strict=True):
         problem = chat.check_messages(messages)
         if problem is not None:
-            raise StageError(f"{where}: conversation {index + 1} (column {column!r}): {problem} (got {str(messages)[:120]})")
+            raise StageError(f"{where}: conversation {index + 1} (column {column!r}): {problem} "
+                             f"(got {str(messages)[:120]})")
+        out.append(json.dumps(messages, ensure_ascii=False))
+    return {"conversation": out}
+
+
+def render_batch(batch: dict[str, list[Any]], *, format: ChatFormat) -> dict[str, list[Any]]:
+    """Rendered text and flattened assistant spans (start, end, start, end ...) for a batch of checked conversations."""
+    texts, spans = [], []
+    for conversation in batch["conversation"]:
         try:
-            text, found = chat.assistant_spans(format.template, messages, format.special)
+            text, found = chat.assistant_spans(format.template, json.loads(conversation), format.special)
         except chat.ChatTemplateError as exc:
-            raise StageError(f"{where}: {exc}") from None
+            raise StageError(f"data.messages_column: {exc} (conversation {conversation[:120]})") from None
         texts.append(text)
         spans.append([edge for span in found for edge in span])
     return {"text": texts, "spans": spans}
