@@ -215,6 +215,9 @@ GENERAL = {"name": "news", "role": "general", "source": {"path": "news_topics.cs
     ({"sets": [GENERAL, GENERAL]}, "set name 'news' is taken by another set"),
     ({"sets": [{**GENERAL, "name": "test"}]}, "set name 'test' is the test split's name"),
     ({"sets": [{**GENERAL, "label_column": "topic"}]}, "column 'topic' is not in"),
+    # an eval set's hub revision is pinned like a data source's (the step's key holds it as written)
+    ({"sets": [{**GENERAL, "source": {"hub": "org/news", "revision": "main"}}]},
+     "evaluate.sets.0.source.revision: revision 'main' is not a full 40-character commit sha"),
 ])
 def test_evaluate_rules_point_at_the_field(tmp_path, capsys, evaluate, message):
     out = _validate(tmp_path, capsys, evaluate)

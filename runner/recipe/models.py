@@ -543,7 +543,8 @@ class Evaluate(Strict):
     sets: list[EvalSet] = Field(default_factory=list, description="Extra sets, each with a name and a role.")
     artifacts: list[ArtifactKind] = Field(
         default_factory=lambda: list(ARTIFACTS),
-        description="Which models to score; the recipe's steps decide which exist (`base` is the model before training).",
+        description="Which models to score (`base` is the model before training). The default scores those the "
+        "recipe's steps make; a list written here must name only steps the recipe has (`export`, `quantize`).",
     )
     max_rows: PositiveInt = Field(500, description="Most rows scored per set (each set's own `max_rows` can lower it).")
     max_forgetting: Annotated[float, Field(ge=0)] | None = Field(
