@@ -17,7 +17,8 @@ A stage never touches the cache, never chooses paths outside `out`, and logs thr
 Output folders, by stage (what downstream stages rely on):
 - model (only for `model.init`): `model/` - a saved model and tokenizer (save_pretrained).
 - data: `dataset/` (DatasetDict with `train` and `test`; columns `text`, `input_ids`, `attention_mask`, `labels`),
-  `labels.json` (`{"id2label": {...}, "label2id": {...}}`, classification only) and `stats.json`.
+  `labels.json` (`{"id2label": {...}, "label2id": {...}}`, classification only), `chat_template.jinja` (chat recipes
+  with `messages_column`: the template the rows were rendered with; train saves it with the tokenizer) and `stats.json`.
 - train: `model/` (full fine-tune) or `adapter/` (LoRA/QLoRA, peft save_pretrained), each with the tokenizer saved beside
   it; `metrics.json`, `trainer_state.json`, `loss.png`, `tensorboard/`.
 - export: `onnx/` (classifier: model.onnx, config.json, tokenizer, labels.json; causal LM: the onnxruntime-genai builder's
