@@ -7,6 +7,7 @@
     nox -s lock [-- cpu dev] [-- --check]                          re-resolve envs/*.txt from envs/*.in
     nox -s docker                                                  build Dockerfile.cuda where an engine answers
     nox -s bench | faults | fuzz                                   benchmarks P1-P6; kill -9 trials and stress; fuzzing
+    nox -s forgetting                                              forgetting with and without train.l2sp (bench/forgetting.py)
     nox -s real_lm                                                 a real 135M LM through a recipe, default gates; P9
 
 Every session installs exact pins from envs/, so a recipe runs in the environment it was written for. Venvs are reused
@@ -194,6 +195,15 @@ def faults(session: nox.Session) -> None:
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
     session.run("python", "bench/faults.py", "--json", "bench/results/faults.json", *session.posargs, env=env)
     session.run("python", "bench/serve_stress.py", "--json", "bench/results/serve_stress.json", env=env)
+
+
+@nox.session(python=PYTHON)
+def forgetting(session: nox.Session) -> None:
+    """Forgetting with and without train.l2sp on the same recipe (default: the quickstart's full fine-tune of the real
+    all-MiniLM-L6-v2 at a high learning rate), one run per l2sp value; bench/results/forgetting.json."""
+    install_env(session, "cpu", dev=True)
+    session.run("python", "bench/forgetting.py", "--json", "bench/results/forgetting.json", *session.posargs,
+                env={**OFFLINE, "PYTHONPATH": str(ROOT)})
 
 
 @nox.session(python=PYTHON)

@@ -161,22 +161,35 @@ def test_a_fresh_head_has_no_pretrained_value_and_is_left_out(bare_encoder_dir: 
 # --- in the train stage ------------------------------------------------------------------------------------------------
 
 
-def test_a_run_with_l2sp_ends_closer_to_its_pretrained_weights(classifier_dir, classifier_data, tmp_path) -> None:
+PULLED = {"max_steps": 8, "save_steps": 4, "l2sp": 0.5}  # strong, so that a few steps of a tiny model show it
+
+
+@pytest.fixture(scope="module")
+def pulled(classifier_dir, classifier_data, tmp_path_factory) -> tuple[dict[str, Any], Path]:
+    """One uninterrupted run with L2-SP (the reference of the tests below)."""
+    out = tmp_path_factory.mktemp("pulled")
+    return _train(classifier_dir, CLASSIFIER, classifier_data, out, **PULLED), out
+
+
+def test_a_run_with_l2sp_ends_closer_to_its_pretrained_weights(classifier_dir, classifier_data, pulled,
+                                                               tmp_path) -> None:
     start = _weights(classifier_dir)
-    plain = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "plain")
-    pulled = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "l2sp", l2sp=0.05)
+    plain = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "plain",
+                   **{k: v for k, v in PULLED.items() if k != "l2sp"})
+    metrics, out = pulled
 
     names = sorted(start)  # this checkpoint has its head: every weight is pretrained
-    far, near = (_distance(_weights(tmp_path / run / "model"), start, names) for run in ("plain", "l2sp"))
+    far = _distance(_weights(tmp_path / "plain" / "model"), start, names)
+    near = _distance(_weights(out / "model"), start, names)
     assert near < 0.7 * far, (near, far)
-    assert pulled["l2sp_distance"] == pytest.approx(near, rel=1e-3)  # what metrics.json says is what moved
-    assert pulled["l2sp"] == 0.05 and pulled["l2sp_params"] == sum(t.numel() for t in start.values())
+    assert metrics["l2sp_distance"] == pytest.approx(near, rel=1e-3)  # what metrics.json says is what moved
+    assert metrics["l2sp"] == 0.5 and metrics["l2sp_params"] == sum(t.numel() for t in start.values())
     assert "l2sp" not in plain
 
-    history = json.loads((tmp_path / "l2sp" / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     logged = [h for h in history if "loss" in h]
     assert logged and all("l2sp_penalty" in h and "l2sp_distance" in h for h in logged)
-    assert logged[0]["l2sp_penalty"] < logged[-1]["l2sp_penalty"]  # zero-ish at the start, grows as weights move
+    assert logged[0]["l2sp_penalty"] == 0 < logged[-1]["l2sp_penalty"]  # nothing moved at step 1; then it grows
     assert all("l2sp_penalty" not in h for h in history if "eval_loss" in h)  # eval loss is the task's alone
 
 
@@ -225,14 +238,13 @@ class Killed(Exception):
     pass
 
 
-def test_a_resumed_run_still_pulls_toward_the_pretrained_weights(classifier_dir, classifier_data, tmp_path,
+def test_a_resumed_run_still_pulls_toward_the_pretrained_weights(classifier_dir, classifier_data, pulled, tmp_path,
                                                                   monkeypatch) -> None:
     """The checkpoint holds trained weights; the copy is taken from the base model before they are loaded, so the
     resumed run equals the uninterrupted one (a copy taken from the checkpoint would pull toward step 4's weights)."""
     from transformers import Trainer
 
-    settings = {"max_steps": 8, "save_steps": 4, "l2sp": 0.5}
-    whole = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "whole", **settings)
+    whole, whole_out = pulled
     step = Trainer.training_step
 
     def dies_at_step_6(self, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -242,20 +254,20 @@ def test_a_resumed_run_still_pulls_toward_the_pretrained_weights(classifier_dir,
 
     monkeypatch.setattr(Trainer, "training_step", dies_at_step_6)
     with pytest.raises(Killed):
-        _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "killed", **settings)
+        _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "killed", **PULLED)
     monkeypatch.setattr(Trainer, "training_step", step)
-    resumed = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "killed", **settings)
+    resumed = _train(classifier_dir, CLASSIFIER, classifier_data, tmp_path / "killed", **PULLED)
 
     assert resumed["resumed_from_step"] == 4
     assert resumed["l2sp_distance"] == pytest.approx(whole["l2sp_distance"], rel=1e-4)
-    a, b = _weights(tmp_path / "whole" / "model"), _weights(tmp_path / "killed" / "model")
+    a, b = _weights(whole_out / "model"), _weights(tmp_path / "killed" / "model")
     assert _distance(a, b, sorted(a)) < 1e-4 * whole["l2sp_distance"]
 
-    def penalties(run: str) -> list[float]:
-        history = json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
+    def penalties(run: Path) -> list[float]:
+        history = json.loads((run / "trainer_state.json").read_text())["log_history"]
         return [h["l2sp_penalty"] for h in history if "l2sp_penalty" in h]
 
-    assert penalties("killed") == pytest.approx(penalties("whole"), rel=1e-4)
+    assert penalties(tmp_path / "killed") == pytest.approx(penalties(whole_out), rel=1e-4)
 
 
 # --- the recipe --------------------------------------------------------------------------------------------------------
