@@ -58,6 +58,10 @@ def rows(results: Path) -> list[tuple[str, str, str, str]]:
     worst = max(errors, key=abs) if errors else None
     if worst is not None:
         out.append(("P6 memory estimate vs measured (worst)", f"{worst:+.1%}", "within ±15%", str(abs(worst) <= 0.15)))
+    p8 = load("p8.json")
+    if p8:
+        out.append(("P8 packing / padded, non-pad tokens/s (ceiling C)", f"{p8['ratio']:.2f} (C {p8['ceiling']:.2f})",
+                    ">= 0.9 x C", str(p8["met"])))
     return out
 
 
