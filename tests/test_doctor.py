@@ -200,6 +200,8 @@ def test_model_init_recipes_are_estimated_from_their_init_fields(tmp_path: Path)
         "architecture": "distilbert", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
         "vocab_size": 4000, "max_position_embeddings": 128}}
     raw["data"]["source"]["path"] = str(REPO / "recipes" / "data" / "reviews.csv")
+    for extra in raw.get("evaluate", {}).get("sets", []):  # the copy lives elsewhere: its paths are made absolute
+        extra["source"]["path"] = str(REPO / "recipes" / extra["source"]["path"])
     (tmp_path / "init.yaml").write_text(yaml.safe_dump(raw))
     e = estimate(load_recipe(tmp_path / "init.yaml", []).recipe)
     assert e.config_source == "built from model.init" and e.device == "cpu"

@@ -204,20 +204,9 @@ def test_one_optimizer_step_adds_the_penalty_once_whatever_the_accumulation(
 ) -> None:
     """16 examples in one batch, or in two accumulated batches of 8: every step has the same loss, gradient norm and
     penalty. The causal LM's loss is normalized over the accumulated batch's tokens (each micro-batch then carries
-    half of the penalty); the classifier's is a per-batch mean, which Trainer divides by the accumulation steps."""
-    from runner.stages import model as model_stage
-
-    if task == CLASSIFIER:
-        # DistilBERT's head declares **kwargs but averages per micro-batch, and Trainer takes **kwargs for "normalizes
-        # over the accumulated batch itself" (transformers #47688): marked as what it is, so Trainer divides its loss.
-        load = model_stage.load_model
-
-        def per_batch_mean(*args: Any, **kwargs: Any) -> Any:
-            loaded = load(*args, **kwargs)
-            (loaded[0] if isinstance(loaded, tuple) else loaded).accepts_loss_kwargs = False
-            return loaded
-
-        monkeypatch.setattr(model_stage, "load_model", per_batch_mean)
+    half of the penalty); the classifier's is a per-batch mean, which Trainer must divide by the accumulation steps
+    (the train step marks classifiers so: their forward declares **kwargs, which Trainer took for "normalizes over the
+    accumulated batch itself", transformers #47688)."""
     model_dir, data = (classifier_dir, classifier_data) if task == CLASSIFIER else (tiny_llama_dir, causal_data)
     settings = {"max_steps": 4, "l2sp": 0.5, "logging_steps": 1, "learning_rate": 3e-3}  # strong: of the task loss's order
     whole = _train(model_dir, task, data, tmp_path / "whole", **settings)

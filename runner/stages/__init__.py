@@ -70,7 +70,7 @@ STAGES: dict[str, StageSpec] = {
     # metrics.json and trainer_state.json hold runtimes and samples/s beside the losses; loss.png draws the metrics
     # table; peft's README.md model card names the base model's folder
     "train": StageSpec(
-        "train", "runner.stages.train", 2,  # 2: adapter_config.json without machine paths
+        "train", "runner.stages.train", 3,  # 3: classifier loss divided by gradient accumulation (accepts_loss_kwargs)
         (*_TORCH, "peft", "accelerate", "bitsandbytes"), True,
         records=("metrics.json", "trainer_state.json", "loss.png", "tensorboard/*", "*/README.md"),
     ),
@@ -89,7 +89,8 @@ STAGES: dict[str, StageSpec] = {
         records=("*.png", "evaluate_report.json"), memo=True,
     ),
     "serve": StageSpec(
-        "serve", "runner.stages.serve", 3, ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
+        "serve", "runner.stages.serve", 4,  # 4: latency samples and latency.png
+        ("onnxruntime", "onnxruntime-genai", "fastapi", "uvicorn", "tokenizers"),
         records=("*",),  # the report holds latencies, a port and a pid; server.log is a log
     ),
 }
