@@ -14,8 +14,8 @@ Figures, all read back from the run folder (run.json -> each step's outputs):
 - task accuracy: the trained model on the recipe's test split (evaluate_report.json, set `test`, artifact `train`);
 - forgetting: the evaluate step's figure for each `general` set: linear-probe accuracy (logistic regression on the
   frozen mean-pooled encoder features, trained and tested on the set) of the base encoder minus the tuned one's;
-- forgetting over 20 splits: the same probe (the evaluate step's code) on 20 random splits of the same set, base vs
-  tuned, mean and standard deviation of the drop: the step's one split has 90 test rows, one text = 1.1 points;
+- forgetting over 20 fold draws: the same probe (the evaluate step's code, stratified k-fold cross-validation) with 20
+  other fold seeds on the same set, base vs tuned, mean and standard deviation of the drop (how much is the folds' luck);
 - distance: how far the pretrained weights moved, sqrt(sum((w - w0)^2)) over the weights the base checkpoint has,
   computed here from the saved model against the base package's (with L2-SP the train step logs the same figure as
   l2sp_distance; both are kept);
@@ -77,7 +77,7 @@ def moved(trained: Path, base: Path) -> float:
     return math.sqrt(total)
 
 
-SPLITS = 20  # resampled probe: random stratified splits of the same general set
+SPLITS = 20  # resampled probe: other fold seeds on the same general set
 
 
 @cache
@@ -96,9 +96,9 @@ def _features(model_dir: str, texts: tuple[str, ...], head: bool) -> Any:
 
 
 def resampled(recipe_obj: Any, base: Path, trained: Path) -> dict[str, dict[str, float]]:
-    """The probe-accuracy drop averaged over SPLITS random splits (seeds 0..SPLITS-1) of each local general set, with
-    the evaluate step's probe (runner.stages.probe): the one split the step draws holds 90 test rows of 300, so one
-    text is 1.1 points; the mean over splits says how much of a difference is the split's luck."""
+    """The probe-accuracy drop averaged over SPLITS fold draws (seeds 0..SPLITS-1) of each local general set, with the
+    evaluate step's probe (runner.stages.probe, cross-validated): the spread says how much of a difference is the
+    folds' luck."""
     import csv
     import statistics
 
@@ -115,11 +115,11 @@ def resampled(recipe_obj: Any, base: Path, trained: Path) -> dict[str, dict[str,
         texts = tuple(row[spec.text_column] for row in rows)
         labels = [row[spec.label_column] for row in rows]
         before, after = _features(str(base), texts, False), _features(str(trained), texts, True)
-        drops = [probe_accuracy(before, labels, evaluate.probe_test_size, seed)["probe_accuracy"]
-                 - probe_accuracy(after, labels, evaluate.probe_test_size, seed)["probe_accuracy"] for seed in range(SPLITS)]
-        # the step's own split (the recipe seed), recomputed here: it must give the step's figure
-        own = (probe_accuracy(before, labels, evaluate.probe_test_size, recipe_obj.seed)["probe_accuracy"]
-               - probe_accuracy(after, labels, evaluate.probe_test_size, recipe_obj.seed)["probe_accuracy"])
+        drops = [probe_accuracy(before, labels, evaluate.probe_folds, seed)["probe_accuracy"]
+                 - probe_accuracy(after, labels, evaluate.probe_folds, seed)["probe_accuracy"] for seed in range(SPLITS)]
+        # the step's own folds (the recipe seed), recomputed here: they must give the step's figure
+        own = (probe_accuracy(before, labels, evaluate.probe_folds, recipe_obj.seed)["probe_accuracy"]
+               - probe_accuracy(after, labels, evaluate.probe_folds, recipe_obj.seed)["probe_accuracy"])
         out[spec.name] = {"mean": statistics.mean(drops), "sd": statistics.stdev(drops), "splits": SPLITS,
                           "recipe_seed_split": own}
     return out
@@ -165,7 +165,7 @@ def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | No
 def table(rows: list[dict[str, Any]]) -> str:
     sets = sorted({name for row in rows for name in row["forgetting"]})
     head = ["l2sp", "task accuracy", *[f"{s}: probe base -> tuned (forgetting, points)" for s in sets],
-            *[f"{s}: forgetting over {SPLITS} splits (points, mean +- sd)" for s in sets], "distance from w0", "train s"]
+            *[f"{s}: forgetting over {SPLITS} fold draws (points, mean +- sd)" for s in sets], "distance from w0", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row['l2sp']:g}" if row["l2sp"] else "off", f"{row['task_accuracy']:.3f}"]

@@ -70,11 +70,22 @@ def test_probe_reads_what_features_hold_and_nothing_more():
     centers = {"a": 0.0, "b": 3.0, "c": -3.0}
     separable = np.stack([rng.normal(centers[label], 0.5, size=8) for label in labels])
     noise = rng.normal(0, 1, size=(len(labels), 8))
-    assert probe_accuracy(separable, labels, 0.3, 42)["probe_accuracy"] == 1.0
-    chance = probe_accuracy(noise, labels, 0.3, 42)
-    assert chance["probe_accuracy"] < 0.6 and chance["probe_rows"] == {"train": 84, "test": 36}
-    with pytest.raises(StageError, match="at least two rows of each label"):
-        probe_accuracy(separable[:4], ["a", "a", "b", "c"], 0.3, 42)
+    assert probe_accuracy(separable, labels, 5, 42)["probe_accuracy"] == 1.0
+    chance = probe_accuracy(noise, labels, 5, 42)
+    # cross-validated: every one of the 120 rows is predicted once, by a probe fitted on the other 96
+    assert chance["probe_accuracy"] < 0.6 and chance["probe_rows"] == {"train": 96, "test": 120}
+    with pytest.raises(StageError, match="at least 5 rows of every label"):
+        probe_accuracy(separable[:12], ["a"] * 6 + ["b"] * 4 + ["c"] * 2, 5, 42)
+
+
+def test_probe_folds_are_drawn_with_the_seed_and_shared_by_both_encoders():
+    """The same seed gives the same folds (a rerun reproduces the figure); another seed other folds."""
+    rng = np.random.default_rng(1)
+    labels = ["a", "b"] * 30
+    features = rng.normal(0, 1, size=(60, 4)) + np.array([[0.8 * (label == "a")] * 4 for label in labels])
+    first, again = probe_accuracy(features, labels, 5, 7), probe_accuracy(features, labels, 5, 7)
+    assert first == again
+    assert len({probe_accuracy(features, labels, 5, seed)["probe_accuracy"] for seed in range(8)}) > 1
 
 
 def test_mean_pooling_ignores_padding(tiny_classifier_dir):

@@ -555,8 +555,10 @@ class Evaluate(Strict):
         "10% worse than the base); classifier, the largest drop of linear-probe accuracy (0.02 = two points). Over it, "
         "the step fails. Unset: measured and reported, never failed.",
     )
-    probe_test_size: float = Field(
-        0.3, gt=0, lt=1, description="Classifier: share of a general set held out to test its linear probe."
+    probe_folds: int = Field(
+        5, ge=2, le=20,
+        description="Classifier: folds of the linear probe's stratified cross-validation on each general set (every "
+        "row is predicted once, by a probe fitted on the other folds).",
     )
     max_new_tokens: PositiveInt = Field(32, description="Causal LM: greedy tokens generated per prompt with answers.")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks (optional, causal LM).")

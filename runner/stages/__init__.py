@@ -82,7 +82,7 @@ STAGES: dict[str, StageSpec] = {
         (*_TORCH, "peft", "onnx", "onnxruntime", "onnxruntime-genai", "bitsandbytes"),
     ),
     "evaluate": StageSpec(
-        "evaluate", "runner.stages.evaluate", 1,
+        "evaluate", "runner.stages.evaluate", 2,  # 2: the probe is cross-validated (probe_folds)
         (*_TORCH, "peft", "datasets", "onnxruntime", "onnxruntime-genai", "scikit-learn"),
         # evaluate_report.json lists which scores the memo supplied: that depends on what this machine's cache ran
         # before (the same key scores everything fresh elsewhere), so the report is a run record, not an artifact

@@ -101,7 +101,7 @@ def settings(kind_of_score: str, cfg: Evaluate, seed: int) -> dict[str, Any]:
     common: dict[str, Any] = {"score": kind_of_score, "max_tokens": models.MAX_TOKENS,
                               "packages": {name: package_version(name) for name in spec.packages}}
     if kind_of_score == "probe":
-        common.update(probe_test_size=cfg.probe_test_size, seed=seed, C=PROBE_C, max_iter=PROBE_MAX_ITER)
+        common.update(probe_folds=cfg.probe_folds, seed=seed, C=PROBE_C, max_iter=PROBE_MAX_ITER)
     if kind_of_score == "lm":
         common.update(max_new_tokens=cfg.max_new_tokens)
     return common
@@ -164,7 +164,7 @@ def score(scorer: models.Scorer, scored: ScoredSet, task: str, cfg: Evaluate, se
     if task == CLASSIFY:
         assert scored.labels is not None  # the rules and load_sets make sure a classifier's set has labels
         if scored.role == "general":
-            return probe_accuracy(scorer.features(scored.texts), scored.labels, cfg.probe_test_size, seed)
+            return probe_accuracy(scorer.features(scored.texts), scored.labels, cfg.probe_folds, seed)
         assert labels is not None
         return classifier_metrics(scored.labels, scorer.classify(scored.texts), labels)
     samples = scored.samples or scorer.encode(scored.texts)

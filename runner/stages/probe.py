@@ -2,10 +2,10 @@
 
 A base checkpoint often has no task head (all-MiniLM-L6-v2 is a bare encoder), so base and tuned model cannot be compared
 by their answers on general text. Instead both encoders are frozen, each text becomes the mean of its last hidden states
-over the real tokens (mean pooling, as sentence-transformers pools MiniLM), and a logistic regression is trained on one
-part of a labelled general set and tested on the rest. The same split (stratified, drawn with the recipe seed) and the
-same regression serve both encoders, so the accuracy difference is the encoder's: a fine-tune that collapsed the
-features onto its own task loses probe accuracy.
+over the real tokens (mean pooling, as sentence-transformers pools MiniLM), and a logistic regression is cross-validated
+on a labelled general set (stratified k-fold: every row is predicted once, by the probe fitted on the other folds). The
+same folds (drawn with the recipe seed) and the same regression serve both encoders, so the accuracy difference is the
+encoder's: a fine-tune that collapsed the features onto its own task loses probe accuracy.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 BATCH = 32
-PROBE_C = 1.0  # scikit-learn's default regularization; features are standardized on the probe's train part first
+PROBE_C = 1.0  # scikit-learn's default regularization; features are standardized on each fold's train part first
 PROBE_MAX_ITER = 2000
 
 
@@ -45,30 +45,27 @@ def mean_pooled(encoder: torch.nn.Module, tokenizer: Any, texts: list[str], max_
     return out
 
 
-def split(labels: list[str], test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and test row indices, stratified by label, drawn with the recipe seed (the same for every encoder)."""
-    from sklearn.model_selection import train_test_split
+def probe_accuracy(features: np.ndarray, labels: list[str], folds: int, seed: int) -> dict[str, Any]:
+    """Cross-validated accuracy of a logistic regression on frozen features: stratified k-fold (folds shuffled with the
+    recipe seed, the same for every encoder), each row predicted by the probe fitted on the other folds.
 
-    indices = np.arange(len(labels))
-    try:
-        train, test = train_test_split(indices, test_size=test_size, random_state=seed, stratify=labels)
-    except ValueError as exc:
-        raise StageError(f"cannot split {len(labels)} rows for the linear probe with probe_test_size={test_size}: {exc} "
-                         "(a general set needs at least two rows of each label in both parts: add rows)") from None
-    return np.sort(train), np.sort(test)
-
-
-def probe_accuracy(features: np.ndarray, labels: list[str], test_size: float, seed: int) -> dict[str, Any]:
-    """Accuracy of a logistic regression trained on the probe's train part, on its test part."""
+    Every row is tested once, so the figure rests on the whole set: with one 70/30 split of 300 texts, one text was 1.1
+    points and the base-vs-tuned drop of the same models moved by 3.8 points (sd) from split to split."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if len(set(labels)) < 2:
-        raise StageError("a general set for the linear probe needs at least two labels")
-    train, test = split(labels, test_size, seed)
     y = np.asarray(labels)
+    names, counts = np.unique(y, return_counts=True)
+    if len(names) < 2:
+        raise StageError("a general set for the linear probe needs at least two labels")
+    if counts.min() < folds:
+        raise StageError(f"the linear probe's {folds}-fold cross-validation needs at least {folds} rows of every label; "
+                         f"label {names[counts.argmin()]!r} has {counts.min()}: add rows or lower evaluate.probe_folds")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=PROBE_MAX_ITER, random_state=seed))
-    probe.fit(features[train], y[train])
-    accuracy = float((probe.predict(features[test]) == y[test]).mean())
-    return {"probe_accuracy": accuracy, "probe_rows": {"train": int(len(train)), "test": int(len(test))}}
+    predicted = cross_val_predict(probe, features, y, cv=splitter)
+    accuracy = float((predicted == y).mean())
+    return {"probe_accuracy": accuracy,
+            "probe_rows": {"train": int(len(y) - len(y) // folds), "test": int(len(y))}, "probe_folds": folds}
