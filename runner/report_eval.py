@@ -61,7 +61,8 @@ def forgetting(report: dict[str, Any]) -> list[Block]:
     style = {"within budget": "ok", "over budget": "bad"}.get(verdict, "warn")
     what = ("Perplexity on each general set, base vs tuned model; change = relative perplexity increase" if lm else
             "Linear-probe accuracy of the frozen encoder on each general set (logistic regression on mean-pooled "
-            "features), base vs tuned encoder; change = accuracy drop in points")
+            "features, cross-validated: every row predicted once), base vs tuned encoder; change = accuracy drop in "
+            "points")
     blocks.append(Callout(f"Forgetting verdict: {verdict}", f"{what}. Budget (evaluate.max_forgetting): {budget}.", style))
     change = "perplexity increase" if lm else "accuracy drop"
     blocks.append(Table(["set", f"base {measure}", f"tuned {measure}", change, "budget", "verdict"], rows))
@@ -81,14 +82,17 @@ def _probe_set(scores: dict[str, Any], names: dict[str, str], artifacts: list[st
     """A general set on a classifier: the linear probe on frozen features (base and tuned encoder)."""
     base = scores.get("base", {}).get("probe_accuracy")
     rows: Rows = [[names[a], metric(scores[a].get("probe_accuracy")), _delta(scores[a].get("probe_accuracy"), base, a),
-                   _probe_rows(scores[a].get("probe_rows") or {}), _origin(a, reused)]
+                   _probe_rows(scores[a]), _origin(a, reused)]
                   for a in artifacts]
-    return [Table(["artifact", "probe accuracy", "vs base", "probe rows (train / test)", "score"], rows)]
+    return [Table(["artifact", "probe accuracy", "vs base", "probe rows", "score"], rows)]
 
 
-def _probe_rows(rows: dict[str, Any]) -> str:
+def _probe_rows(score: dict[str, Any]) -> str:
     # by name: a memoized score comes back with its keys sorted (test before train)
-    return f"{num(rows.get('train'))} / {num(rows.get('test'))}"
+    rows = score.get("probe_rows") or {}
+    if score.get("probe_folds"):  # cross-validated: every row tested once, each fold's probe fitted on the others
+        return f"{num(rows.get('test'))} rows, {score['probe_folds']}-fold (each fit on {num(rows.get('train'))})"
+    return f"{num(rows.get('train'))} train / {num(rows.get('test'))} test"
 
 
 def _classifier_set(s: dict[str, Any], names: dict[str, str], artifacts: list[str], reused: set[str]) -> list[Block]:

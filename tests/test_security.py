@@ -342,7 +342,7 @@ def test_a_train_step_leaves_no_pickle_in_its_output(tmp_path: Path, monkeypatch
         return metrics
 
     monkeypatch.setattr(train, "train_here", trainer_like)
-    monkeypatch.setattr(train, "check_hardware", lambda _: None)
+    monkeypatch.setattr(train, "check_hardware", lambda *_: None)
     out = tmp_path / "out"
     out.mkdir()
     config = {"model": {"path": str(tmp_path), "task": "sequence-classification"},
