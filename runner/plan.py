@@ -66,7 +66,7 @@ def step_configs(recipe: Recipe) -> list[Step]:
         present = {"base": True, "train": True, "export": recipe.export is not None, "quantize": recipe.quantize is not None}
         scored = [kind for kind in recipe.evaluate.artifacts if present[kind]]
         add("evaluate", recipe.evaluate, ["data", *[k for k in scored if k != "base"], *base],
-            {"task_model_steps": scored})
+            {"scored_models": scored})
     if recipe.serve is not None:
         onnx_quantized = recipe.quantize is not None and recipe.quantize.method.startswith("onnx-")
         # data: the served classifier's accuracy is measured on the test split through the running server
@@ -97,7 +97,7 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
             # learns the keys; they are already in the material as `upstream` (base: the model section's own key).
             base_key = keys.get("model") or key_of({"model": step.material["config"]["model"]})
             step.config["artifact_keys"] = {
-                kind: base_key if kind == "base" else keys[kind] for kind in step.config.pop("task_model_steps")
+                kind: base_key if kind == "base" else keys[kind] for kind in step.config.pop("scored_models")
             }
     memo.save()
     return steps
