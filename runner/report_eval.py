@@ -118,7 +118,11 @@ def _classifier_set(s: dict[str, Any], names: dict[str, str], artifacts: list[st
 
 
 def _pr(entry: dict[str, Any] | None) -> str:
-    return DASH if not entry else f"{num(entry.get('precision'), 3)} / {num(entry.get('recall'), 3)}"
+    return DASH if not entry else f"{_fixed3(entry.get('precision'))} / {_fixed3(entry.get('recall'))}"
+
+
+def _fixed3(value: Any) -> str:  # three decimals always, so 0.8 and 0.838 line up as 0.800 / 0.838
+    return f"{value:.3f}" if isinstance(value, float) else num(value)
 
 
 def _delta(value: Any, base: Any, artifact: str) -> str:

@@ -223,7 +223,7 @@ def test_the_evaluation_sets_compare_every_artifact_with_the_base(runs) -> None:
     sets = section(md, "Evaluation sets")
     assert "| trained (PyTorch) | 0.7042 | +0.2084 | 0.6942 | scored |" in sets
     assert "| base model | 0.4958 |  | 0.4858 | reused (memo) |" in sets
-    assert "| negative | 123 | 0.71 / 0.68 | 0.71 / 0.68 | 0.71 / 0.68 | 0.71 / 0.68 |" in sets
+    assert "| negative | 123 | 0.710 / 0.680 | 0.710 / 0.680 | 0.710 / 0.680 | 0.710 / 0.680 |" in sets
     assert "| trained (PyTorch) | 0.8300 | −0.0100 | 300 train / 100 test | scored |" in sets
     assert "![confusion matrix, set test](evaluate-confusion_test.png)" in sets
     assert (result.run_dir / "evaluate-confusion_test.png").read_bytes()[:4] == b"\x89PNG"
