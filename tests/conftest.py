@@ -209,3 +209,34 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr("runner.stages.STAGES", dict(runner.stages.STAGES))
     fake_stages.install()
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """These models are tiny: one thread is faster, and on cores shared with other jobs two threads spin-wait on each
+    other (a 32x500 matmul measured 1 ms on one thread, 26 ms on two). Modules of tiny-model tests use it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def autograd_saved_bytes(model, batch: dict) -> int:  # noqa: ANN001 - what autograd keeps for backward, each storage once
+    """Bytes of the tensors autograd saves for the backward pass of `model(**batch)`, parameters left out: what the
+    doctor's activation estimate predicts."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):  # noqa: ANN001, ANN202
+        storage = tensor.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in params)

@@ -15,7 +15,7 @@ from runner.hardware import GIB, Machine, check, doctor, estimate, load_profile,
 from runner.recipe import find_recipe, load_recipe
 from runner.recipe.models import Recipe
 
-from .conftest import REPO
+from .conftest import REPO, autograd_saved_bytes
 
 PROFILES = ["t4-16gb", "a10g-24gb", "rtx3090-24gb", "l4-24gb", "a100-40gb", "a100-80gb", "h100-80gb"]
 # What a T4 (compute capability 7.5, no native bf16) runs: fp16 compute, and a recipe that admits 7.5.
@@ -219,21 +219,6 @@ def test_cpu_estimate_counts_what_glibc_keeps_unless_the_mmap_threshold_is_fixed
     assert estimate(recipe("tiny_llama_lora"), "cpu").parts["allocator"] == 0
 
 
-def _saved_bytes(model, batch) -> int:  # noqa: ANN001 - what autograd keeps for backward, each storage once
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(tensor):  # noqa: ANN001, ANN202
-        storage = tensor.untyped_storage()
-        seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for ptr, size in seen.items() if ptr not in params)
-
 
 @pytest.mark.parametrize("architecture,task,lora", [
     ("llama", "causal-lm", None),
@@ -267,7 +252,7 @@ def test_activation_formula_matches_what_autograd_saves(architecture: str, task:
     mask = torch.ones(4, 48, dtype=torch.long)
     mask[2:, -8:] = 0
     labels = ids if task == "causal-lm" else torch.tensor([0, 1, 0, 1])
-    measured = _saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    measured = autograd_saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
     e = estimate(r, "cpu")
     saved_loss = 4 * 4 * 48 * 500 if task == "causal-lm" else 0  # the fp32 log_softmax is the saved part of "loss"
     assert e.parts["activations"] + saved_loss == pytest.approx(measured, rel=0.03)

@@ -28,21 +28,14 @@ import pytest
 
 from runner.recipe.models import Lora, LoraTrain, Model, Recipe
 from runner.stages import StageError
-from tests.conftest import REPO, sentiment_rows
+from tests.conftest import REPO, autograd_saved_bytes, sentiment_rows
 
 TOLERANCE = 1e-5  # relative; see the module docstring
 LEAK = 1e-3  # a difference this large means attention crossed an example boundary (measured leaks: 7e-3 and more)
 SMOLLM2 = REPO / ".real-models" / "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/conftest.py)
 
 
 def tiny_llama(attn: str):  # noqa: ANN201 - a LlamaForCausalLM with random weights, in eval mode
@@ -280,21 +273,6 @@ def test_packing_is_refused_for_classifiers() -> None:
     Recipe.model_validate(_recipe(template="{text}", packing=True))
 
 
-def _saved_bytes(model, batch: dict[str, Any]) -> int:  # noqa: ANN001 - what autograd keeps for backward
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(tensor):  # noqa: ANN001, ANN202
-        storage = tensor.untyped_storage()
-        seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(**batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for ptr, size in seen.items() if ptr not in params)
-
 
 def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_saves() -> None:
     """Packed rows are no wider than the longest example, so at worst (every example max_length long) they hold as many
@@ -318,7 +296,7 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
     rows = [{"input_ids": torch.randint(1, 500, (n,)).tolist()} for n in (48, 30, 18, 40)]
     batch = PackingCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].shape == (3, 48)  # 48 | 40 + filling | 30 + 18
-    measured = _saved_bytes(model, {**batch, "use_cache": False})
+    measured = autograd_saved_bytes(model, {**batch, "use_cache": False})
     share = batch["input_ids"].numel() / (4 * 48)  # of the worst case's tokens
     saved_loss = 4 * 4 * 48 * 500  # the fp32 log_softmax is the saved part of "loss"
     assert measured == pytest.approx(share * (estimated.parts["activations"] + saved_loss), rel=0.03)

@@ -24,15 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "recipes" / "data"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is faster on shared cores (see tests/test_stage_train.py)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/conftest.py)
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------------

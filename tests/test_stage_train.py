@@ -22,16 +22,7 @@ CAUSAL = "causal-lm"
 LABELS = {"id2label": {"0": "negative", "1": "positive"}, "label2id": {"negative": 0, "positive": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These models are tiny: one thread is faster, and on cores shared with other jobs two threads spin-wait on each
-    other (a 32x500 matmul measured 1 ms on one thread, 26 ms on two)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/conftest.py)
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------------
