@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.cache import ARTIFACT, RECORD, Cache, output_role, tree_size
+from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.errors import relative
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(exc.problems)
         err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/red]")
         return 2
-    except UsageError as exc:
+    except RunnerError as exc:  # UsageError, StageError, ProfileError, ...: one message, no traceback
         err.print(f"[red]error:[/red] {exc}")
         return 2
     except KeyboardInterrupt:
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-class UsageError(Exception):
-    pass
+class UsageError(RunnerError):
+    """A command line that cannot work: the message says what to type instead."""
 
 
 # --- shared helpers -----------------------------------------------------------------------------------------------------

@@ -54,9 +54,12 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runner.errors import RunnerError
 from runner.export_memory import StepMemory, export_memory, quantize_memory
+from runner.names import CAUSAL_LM
 from runner.recipe.local_checks import BUNDLED_CONFIGS
 from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe, model_location
+from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -90,14 +93,12 @@ SITES = {
     "distilbert": {"attn_in": ("q_lin", "k_lin", "v_lin"), "o_in": ("out_lin",), "mlp_in": ("lin1",),
                    "down_in": ("lin2",)},
 }
-CLASSIFIER_HEADS = ("classifier", "score")  # peft's SEQ_CLS heads, trained fully (modules_to_save)
-EXTRA_HEADS = ("pre_classifier",)  # what the train stage adds to modules_to_save
 
 
 Device = Literal["cuda", "cpu"]
 
 
-class ProfileError(Exception):
+class ProfileError(RunnerError):
     """A hardware profile that cannot be read: bad input, exit code 2."""
 
 
@@ -415,7 +416,7 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
     if model_type not in LLAMA_TYPES and model_type != "distilbert":
         raise NotEstimated(f"no activation model for model_type {model_type!r} (supported: llama-like, distilbert)")
     config = AutoConfig.for_model(**{**raw, "num_labels": num_labels})
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config)
     linears = tuple(Linear(name, m.in_features, m.out_features, m.bias is not None)
@@ -423,7 +424,7 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
     output = model.get_output_embeddings()
     output_head = next((n for n, m in model.named_modules() if output is not None and m is output), None)
     modules = dict(model.named_modules())
-    heads = tuple(n for n in (*EXTRA_HEADS, *CLASSIFIER_HEADS) if task != "causal-lm" and n in modules)
+    heads = tuple(n for n in (*EXTRA_HEADS, *CLASSIFIER_HEADS) if task != CAUSAL_LM and n in modules)
     distilbert = model_type == "distilbert"
     return ModelShape(
         model_type=model_type,
@@ -779,9 +780,9 @@ def _site_bytes(consumers: list[Consumer], width: int, x_width: int, w: Widths, 
 def _outside_layers_bytes(shape: ModelShape, training: Training, w: Widths) -> float:
     """Embeddings, the final norm and the head, per token."""
     h = shape.hidden
-    head = shape.output_head if shape.task == "causal-lm" else next(
+    head = shape.output_head if shape.task == CAUSAL_LM else next(
         (n for n in (*CLASSIFIER_HEADS, *EXTRA_HEADS) if n in shape.heads_to_save), None)
-    if shape.task == "causal-lm":
+    if shape.task == CAUSAL_LM:
         consumer = training.consumer(head) if head else Consumer(False, False, None)
     else:  # classifier heads are trained in every method (modules_to_save), and read a view of the last hidden state
         consumer = Consumer(True, False, None)
@@ -793,7 +794,7 @@ def _outside_layers_bytes(shape: ModelShape, training: Training, w: Widths) -> f
 
 
 def _loss_bytes_per_token(shape: ModelShape, w: Widths) -> float:
-    if shape.task != "causal-lm":
+    if shape.task != CAUSAL_LM:
         return 0.0  # a few logits per example
     # fp32 log_softmax kept for backward, plus the gradient in and out of it at the start of backward; the half
     # precision logits themselves too under autocast.
@@ -885,7 +886,7 @@ def check(recipe: Recipe, machine: Machine | dict[str, Any]) -> Verdict:
 def _step_memory(recipe: Recipe, estimated: Estimate) -> list[StepMemory]:
     """Peak host RAM of the causal-LM export (onnxruntime-genai builder) and weight-only quantize steps."""
     export = recipe.export
-    if recipe.model.task != "causal-lm" or export is None or export.format != "onnx":
+    if recipe.model.task != CAUSAL_LM or export is None or export.format != "onnx":
         return []
     config, _ = model_config(recipe)
     vocab, seq = int(getattr(config, "vocab_size", 32000)), recipe.data.max_length

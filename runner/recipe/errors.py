@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.errors import RunnerError
+
 Loc = tuple[str | int, ...]
 
 
@@ -40,7 +42,7 @@ class Problem:
         return f"{self.pos}: {path}: {self.message}"
 
 
-class RecipeError(Exception):
+class RecipeError(RunnerError):
     """One or more problems with a recipe; str() lists them all, one per line."""
 
     def __init__(self, problems: list[Problem]):

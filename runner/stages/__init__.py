@@ -38,8 +38,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runner.errors import RunnerError
 
-class StageError(Exception):
+
+class StageError(RunnerError):
     """A stage failed for a reason the user can act on; the message says what and what to do."""
 
 

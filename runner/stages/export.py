@@ -28,6 +28,7 @@ from runner import genai
 from runner.recipe.models import EXPORT_RTOL, Export, Model
 from runner.stages import StageError
 from runner.stages.model import load_model
+from runner.stages.shared import read_labels
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -84,11 +85,6 @@ def auto_class(task: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
-
-
-def read_labels(data_dir: Path) -> dict[str, Any] | None:
-    path = data_dir / "labels.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def label_kwargs(task: str, data_dir: Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from runner.stages.export import (
     tokenizer_from,
     torch_runner,
 )
+from runner.stages.shared import bnb_config
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -323,7 +324,7 @@ def quantize_bnb(model_cfg: Model, cfg: BnbQuantize, inputs: dict[str, Path], ou
             auto_class(model_cfg.task)
             .from_pretrained(
                 source,
-                quantization_config=bnb_config(cfg.method),
+                quantization_config=bnb_config(8 if cfg.method == "bnb-8bit" else 4),  # 4-bit: nf4, double quant, fp16
                 dtype=torch.float16,
                 device_map={"": device},
                 trust_remote_code=model_cfg.trust_remote_code,
@@ -347,17 +348,6 @@ def quantize_bnb(model_cfg: Model, cfg: BnbQuantize, inputs: dict[str, Path], ou
         "size_ratio": after / before,
         "comparison": comparison,
     }
-
-
-def bnb_config(method: str) -> Any:
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if method == "bnb-8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float16
-    )
 
 
 def safetensors_size(folder: Path) -> int:

@@ -49,21 +49,19 @@ from transformers import (
     set_seed,
 )
 
+from runner.names import CLASSIFIER
 from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
 from runner.stages import StageError, data_chat, regularize
 from runner.stages import model as model_stage  # called through the module: tests wrap load_model
 from runner.stages.packing import PackingCollator
+from runner.stages.shared import EXTRA_HEADS, bnb_config, read_labels
 
 log = logging.getLogger(__name__)
 
 TrainConfig = FullTrain | LoraTrain | QloraTrain
-CLASSIFIER = "sequence-classification"
 CHECKPOINTS = "checkpoints"
 LAUNCH = "launch"
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
-# Classifier heads that a base checkpoint may lack (then freshly initialized): trained and saved with the adapter, or
-# a reloaded base would get different random heads. peft itself adds `classifier` and `score`; DistilBERT also has this.
-EXTRA_HEADS = ("pre_classifier",)
 # How many optimizer steps the gradient guard inspects; fp16 needs more, since the loss scaler skips its first steps
 # (gradients overflow to inf on purpose until the scale has come down).
 GUARD_STEPS = 2
@@ -278,11 +276,6 @@ def effective_batch_size(args: TrainingArguments) -> int:
 # --- inputs ----------------------------------------------------------------------------------------------------------
 
 
-def read_labels(data: Path) -> dict[str, Any] | None:
-    path = data / "labels.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def read_splits(data: Path):  # noqa: ANN201 - datasets.DatasetDict
     from datasets import load_from_disk
 
@@ -303,7 +296,7 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
     if job.model.task == CLASSIFIER:
         kwargs |= classifier_kwargs(labels, tokenizer)
     if isinstance(job.train, QloraTrain):
-        kwargs |= {"quantization_config": bnb_config(job.train), "device_map": {"": _device()}}
+        kwargs |= {"quantization_config": qlora_bnb_config(job.train), "device_map": {"": _device()}}
     if job.model.attn_implementation is not None:
         kwargs["attn_implementation"] = job.model.attn_implementation
     kwargs |= regularize.load_kwargs(job.train.l2sp)  # L2-SP: from_pretrained also reports which weights it loaded
@@ -345,18 +338,9 @@ def classifier_kwargs(labels: dict[str, Any] | None, tokenizer: Any) -> dict[str
     }
 
 
-def bnb_config(train: QloraTrain):  # noqa: ANN201 - transformers.BitsAndBytesConfig
-    from transformers import BitsAndBytesConfig
-
+def qlora_bnb_config(train: QloraTrain):  # noqa: ANN201 - transformers.BitsAndBytesConfig
     q = train.quantization
-    if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-    )
+    return bnb_config(q.bits, q.type, q.double_quant, q.compute_dtype)
 
 
 def add_lora(model: PreTrainedModel, job: Job) -> torch.nn.Module:
