@@ -16,7 +16,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,32 +27,11 @@ from runner.cache import Cache, Entry
 from runner.plan import Step, plan_status
 from runner.recipe import Loaded
 from runner.redact import RedactedFile, redact
+from runner.report import write_report
+from runner.run_record import RunResult, StepResult
 from runner.stages import StageError
 
 log = logging.getLogger("runner")
-
-
-@dataclass
-class StepResult:
-    kind: str
-    key: str
-    status: str  # cached | ran | failed | skipped
-    seconds: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    outputs: str | None = None
-    error: str | None = None
-    reasons: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunResult:
-    recipe: str
-    run_dir: Path
-    steps: list[StepResult]
-
-    @property
-    def ok(self) -> bool:
-        return all(step.status in ("cached", "ran", "skipped") for step in self.steps)
 
 
 Progress = Callable[[str, StepResult | None, Step], None]  # ("start" | "done", result, step)
@@ -90,8 +68,6 @@ def execute(
         _write_run_json(result, loaded)
         stopped = step_result.status == "failed" or step.kind == until
     _write_run_json(result, loaded)
-    from runner.report import write_report
-
     write_report(result, loaded, environment(steps))
     _point_latest(run_dir)
     return result

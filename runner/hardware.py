@@ -57,8 +57,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from runner.errors import RunnerError
 from runner.export_memory import StepMemory, export_memory, quantize_memory
 from runner.names import CAUSAL_LM
+from runner.recipe.document import Recipe
 from runner.recipe.local_checks import BUNDLED_CONFIGS
-from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, Recipe, model_location
+from runner.recipe.models import FullTrain, OnnxWeightOnly, QloraTrain, model_location
 from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS
 
 if TYPE_CHECKING:

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from runner import report_eval, report_recipe, report_stages
-from runner.execute import RunResult, StepResult
 from runner.recipe import Loaded
+from runner.recipe.document import Recipe
 from runner.recipe.errors import relative
-from runner.recipe.models import Recipe
 from runner.report_format import SHARES, metric, num, seconds, signed, signed_metric
 from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
+from runner.run_record import RunResult, StepResult
 
 # Which file of each stage's output folder holds its report (shown instead of the step's small metrics, never beside
 # them: the metrics are a summary of the same figures).

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runner.recipe.document import Recipe
 from runner.recipe.errors import relative
-from runner.recipe.models import FileSource, HubSource, Recipe
+from runner.recipe.models import FileSource, HubSource
 from runner.report_format import num
 from runner.report_render import Cell
 

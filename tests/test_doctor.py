@@ -13,7 +13,7 @@ import yaml
 from runner import hardware
 from runner.hardware import GIB, Machine, check, doctor, estimate, load_profile, profile_names
 from runner.recipe import find_recipe, load_recipe
-from runner.recipe.models import Recipe
+from runner.recipe.document import Recipe
 
 from .conftest import REPO, autograd_saved_bytes
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from runner.recipe.models import Lora, LoraTrain, Model, Recipe
+from runner.recipe.document import Recipe
+from runner.recipe.models import Lora, LoraTrain, Model
 from runner.stages import StageError
 from tests.conftest import REPO, autograd_saved_bytes, sentiment_rows
 

@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 
 from runner import cli
-from runner.execute import RunResult, StepResult
 from runner.recipe import load_recipe
 from runner.report import write_report
+from runner.run_record import RunResult, StepResult
 from runner.stages import serve as serve_stage
 
 REPO = Path(__file__).resolve().parent.parent

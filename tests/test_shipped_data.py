@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from runner.recipe.models import Data
-from runner.stages import data as data_stage
+from runner.stages import data_rows
 
 REPO = Path(__file__).resolve().parent.parent
 REVIEWS = REPO / "recipes" / "data" / "reviews.csv"
@@ -43,7 +43,7 @@ def test_quickstart_split_has_no_near_duplicates_across_train_and_test():
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     data_cfg = {**recipe["data"], "source": {"path": str(REVIEWS)}}
     Data.model_validate(data_cfg)
-    train = list(data_stage.train_split_rows(data_cfg, recipe["seed"], "sequence-classification")["text"])
+    train = list(data_rows.train_split_rows(data_cfg, recipe["seed"], "sequence-classification")["text"])
     everything = [text for text, _ in rows()]
     test = sorted(set(everything) - set(train))
     assert len(train) + len(test) == len(everything) and len(test) >= 0.19 * len(everything)

@@ -15,7 +15,7 @@ from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
 from runner.recipe.models import Data, FileSource, InlineSource, Model, ModelInit
-from runner.stages import StageError
+from runner.stages import StageError, data_rows
 from runner.stages import data as data_stage
 from runner.stages import model as model_stage
 from tests.conftest import save_as_pickle
@@ -158,8 +158,8 @@ def test_model_step_tokenizer_never_learns_from_test_rows(tmp_path: Path) -> Non
     texts = [f"plain film number {i}" for i in range(40)]
     labels = ["pos", "neg"] * 20
     data = Data(source=InlineSource(rows={"text": texts, "label": labels}), test_size=0.25)
-    splits = data_stage._split(  # the data step's split of these rows, to know which rows land in test
-        data_stage._encode_labels(data_stage.load_rows(data.model_dump(mode="json"), 42, "sequence-classification"),
+    splits = data_rows.split_rows(  # the data step's split of these rows, to know which rows land in test
+        data_rows.encode_labels(data_rows.load_rows(data.model_dump(mode="json"), 42, "sequence-classification"),
                                   ["neg", "pos"]), data, 42, stratify=True)
     test_ids = {int(t.rsplit(" ", 1)[1]) for t in splits["test"]["text"]}
     train_ids = set(range(40)) - test_ids

@@ -9,8 +9,9 @@ import importlib.util
 from pathlib import Path
 
 from runner.recipe.data_columns import file_columns
+from runner.recipe.document import Recipe
 from runner.recipe.errors import relative
-from runner.recipe.models import FileSource, Recipe
+from runner.recipe.models import FileSource
 
 Loc = tuple[str | int, ...]
 LM_EVAL_MISSING = (

@@ -29,7 +29,8 @@ from typing import Any
 from runner import genai
 from runner.chat import load_chat_template
 from runner.recipe import data_columns, eval_checks
-from runner.recipe.models import HubSource, Recipe, model_location
+from runner.recipe.document import Recipe
+from runner.recipe.models import HubSource, model_location
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"

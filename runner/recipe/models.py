@@ -10,8 +10,8 @@ Two markers ride on fields as JSON-schema extras:
 - `PACKAGE_FOLDER`: the field names a folder inside an installed Python package (runner.recipe.packages); the planner
   puts the package's version and the folder's content hash into cache keys.
 
-Rules that read several fields live in rules.py (so that they point at their field and come with the field errors);
-`Recipe` runs them too, so a recipe built in Python obeys them.
+The whole recipe, `Recipe`, is in document.py: it joins these sections and runs the rules that read several fields
+(rules.py, which reads these models for their defaults).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic.json_schema import JsonDict
-from pydantic_core import PydanticCustomError
 
 from runner.recipe.packages import PACKAGE_PATTERN, package_folder
 
@@ -562,50 +561,6 @@ class Evaluate(Strict):
     )
     max_new_tokens: PositiveInt = Field(32, description="Causal LM: greedy tokens generated per prompt with answers.")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks (optional, causal LM).")
-
-
-# --- the recipe ---------------------------------------------------------------------------------------------------------
-
-
-class Recipe(Strict):
-    """One fine-tune, end to end: data -> train -> export -> quantize -> evaluate -> smoke-serve."""
-
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9][\w.-]*$", max_length=100, description="Recipe name; names the run folder and lock file."
-    )
-    description: str | None = Field(None, description="What the recipe is for.", json_schema_extra=NEUTRAL)
-    extends: str | None = Field(
-        None, description="A base recipe file this one deep-merges over (path relative to this file)."
-    )
-    env: Literal["cpu", "cuda13"] = Field("cpu", description="Which pinned environment in envs/ nox installs.")
-    seed: int = Field(42, ge=0, description="Seed for shuffling, splitting, initialization and training.")
-    requires: Requires = Field(default_factory=Requires, description="Hardware the recipe needs.")
-    model: Model = Field(description="The base model.")
-    data: Data = Field(description="The data step.")
-    train: Train = Field(description="The train step: `method` is full, lora or qlora.")
-    export: Export | None = Field(None, description="The export step (ONNX or merged safetensors).")
-    quantize: Quantize | None = Field(
-        None, description="The quantize step: ONNX Runtime int8 (classifiers), weight-only int8/int4 (causal LMs) or "
-        "bitsandbytes."
-    )
-    evaluate: Evaluate | None = Field(
-        None, description="The evaluate step: every artifact scored offline, and the forgetting gate."
-    )
-    serve: Serve | None = Field(None, description="The smoke-serve step.")
-
-    @model_validator(mode="after")
-    def _cross_field_rules(self) -> Recipe:
-        # The loader runs these itself, on the document as written, to point each at its line (and skips this error).
-        from runner.recipe import rules
-
-        found = rules.check(self.model_dump())
-        if found:
-            text = "; ".join(f"{'.'.join(map(str, loc)) or '(recipe)'}: {message}" for loc, message in found)
-            raise PydanticCustomError(RULES_ERROR, text)
-        return self
-
-
-RULES_ERROR = "recipe_rules"
 
 
 def model_location(model: Model) -> str | None:

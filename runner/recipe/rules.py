@@ -7,7 +7,7 @@ it is about, and runs in the same pass as field validation: a rule reads a field
 written value, the model's default when it is left out, and skips the rule (`Skip`) when a field it needs has its own
 error. Field validation is strict (no "3" for 3), so a value that validated is the value a rule compares.
 
-`Recipe` runs the same rules on itself (models.py), so a recipe built in Python obeys them too.
+`Recipe` runs the same rules on itself (document.py), so a recipe built in Python obeys them too.
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ SCOPES: list[tuple[list[Rule], Callable[[Section], list[Section]]]] = [
 def check(document: dict[str, Any], bad: Iterable[Loc] = ()) -> list[tuple[Loc, str]]:
     """Every cross-field problem of `document`; `bad` are the locations of its field errors (rules needing them skip)."""
     found: list[tuple[Loc, str]] = []
-    root = Section(document, (), m.Recipe, set(bad))
+    root = Section(document, (), None, set(bad))  # rules read sections (each with its model), never a top-level field
     for rules, sections in SCOPES:
         try:
             targets = sections(root)

@@ -6,7 +6,7 @@ import functools
 import json
 from typing import Any
 
-from runner.recipe.models import Recipe
+from runner.recipe.document import Recipe
 
 SCHEMA_ID = "https://recipe-runner.dev/recipe.schema.json"
 

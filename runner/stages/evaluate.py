@@ -32,8 +32,7 @@ from runner import stages
 from runner.cache import read_memo, write_memo
 from runner.plan import canonical, package_version
 from runner.recipe.models import Evaluate, Model
-from runner.stages import StageError
-from runner.stages import data as data_stage
+from runner.stages import StageError, data_rows
 from runner.stages import evaluate_models as models
 from runner.stages.evaluate_scores import answer_metrics, classifier_metrics
 from runner.stages.evaluate_sets import ScoredSet, label_names, load_sets
@@ -58,7 +57,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         from runner.stages.evaluate_lm_eval import require_lm_eval
 
         require_lm_eval()  # before any scoring: a missing package is found in a second, not after the whole step
-    with data_stage.scratch_dir(out) as scratch:
+    with data_rows.scratch_dir(out) as scratch:
         sets = load_sets(cfg, task, inputs["data"], scratch)
     labels = label_names(inputs["data"]) if task == CLASSIFY else None
     check_task_labels(sets, labels)

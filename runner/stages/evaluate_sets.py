@@ -1,5 +1,5 @@
 """The evaluate step's sets: the recipe's test split (from the data step's dataset/) and the extra sets of
-`evaluate.sets`, read like data sources (runner.stages.data's own source loading).
+`evaluate.sets`, read like data sources (runner.stages.data_rows, the data step's own source loading).
 
 A set is plain rows: texts, and where the set has them, labels (classifier), prompts and reference answers (causal LM),
 and for the test split of a causal LM the data step's token rows (its labels mask the prompt when `mask_prompt` is set,
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.recipe.models import EvalSet, Evaluate, FileSource, HubSource
-from runner.stages import StageError
-from runner.stages import data as data_stage
+from runner.stages import StageError, data_rows
 
 CLASSIFY = "sequence-classification"
 TEST = "test"
@@ -97,7 +96,7 @@ def extra_set(spec: EvalSet, cfg: Evaluate, task: str, scratch: Path) -> ScoredS
     """One of `evaluate.sets`, read through the data step's source loading, cut to its `max_rows`."""
     where = f"evaluate set {spec.name!r}"
     try:
-        dataset = data_stage.read_source(spec.source, scratch)
+        dataset = data_rows.read_source(spec.source, scratch)
     except StageError as exc:
         raise StageError(f"{where}: {exc}") from None
     wanted = [spec.text_column]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from runner import chat as chat_lib
 from runner.recipe.models import Data, Model, ModelInit, model_location
 from runner.recipe.packages import PackageMissing
-from runner.stages import StageError
+from runner.stages import StageError, data_rows
 from runner.stages.data_chat import ChatFormat
 
 if TYPE_CHECKING:
@@ -125,8 +125,6 @@ def _from_pretrained(loader: Callable[..., Any], source: str, kwargs: dict[str, 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
     """Build `model.init`: a tokenizer trained on the recipe's train split and a seeded random model, saved to out/model."""
-    from runner.stages import data as data_stage  # imported here: data imports this module for load_tokenizer
-
     cfg = Model.model_validate(config["model"])
     if cfg.init is None:
         raise StageError("the model step builds `model.init`; this recipe has no `model.init`")
@@ -135,9 +133,9 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     seed = int(config["seed"])
 
     chat = chat_format(config["data"], cfg.init)  # None unless the recipe trains on conversations
-    with data_stage.scratch_dir(out) as cache_dir:
+    with data_rows.scratch_dir(out) as cache_dir:
         # the tokenizer learns from the train split only: a vocabulary fitted to test rows would leak them
-        rows = data_stage.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
+        rows = data_rows.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
         tokenizer = train_tokenizer(_texts(rows, chat), len(rows), cfg.init, chat)
         names = rows.features["labels"].names if cfg.task == CLASSIFY else None
     if chat is not None:  # saved with the tokenizer: every later stage (and the server) renders with it

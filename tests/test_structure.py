@@ -1,0 +1,124 @@
+"""The shape of runner/: no import cycles (function-level imports included), no module past 600 lines, and every
+stage's entry point documents what it raises.
+
+A cycle hidden by a function-level import still ties two modules into one: neither can be read, tested or moved
+alone, and the import order decides which half sees the other half-initialized. ruff cannot see cycles, so this test
+reads every module's imports with `ast` (those under `if TYPE_CHECKING:` excluded: they never run).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from runner import stages
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_LINES = 600
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py below `root` (a package named like its folder)."""
+    names = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under `if TYPE_CHECKING:` (annotations only; never imported at run time)."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+    return found
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of `modules` that `name` imports anywhere: at the top, in a function, in a try block."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from .mod import y
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                origin = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                origin = node.module or ""
+            for alias in node.names:  # `from pkg import submodule` imports the submodule; a name imports pkg
+                found.add(f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin)
+    return {module for module in found if module in modules and module != name}
+
+
+def cycles(root: Path) -> list[list[str]]:
+    """Each import cycle among the modules below `root`, as a path that returns to where it started."""
+    modules = module_names(root)
+    graph = {name: sorted(imports_of(name, path, modules)) for name, path in modules.items()}
+    found: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycle = trail[trail.index(name):] + [name]
+            if not any(set(cycle) == set(seen) for seen in found):
+                found.append(cycle)
+            return
+        if name in done:
+            return
+        for target in graph[name]:
+            visit(target, [*trail, name])
+        done.add(name)
+
+    for name in graph:
+        visit(name, [])
+    return found
+
+
+def test_runner_has_no_import_cycles():
+    assert [" -> ".join(cycle) for cycle in cycles(REPO / "runner")] == []
+
+
+def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import helper\n")
+    (package / "b.py").write_text("def helper():\n    from pkg import a  # dodges the cycle at import time\n    return a\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    assert cycles(package) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+def test_relative_imports_count_too(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "sub/__init__.py"):
+        (package / name).write_text("")
+    (package / "sub" / "x.py").write_text("from . import y\n")
+    (package / "sub" / "y.py").write_text("from .x import z\n")
+    assert cycles(package) == [["pkg.sub.x", "pkg.sub.y", "pkg.sub.x"]]
+
+
+def test_no_module_in_runner_is_longer_than_600_lines():
+    lengths = {str(path.relative_to(REPO)): len(path.read_text().splitlines()) for path in module_names(REPO / "runner").values()}
+    assert {path: n for path, n in lengths.items() if n > MAX_LINES} == {}
+
+
+@pytest.mark.parametrize("kind", list(stages.STAGES))
+def test_every_stage_entry_point_says_what_it_raises(kind):
+    """Each stage's run() docstring lists the conditions that raise StageError, so a reader learns a stage's
+    preconditions without reading the module."""
+    run = importlib.import_module(stages.STAGES[kind].module).run
+    assert "Raises:" in (run.__doc__ or "") and "StageError" in run.__doc__
