@@ -51,7 +51,7 @@ def latest_steps() -> dict:
 def main() -> int:
     from runner.recipe.models import Model, OnnxWeightOnly
     from runner.stages import StageError
-    from runner.stages.export import load_samples
+    from runner.stages.compare import load_samples
     from runner.stages.quantize import metric_drop, quantize_weight_only
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

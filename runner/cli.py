@@ -20,7 +20,6 @@ from runner.cache import ARTIFACT, RECORD, Cache, output_role, tree_size
 from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.errors import relative
-from runner.run_record import read_run
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
 _WIDTH = None if sys.stdout.isatty() else 140
@@ -297,10 +296,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _artifact_of(args: argparse.Namespace) -> Path:
-    if (Path(args.recipe) / "run.json").is_file():  # a run folder: take the last ONNX-producing step it recorded
-        steps = {step.kind: step for step in read_run(Path(args.recipe)).steps}
+    run_json = Path(args.recipe) / "run.json"
+    if run_json.is_file():  # a run folder: take the last ONNX-producing step it recorded
+        steps = {s["kind"]: s for s in json.loads(run_json.read_text())["steps"]}
         for kind in ("quantize", "export"):
-            outputs = steps[kind].outputs if kind in steps else None
+            outputs = steps.get(kind, {}).get("outputs")
             if outputs and (Path(outputs) / "onnx" / "model.onnx").is_file():
                 return Path(outputs) / "onnx"
         raise UsageError(f"{args.recipe}: this run has no ONNX export or quantize output to serve")

@@ -13,6 +13,7 @@ CAUSAL_LM = "causal-lm"
 # JSON-schema markers on recipe fields (json_schema_extra); plan.py, load.py and docs.py read them back
 X_NEUTRAL = "x-neutral"  # the field does not change any result: left out of cache keys
 X_LOCAL_PATH = "x-local-path"  # a local path: made absolute at load time and checked to exist
+X_PACKAGE_FOLDER = "x-package-folder"  # a folder inside an installed package: keyed by version and content
 
 # quantize.method: the methods that produce an ONNX graph start with this (the others are bitsandbytes)
 ONNX_METHOD_PREFIX = "onnx-"

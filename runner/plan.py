@@ -20,6 +20,7 @@ from typing import Any
 
 from runner import platform_facts, stages
 from runner.cache import Cache, HashMemo
+from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_method
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.schema import field_has
 
@@ -56,7 +57,7 @@ def step_configs(recipe: Recipe) -> list[Step]:
     if recipe.export is not None:
         add("export", recipe.export, ["train", "data", *base])
     if recipe.quantize is not None:
-        if recipe.quantize.method.startswith("onnx-"):
+        if is_onnx_method(recipe.quantize.method):
             add("quantize", recipe.quantize, ["export", "data"])
         else:  # bitsandbytes quantizes the trained (merged) model, not the ONNX export
             add("quantize", recipe.quantize, ["train", "data", *base])
@@ -68,7 +69,7 @@ def step_configs(recipe: Recipe) -> list[Step]:
         add("evaluate", recipe.evaluate, ["data", *[k for k in scored if k != "base"], *base],
             {"scored_models": scored})
     if recipe.serve is not None:
-        onnx_quantized = recipe.quantize is not None and recipe.quantize.method.startswith("onnx-")
+        onnx_quantized = recipe.quantize is not None and is_onnx_method(recipe.quantize.method)
         # data: the served classifier's accuracy is measured on the test split through the running server
         add("serve", recipe.serve, ["quantize" if onnx_quantized else "export", "data"])
     return steps
@@ -119,15 +120,15 @@ def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
         out = {}
         for key, item in value.items():
             here = (*loc, key)
-            if loc and field_has(here, "x-neutral"):
+            if loc and field_has(here, X_NEUTRAL):
                 continue
             out[key] = normalize(item, here, memo)
         return out
     if isinstance(value, list):
         return [normalize(item, (*loc, index), memo) for index, item in enumerate(value)]
-    if isinstance(value, str) and loc and field_has(loc, "x-local-path"):
+    if isinstance(value, str) and loc and field_has(loc, X_LOCAL_PATH):
         return {"sha256": memo.tree(Path(value))}
-    if isinstance(value, str) and loc and field_has(loc, "x-package-folder"):  # a model inside an installed package
+    if isinstance(value, str) and loc and field_has(loc, X_PACKAGE_FOLDER):  # a model inside an installed package
         return {**packages.provenance(value, memo.file), "sha256": memo.tree(packages.package_folder(value))}
     return value
 

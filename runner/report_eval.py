@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runner.names import CAUSAL_LM
 from runner.report_format import DASH, metric, num, pct, signed_metric, signed_pct
 from runner.report_render import Block, Callout, Cell, Heading, Image, Para, Table
 
@@ -34,7 +35,7 @@ def change_text(task: str, value: Any) -> str:
     """A forgetting change or budget in its unit: classifiers lose probe-accuracy points, LMs gain relative perplexity."""
     if not isinstance(value, (int, float)):
         return DASH
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         return f"{signed_pct(value)} perplexity"
     return f"{100 * value:.1f} points"
 
@@ -53,7 +54,7 @@ def forgetting(report: dict[str, Any]) -> list[Block]:
     if not f.get("sets"):
         return blocks + [Para(f"Verdict: {verdict}. Add a `general` set under evaluate.sets to measure what the tuned "
                               "model forgot.", "muted")]
-    lm = task == "causal-lm"
+    lm = task == CAUSAL_LM
     measure = "perplexity" if lm else "probe accuracy"
     budget = change_text(task, f.get("budget")) if f.get("budget") is not None else "not set"
     rows: Rows = [[s["name"], metric(s.get("base")), metric(s.get("tuned")), change_text(task, s.get("change")), budget,
@@ -154,7 +155,7 @@ def _lm_set(s: dict[str, Any], names: dict[str, str], artifacts: list[str], reus
 
 def sets(report: dict[str, Any], names: dict[str, str], pictures: dict[str, Path]) -> list[Block]:
     blocks: list[Block] = [Heading("Evaluation sets", 2, "sets")]
-    lm = report.get("task") == "causal-lm"
+    lm = report.get("task") == CAUSAL_LM
     if artifacts := report.get("artifacts"):
         blocks.append(Table(["artifact", "what it is", "key", "note"], [
             [names.get(kind, kind), str(a.get("about", "")), str(a.get("key", ""))[:12],

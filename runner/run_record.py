@@ -1,13 +1,11 @@
 """What a run leaves behind, as data: `RunResult` (the run folder and one `StepResult` per planned step).
 
 The executor (runner/execute.py) fills these in as steps finish and writes them to RUN_DIR/run.json; the report
-(runner/report.py) and the CLI's summary read them. Neither reader needs the executor: `read_run` rebuilds the same
-result from a finished run folder's run.json.
+(runner/report.py) and the CLI's summary read them. They are plain data, so the readers never import the executor.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +34,3 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return all(step.status in ("cached", "ran", "skipped") for step in self.steps)
-
-
-def read_run(run_dir: Path) -> RunResult:
-    """The result a finished (or interrupted) run wrote to RUN_DIR/run.json."""
-    data = json.loads((run_dir / "run.json").read_text())
-    return RunResult(data["recipe"], run_dir, [StepResult(**step) for step in data["steps"]])

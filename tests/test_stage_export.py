@@ -154,7 +154,8 @@ def test_corrupted_export_is_caught(classifier_export, classifier_inputs, tmp_pa
 
     from runner.recipe.models import Export
     from runner.stages import StageError
-    from runner.stages.export import load_samples, validate_onnx
+    from runner.stages.compare import load_samples
+    from runner.stages.export import validate_onnx
 
     onnx_dir = shutil.copytree(classifier_export[0] / "onnx", tmp_path / "onnx")
     graph = onnx.load(str(onnx_dir / "model.onnx"))
@@ -175,7 +176,7 @@ def test_llama_lora_merged_export_with_past(llama_export, llama_inputs, tiny_lla
     import onnxruntime as ort
     from transformers import AutoModelForCausalLM
 
-    from runner.stages.export import batches, load_samples, ort_feed, torch_runner
+    from runner.stages.compare import batches, load_samples, ort_feed, torch_runner
 
     out, report = llama_export
     merge = report["merge"]

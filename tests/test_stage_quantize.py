@@ -49,7 +49,7 @@ def test_dynamic_int8_accuracy_is_measured_as_the_server_runs_it(tiny_classifier
     import numpy as np
 
     from runner.stages import quantize
-    from runner.stages.export import load_samples, ort_feed, ort_session
+    from runner.stages.compare import load_samples, ort_feed, ort_session
 
     config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-dynamic-int8", eval_samples=24)
     report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)

@@ -111,6 +111,58 @@ def test_relative_imports_count_too(tmp_path):
     assert cycles(package) == [["pkg.sub.x", "pkg.sub.y", "pkg.sub.x"]]
 
 
+def defined_names(path: Path) -> set[str]:
+    """What a module defines itself at its top level (functions, classes, assignments); a package's __init__ also
+    counts what it lists in __all__ (its documented entry points)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+            targets = [node.target]
+        for target in targets:
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        if isinstance(node, ast.Assign) and path.name == "__init__.py" and "__all__" in names:
+            names |= {elt.value for elt in getattr(node.value, "elts", []) if isinstance(elt, ast.Constant)}
+    return names
+
+
+def borrowed_imports(files: list[Path], modules: dict[str, Path]) -> list[str]:
+    """`from runner.x import name` where runner.x does not define `name` but only imports it from elsewhere: a
+    re-export, which a monkeypatch cannot reach and a move leaves stale."""
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level or node.module not in modules:
+                continue
+            defined = defined_names(modules[node.module])
+            for alias in node.names:
+                if alias.name not in defined and f"{node.module}.{alias.name}" not in modules:
+                    found.append(f"{path.name}:{node.lineno}: {node.module}.{alias.name}")
+    return found
+
+
+def test_code_imports_each_name_from_the_module_that_defines_it():
+    modules = module_names(REPO / "runner")
+    files = [*modules.values(), *sorted((REPO / "tests").glob("*.py")), *sorted((REPO / "bench").glob("*.py")),
+             REPO / "noxfile.py"]
+    assert borrowed_imports(files, modules) == []
+
+
+def test_the_re_export_check_sees_a_name_borrowed_through_another_module(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text('from pkg.a import helper\n__all__ = ["helper"]\n')
+    (package / "a.py").write_text("def helper():\n    return 1\n")
+    (package / "b.py").write_text("from pkg.a import helper  # b uses it, and so re-exports it by accident\n")
+    (package / "c.py").write_text("from pkg.b import helper\nfrom pkg.a import helper as h\nfrom pkg import helper, a\n")
+    modules = module_names(package)
+    assert borrowed_imports([package / "c.py"], modules) == ["c.py:1: pkg.b.helper"]
+
+
 def test_no_module_in_runner_is_longer_than_600_lines():
     lengths = {str(path.relative_to(REPO)): len(path.read_text().splitlines()) for path in module_names(REPO / "runner").values()}
     assert {path: n for path, n in lengths.items() if n > MAX_LINES} == {}

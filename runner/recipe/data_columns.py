@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from runner.names import CLASSIFIER
 from runner.recipe.document import Recipe
 from runner.recipe.errors import relative
 from runner.recipe.models import FileSource
@@ -78,7 +79,7 @@ def _needed(recipe: Recipe) -> list[tuple[str, str]]:
                 needed.append(("template", root))
     else:
         needed.append(("text_column", data.text_column))
-    if recipe.model is not None and recipe.model.task == "sequence-classification":
+    if recipe.model is not None and recipe.model.task == CLASSIFIER:
         needed.append(("label_column", data.label_column))
     return needed
 

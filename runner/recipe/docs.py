@@ -9,6 +9,7 @@ import json
 import sys
 from typing import Any
 
+from runner.names import X_LOCAL_PATH, X_NEUTRAL
 from runner.recipe.schema import recipe_schema
 
 INTRO = """# Recipe reference
@@ -63,7 +64,7 @@ def _model_section(name: str, definition: dict[str, Any]) -> list[str]:
     lines += ["| field | type | default | description |", "|---|---|---|---|"]
     required = set(definition.get("required", []))
     for field, spec in definition.get("properties", {}).items():
-        notes = [note for note, flag in (("neutral", spec.get("x-neutral")), ("local path", spec.get("x-local-path"))) if flag]
+        notes = [note for note, flag in (("neutral", spec.get(X_NEUTRAL)), ("local path", spec.get(X_LOCAL_PATH))) if flag]
         limits = _limits(spec)
         text = " ".join(spec.get("description", "").split()).replace("|", "\\|")
         if limits:

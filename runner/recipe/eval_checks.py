@@ -8,6 +8,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+from runner.names import CLASSIFIER
 from runner.recipe.data_columns import file_columns
 from runner.recipe.document import Recipe
 from runner.recipe.errors import relative
@@ -28,7 +29,7 @@ def check(recipe: Recipe) -> list[tuple[Loc, str]]:
     found: list[tuple[Loc, str]] = []
     if evaluate.lm_eval is not None and importlib.util.find_spec("lm_eval") is None:
         found.append((("evaluate", "lm_eval"), LM_EVAL_MISSING))
-    classify = recipe.model.task == "sequence-classification"
+    classify = recipe.model.task == CLASSIFIER
     for i, spec in enumerate(evaluate.sets):
         at: Loc = ("evaluate", "sets", i)
         if not isinstance(spec.source, FileSource):

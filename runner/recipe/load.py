@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from runner.names import X_LOCAL_PATH
 from runner.recipe import local_checks, rules
 from runner.recipe.document import RULES_ERROR, Recipe
 from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
@@ -492,7 +493,7 @@ def _resolve_local_paths(raw: dict[str, Any], positions: Positions) -> tuple[dic
     resolved: dict[Loc, str] = {}
     problems: list[Problem] = []
     for loc, value in _walk(raw, ()):
-        if not isinstance(value, str) or not value or not field_has(loc, "x-local-path"):
+        if not isinstance(value, str) or not value or not field_has(loc, X_LOCAL_PATH):
             continue
         pos = _nearest_position(loc, positions, Path("recipe"))
         base = Path.cwd() if pos.override is not None else Path(pos.file).parent

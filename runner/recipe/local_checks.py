@@ -28,6 +28,7 @@ from typing import Any
 
 from runner import genai
 from runner.chat import load_chat_template
+from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe import data_columns, eval_checks
 from runner.recipe.document import Recipe
 from runner.recipe.models import HubSource, model_location
@@ -35,10 +36,10 @@ from runner.recipe.packages import PackageMissing, install_name, split, weight_f
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 INIT_ARCHITECTURES = {
-    ("llama", "causal-lm"): "LlamaForCausalLM",
-    ("llama", "sequence-classification"): "LlamaForSequenceClassification",
-    ("distilbert", "sequence-classification"): "DistilBertForSequenceClassification",
-    ("distilbert", "causal-lm"): "DistilBertForMaskedLM",  # no causal head exists: the task check below says so
+    ("llama", CAUSAL_LM): "LlamaForCausalLM",
+    ("llama", CLASSIFIER): "LlamaForSequenceClassification",
+    ("distilbert", CLASSIFIER): "DistilBertForSequenceClassification",
+    ("distilbert", CAUSAL_LM): "DistilBertForMaskedLM",  # no causal head exists: the task check below says so
 }
 # Heads that generate text left to right; anything else (a bare encoder, a masked LM) cannot be a causal-lm recipe.
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -117,12 +118,12 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
                                   + ("the train step will load it" if fetch else "it is checked again when the run starts"))
         return found
     architecture = (config.get("architectures") or [None])[0]
-    if recipe.model.task == "causal-lm" and not str(architecture or "").endswith(CAUSAL_SUFFIXES):
+    if recipe.model.task == CAUSAL_LM and not str(architecture or "").endswith(CAUSAL_SUFFIXES):
         found.errors.append((("model", "task"), f"task causal-lm needs a model with a causal language-model head, but "
                              f"{source} says {architecture or config.get('model_type')} (an encoder or masked LM); "
                              "use task: sequence-classification or a decoder model"))
     export = recipe.export
-    if recipe.model.task == "causal-lm" and export is not None and export.format == "onnx":
+    if recipe.model.task == CAUSAL_LM and export is not None and export.format == "onnx":
         problem = genai.unsupported_architecture(architecture) or genai.unsupported_shape(config)
         if problem:
             found.errors.append((("export", "format"), f"{problem} (from {source}); use `format: safetensors` to "

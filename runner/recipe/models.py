@@ -22,11 +22,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic.json_schema import JsonDict
 
+from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER
 from runner.recipe.packages import PACKAGE_PATTERN, package_folder
 
-NEUTRAL: JsonDict = {"x-neutral": True}
-LOCAL_PATH: JsonDict = {"x-local-path": True}
-PACKAGE_FOLDER: JsonDict = {"x-package-folder": True}
+NEUTRAL: JsonDict = {X_NEUTRAL: True}
+LOCAL_PATH: JsonDict = {X_LOCAL_PATH: True}
+PACKAGE_FOLDER: JsonDict = {X_PACKAGE_FOLDER: True}
 
 
 class Strict(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from runner.names import CAUSAL_LM, CLASSIFIER, is_onnx_method
 from runner.recipe import models as m
 
 Loc = tuple[str | int, ...]
@@ -143,7 +144,7 @@ def chat_recipe(recipe: Section) -> Found:
     model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
     if not data.present() or data["messages_column"] is None:
         return
-    if model["task"] != "causal-lm":
+    if model["task"] != CAUSAL_LM:
         yield data.at("messages_column"), (f"`messages_column` trains a causal-lm chat model; a {model['task']} model "
                                            "reads `text_column`")
     elif model.given("init") and data["chat_template"] is None:
@@ -192,7 +193,7 @@ def probe_kind(probe: Section) -> Found:
 
 def onnx_quantize_needs_export(recipe: Section) -> Found:
     quantize, export = recipe.section("quantize", None), recipe.section("export", m.Export)
-    if quantize.present() and str(quantize["method"]).startswith("onnx-"):
+    if quantize.present() and is_onnx_method(str(quantize["method"])):
         if not export.present() or export["format"] != "onnx":
             yield quantize.at("method"), "an ONNX quantize needs an `export` section with `format: onnx`"
         elif (export["optimization_level"] or 0) >= 2:
@@ -208,7 +209,7 @@ def serve_needs_onnx(recipe: Section) -> Found:
 
 def probes_fit_task(recipe: Section) -> Found:
     task = recipe.section("model", m.Model)["task"]
-    classify = task == "sequence-classification"
+    classify = task == CLASSIFIER
     kinds, others = (["text"], ["prompt", "messages"]) if classify else (["prompt", "messages"], ["text"])
     for probe in recipe.section("serve", m.Serve).items("probes", m.Probe):
         for other in others:
@@ -218,14 +219,14 @@ def probes_fit_task(recipe: Section) -> Found:
 
 def causal_lm_template(recipe: Section) -> Found:
     model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
-    if model["task"] == "causal-lm" and data.present() and data["template"] is None and data["messages_column"] is None:
+    if model["task"] == CAUSAL_LM and data.present() and data["template"] is None and data["messages_column"] is None:
         yield data.at("template"), ("a causal-lm recipe needs `data.template` to turn rows into text, or "
                                     "`data.messages_column` for chat conversations")
 
 
 def packing_causal_lm(recipe: Section) -> Found:
     model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
-    if data.present() and data["packing"] and model["task"] != "causal-lm":
+    if data.present() and data["packing"] and model["task"] != CAUSAL_LM:
         yield data.at("packing"), ("`data.packing` is for causal-lm training (examples concatenated into one row); a "
                                    f"{model['task']} model reads one example per row: leave packing off")
 
@@ -241,7 +242,7 @@ def export_precision(recipe: Section) -> Found:
     if not export.present() or export["format"] != "onnx":
         return
     precision = export["precision"]
-    if recipe.section("model", m.Model)["task"] == "sequence-classification" and precision != "fp32":
+    if recipe.section("model", m.Model)["task"] == CLASSIFIER and precision != "fp32":
         yield export.at("precision"), "a classifier is exported in fp32 (`export.precision: fp32`); quantize it afterwards"
     elif precision in ("fp16", "bf16") and export["execution_provider"] != "cuda":
         yield export.at("precision"), (f"`export.precision: {precision}` builds a decoder for the CUDA provider: set "
@@ -253,11 +254,11 @@ def quantize_fits_task(recipe: Section) -> Found:
     if not quantize.present():
         return
     method, task = quantize["method"], recipe.section("model", m.Model)["task"]
-    if task == "causal-lm" and method in ("onnx-dynamic-int8", "onnx-static-int8"):
+    if task == CAUSAL_LM and method in ("onnx-dynamic-int8", "onnx-static-int8"):
         yield quantize.at("method"), (f"{method} quantizes activations, which ruins a causal LM (a real 135M model's eval "
                                       "loss went 0.87 -> 1.93 dynamic, 4.19 static): use `method: onnx-weight-only` "
                                       "(int8 or int4 weights, float activations)")
-    if task == "sequence-classification" and method == "onnx-weight-only":
+    if task == CLASSIFIER and method == "onnx-weight-only":
         yield quantize.at("method"), ("onnx-weight-only is built by the causal-LM exporter; a classifier takes "
                                       "onnx-dynamic-int8 or onnx-static-int8")
 
@@ -274,7 +275,7 @@ def eval_set_answers(spec: Section) -> Found:
 
 
 def eval_sets_fit_task(recipe: Section) -> Found:
-    classify = recipe.section("model", m.Model)["task"] == "sequence-classification"
+    classify = recipe.section("model", m.Model)["task"] == CLASSIFIER
     for spec in recipe.section("evaluate", m.Evaluate).items("sets", m.EvalSet):
         try:
             if classify:
@@ -331,7 +332,7 @@ def eval_artifacts_exist(recipe: Section) -> Found:
 
 def eval_lm_eval_task(recipe: Section) -> Found:
     evaluate = recipe.section("evaluate", m.Evaluate)
-    if evaluate.given("lm_eval") and recipe.section("model", m.Model)["task"] != "causal-lm":
+    if evaluate.given("lm_eval") and recipe.section("model", m.Model)["task"] != CAUSAL_LM:
         yield evaluate.at("lm_eval"), "`lm_eval` runs lm-evaluation-harness tasks on a causal-lm model"
 
 

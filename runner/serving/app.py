@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
+from runner.names import CLASSIFIER
 from runner.serving import openai
 from runner.serving.batching import Batcher
 from runner.serving.guard import Guard
@@ -129,7 +130,7 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
         body, content_type = metrics.render()
         return Response(body, headers={"Content-Type": content_type})
 
-    if task == "sequence-classification":
+    if task == CLASSIFIER:
 
         @app.post("/predict", summary="Classify a batch of texts", response_model=PredictResponse)
         async def predict(body: PredictBody) -> Any:  # type: ignore[valid-type]

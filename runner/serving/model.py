@@ -31,6 +31,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from runner.names import CAUSAL_LM, CLASSIFIER
+
 # Ops that only appear in a quantized graph (dynamic int8, QOperator, QDQ and 4-bit weight-only layouts).
 QUANT_OPS = frozenset(
     {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv", "ConvInteger",
@@ -113,17 +115,17 @@ def detect_task(artifact_dir: Path) -> str:
     """The model's task from config.json's architecture (cheap: the server registers its routes before loading);
     when the name says nothing, from the rank of the graph's `logits` output (2: classifier, 3: causal LM)."""
     if (Path(artifact_dir) / "genai_config.json").is_file():  # the causal-LM builder's output
-        return "causal-lm"
+        return CAUSAL_LM
     for arch in _read_json(Path(artifact_dir) / "config.json").get("architectures") or []:
         if arch.endswith("ForSequenceClassification"):
-            return "sequence-classification"
+            return CLASSIFIER
         if arch.endswith("ForCausalLM"):
-            return "causal-lm"
+            return CAUSAL_LM
     import onnx
 
     graph = onnx.load(str(Path(artifact_dir) / "model.onnx"), load_external_data=False).graph
     logits = next(o for o in graph.output if o.name == "logits")
-    return "sequence-classification" if len(logits.type.tensor_type.shape.dim) == 2 else "causal-lm"
+    return CLASSIFIER if len(logits.type.tensor_type.shape.dim) == 2 else CAUSAL_LM
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -291,7 +293,7 @@ def load_model(artifact_dir: Path, threads: int = 0, invariant: bool = True) -> 
     tokenizer.no_padding()
     tokenizer.no_truncation()
     model_max = int(tok_config.get("model_max_length", 1 << 30))
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         genai = _read_json(artifact_dir / "genai_config.json")["model"]
         provider = lm_provider()
         info = ArtifactInfo(

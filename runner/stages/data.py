@@ -48,7 +48,15 @@ COLUMNS = ["text", "input_ids", "attention_mask", "labels"]  # what is saved, in
 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Load, mix, label or template, tokenize, split and save the recipe's data; write labels.json and stats.json."""
+    """Load, mix, label or template, tokenize, split and save the recipe's data; write labels.json and stats.json.
+
+    Raises:
+        StageError: a classifier given `data.messages_column`; `mask_prompt` without `data.template` or with a slow
+            tokenizer; `data.max_length` above what the model accepts; the base's tokenizer cannot be loaded; a source
+            cannot be read (missing file, unknown format, wrong hub revision), lacks a column, has no rows or rows
+            without a label; only one label; a label outside `data.labels`; a template field that names no column;
+            conversations that do not render (runner.stages.data_chat); too few rows for `test_size`.
+    """
     task = Model.model_validate(config["model"]).task
     data = Data.model_validate(config["data"])
     seed = int(config["seed"])

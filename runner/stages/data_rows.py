@@ -400,7 +400,7 @@ def encode_labels(rows: Dataset, names: list[str]) -> Dataset:
 def split_rows(rows: Dataset, data: Data, seed: int, stratify: bool) -> DatasetDict:
     """Seeded train/test split; stratified on `labels` keeps label shares equal (it always draws rows at random)."""
     try:
-        return rows.train_testsplit_rows(
+        return rows.train_test_split(
             test_size=data.test_size,
             shuffle=stratify or data.shuffle,
             seed=seed,

@@ -30,6 +30,7 @@ from typing import Any
 
 from runner import stages
 from runner.cache import read_memo, write_memo
+from runner.names import CLASSIFIER
 from runner.plan import canonical, package_version
 from runner.recipe.models import Evaluate, Model
 from runner.stages import StageError, data_rows
@@ -41,13 +42,21 @@ from runner.stages.probe import PROBE_C, PROBE_MAX_ITER, probe_accuracy
 
 log = logging.getLogger(__name__)
 
-CLASSIFY = "sequence-classification"
 KINDS = ("base", "train", "export", "quantize")
 TUNED = "train"  # forgetting compares the base with the trained torch model
 REPORT = "evaluate_report.json"
 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Score base, trained, exported and quantized models on every evaluation set; judge forgetting on `general` sets.
+
+    Raises:
+        StageError: forgetting over `evaluate.max_forgetting` on a general set (after evaluate_report.json is
+            written); nothing to score (no test split, no sets); two sets with one name; a set that cannot be read,
+            lacks a column, has no rows or a row without a label; labels the model does not know; a general set with
+            fewer than two labels or fewer rows per label than `probe_folds`; an upstream output without a model;
+            lm-eval asked for but not installed, a missing task file, or lm-eval failing.
+    """
     model_cfg = Model.model_validate(config["model"])
     cfg = Evaluate.model_validate(config["evaluate"])
     seed = int(config["seed"])
@@ -59,7 +68,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         require_lm_eval()  # before any scoring: a missing package is found in a second, not after the whole step
     with data_rows.scratch_dir(out) as scratch:
         sets = load_sets(cfg, task, inputs["data"], scratch)
-    labels = label_names(inputs["data"]) if task == CLASSIFY else None
+    labels = label_names(inputs["data"]) if task == CLASSIFIER else None
     check_task_labels(sets, labels)
 
     results, reused, skipped = score_all(sets, keys, model_cfg, cfg, inputs, seed, labels, inputs.get("memo"))
@@ -69,7 +78,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
 
         report["lm_eval"] = run_lm_eval(cfg.lm_eval, model_cfg, inputs, seed)
     (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    if task == CLASSIFY:
+    if task == CLASSIFIER:
         draw_confusions(report, out)
     over = [row for row in report["forgetting"]["sets"] if row["within"] is False]
     if over:
@@ -83,13 +92,13 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
 def wanted(scored: ScoredSet, task: str, keys: dict[str, str]) -> list[str]:
     """The artifacts a set is scored on: all of them, except a classifier's general set (probe: torch encoders only)."""
     kinds = [kind for kind in KINDS if kind in keys]
-    if task == CLASSIFY and scored.role == "general":
+    if task == CLASSIFIER and scored.role == "general":
         return [kind for kind in kinds if kind in ("base", TUNED)]
     return kinds
 
 
 def what(scored: ScoredSet, task: str) -> str:
-    if task == CLASSIFY:
+    if task == CLASSIFIER:
         return "probe" if scored.role == "general" else "classify"
     return "lm"
 
@@ -160,7 +169,7 @@ def score_all(
 
 def score(scorer: models.Scorer, scored: ScoredSet, task: str, cfg: Evaluate, seed: int,
           labels: list[str] | None) -> dict[str, Any]:
-    if task == CLASSIFY:
+    if task == CLASSIFIER:
         assert scored.labels is not None  # the rules and load_sets make sure a classifier's set has labels
         if scored.role == "general":
             return probe_accuracy(scorer.features(scored.texts), scored.labels, cfg.probe_folds, seed)
@@ -212,7 +221,7 @@ def build_report(task: str, sets: list[ScoredSet], keys: dict[str, str], results
             artifacts[kind]["skipped"] = skipped[kind]
     return {
         "task": task,
-        "headline_metric": "accuracy" if task == CLASSIFY else "perplexity",
+        "headline_metric": "accuracy" if task == CLASSIFIER else "perplexity",
         "artifacts": artifacts,
         "sets": [
             {"name": s.name, "role": s.role, "rows": s.rows, "source": s.source,
@@ -227,7 +236,7 @@ def build_report(task: str, sets: list[ScoredSet], keys: dict[str, str], results
 def forgetting(sets: list[ScoredSet], results: dict[tuple[str, str], dict[str, Any]], task: str,
                budget: float | None) -> dict[str, Any]:
     """Each general set's base and tuned score and the change (positive = worse), against the budget."""
-    classify = task == CLASSIFY
+    classify = task == CLASSIFIER
     metric = "probe_accuracy" if classify else "perplexity"
     rows = []
     for scored in sets:
@@ -257,10 +266,10 @@ REMEDIES = (
 
 
 def forgetting_message(over: list[dict[str, Any]], table: dict[str, Any], task: str) -> str:
-    what_ = "linear-probe accuracy of the frozen encoder" if task == CLASSIFY else "perplexity"
+    what_ = "linear-probe accuracy of the frozen encoder" if task == CLASSIFIER else "perplexity"
     parts = []
     for row in over:
-        if task == CLASSIFY:
+        if task == CLASSIFIER:
             change = f"a drop of {row['change']:.4f} ({row['change'] * 100:.1f} points)"
         else:
             change = f"an increase of {row['change']:.2%}"

@@ -18,7 +18,7 @@ import yaml
 
 from runner.recipe.eval_checks import LM_EVAL_MISSING
 from runner.recipe.models import Export, LmEval, Model
-from runner.stages import StageError
+from runner.stages import StageError, compare
 from runner.stages import export as export_stage
 
 
@@ -52,7 +52,7 @@ def run_lm_eval(cfg: LmEval, model_cfg: Model, inputs: dict[str, Path], seed: in
     from lm_eval.tasks import TaskManager
 
     names, folders = task_names(cfg.tasks)
-    samples = export_stage.load_samples(inputs["data"], "test", export_stage.BATCH_SIZE)
+    samples = compare.load_samples(inputs["data"], "test", compare.BATCH_SIZE)
     model, tokenizer, _ = export_stage.load_trained(model_cfg, inputs, True, samples, Export())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from runner.recipe.models import Export, Model
-from runner.stages import StageError
+from runner.stages import StageError, compare
 from runner.stages import export as export_stage
 from runner.stages.evaluate_scores import token_loss
 from runner.stages.model import load_tokenizer
@@ -29,7 +29,6 @@ from runner.stages.probe import mean_pooled
 
 log = logging.getLogger(__name__)
 
-CLASSIFY = "sequence-classification"
 MAX_TOKENS = 256  # longest text scored (tokens); longer texts are truncated, on every artifact alike
 BATCH = 16
 ABOUT = {
@@ -83,7 +82,7 @@ class TorchScorer(Scorer):
         # a classifier's text is cut where the server cuts it (the model's positions); probe and LM texts at MAX_TOKENS
         self.positions = min(int(positions), int(getattr(tokenizer, "model_max_length", positions)))
         self.max_tokens = min(MAX_TOKENS, self.positions)
-        self.pad_id = export_stage.pad_token_id(tokenizer)
+        self.pad_id = compare.pad_token_id(tokenizer)
 
     def classify(self, texts: list[str]) -> list[str]:
         import torch
@@ -108,7 +107,7 @@ class TorchScorer(Scorer):
         return [_row(self.tokenizer(text, truncation=True, max_length=self.max_tokens)["input_ids"]) for text in texts]
 
     def loss(self, samples: list[dict[str, list[int]]]) -> dict[str, Any]:
-        return token_loss(export_stage.torch_runner(self.model), samples, self.pad_id)
+        return token_loss(compare.torch_runner(self.model), samples, self.pad_id)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -158,8 +157,8 @@ class OnnxScorer(Scorer):
         # the decoder graph over whole sequences with an empty KV cache, as the quantize stage scores it
         if self.session is None:
             provider = self.served.info.provider
-            self.session = export_stage.ort_session(self.folder / export_stage.ONNX_NAME, provider=provider)
-        return token_loss(export_stage.ort_runner(self.session), samples, export_stage.pad_token_id(self.tokenizer))
+            self.session = compare.ort_session(self.folder / export_stage.ONNX_NAME, provider=provider)
+        return token_loss(compare.ort_runner(self.session), samples, compare.pad_token_id(self.tokenizer))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return list(self.served.encode(prompt))
@@ -199,7 +198,7 @@ def load(kind: str, model_cfg: Model, inputs: dict[str, Path], seed: int) -> Sco
         torch.manual_seed(seed)  # a classifier head the base lacks is drawn like the train step draws it
         return TorchScorer(export_stage.load_base(model_cfg, inputs), load_tokenizer(model_cfg, inputs), task)
     if kind == "train":
-        samples = export_stage.load_samples(inputs["data"], "test", export_stage.BATCH_SIZE)
+        samples = compare.load_samples(inputs["data"], "test", compare.BATCH_SIZE)
         model, tokenizer, _ = export_stage.load_trained(model_cfg, inputs, True, samples, Export())
         return TorchScorer(model, tokenizer, task)
     folder = inputs[kind]

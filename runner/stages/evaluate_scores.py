@@ -3,21 +3,18 @@
 - Classifiers (scikit-learn): accuracy, macro-F1 over the model's labels, per-class precision/recall/support, and the
   confusion matrix (rows = true label, columns = predicted, in label-id order).
 - Causal LMs: mean token loss and its perplexity over the tokens that count (labels != -100), computed like the export
-  and quantize gates do (runner.stages.export.batches: right-padded, -100 on padding), and exact-match / contains of
+  and quantize gates do (runner.stages.compare.batches: right-padded, -100 on padding), and exact-match / contains of
   greedy answers against reference answers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from runner.stages.export import batches
-
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]  # a padded batch -> logits
+from runner.stages.compare import Runner, batches, log_softmax
 
 
 def classifier_metrics(true: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
@@ -47,11 +44,6 @@ def classifier_metrics(true: list[str], predicted: list[str], labels: list[str])
     }
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def token_loss(run_model: Runner, samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
     """Mean next-token loss over every label that is not -100 (the same sum the export/quantize gates compute), its
     perplexity, and the number of tokens it is over."""
@@ -61,7 +53,7 @@ def token_loss(run_model: Runner, samples: list[dict[str, list[int]]], pad_id: i
         labels = batch["labels"][:, 1:]
         valid = labels != -100
         picked = np.where(valid, labels, 0)[..., None]
-        total -= float((np.take_along_axis(_log_softmax(logits[:, :-1]), picked, -1)[..., 0] * valid).sum())
+        total -= float((np.take_along_axis(log_softmax(logits[:, :-1]), picked, -1)[..., 0] * valid).sum())
         count += int(valid.sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}

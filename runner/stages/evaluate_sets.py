@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.names import CLASSIFIER
 from runner.recipe.models import EvalSet, Evaluate, FileSource, HubSource
 from runner.stages import StageError, data_rows
 
-CLASSIFY = "sequence-classification"
 TEST = "test"
 
 
@@ -75,7 +75,7 @@ def test_split(cfg: Evaluate, task: str, data_dir: Path) -> ScoredSet:
         raise StageError("the data step's dataset has no `test` rows to evaluate: raise data.test_size")
     rows = dataset[TEST].select(range(min(cfg.max_rows, len(dataset[TEST]))))
     source = "the recipe's test split"
-    if task == CLASSIFY:
+    if task == CLASSIFIER:
         names = label_names(data_dir)
         if names is None:
             raise StageError(f"the data step's output {data_dir} has no labels.json: rerun the data step")
@@ -100,9 +100,9 @@ def extra_set(spec: EvalSet, cfg: Evaluate, task: str, scratch: Path) -> ScoredS
     except StageError as exc:
         raise StageError(f"{where}: {exc}") from None
     wanted = [spec.text_column]
-    if task == CLASSIFY and spec.label_column:
+    if task == CLASSIFIER and spec.label_column:
         wanted.append(spec.label_column)
-    if task != CLASSIFY and spec.prompt_column:
+    if task != CLASSIFIER and spec.prompt_column:
         wanted += [spec.prompt_column, spec.answer_column or ""]
     missing = [name for name in wanted if name not in dataset.column_names]
     if missing:
@@ -114,14 +114,14 @@ def extra_set(spec: EvalSet, cfg: Evaluate, task: str, scratch: Path) -> ScoredS
         raise StageError(f"{where} has no rows")
     texts = [_text(value, where, spec.text_column) for value in rows[spec.text_column]]
     scored = ScoredSet(spec.name, spec.role, describe(spec.source), texts)
-    if task == CLASSIFY and spec.label_column:
+    if task == CLASSIFIER and spec.label_column:
         values = rows[spec.label_column]
         feature = rows.features[spec.label_column]
         names = getattr(feature, "names", None)  # a ClassLabel column holds ids
         if any(value is None or value != value for value in values):
             raise StageError(f"{where}: some rows have no label in column {spec.label_column!r}")
         scored.labels = [names[v] if names else str(v) for v in values]
-    if task != CLASSIFY and spec.prompt_column and spec.answer_column:
+    if task != CLASSIFIER and spec.prompt_column and spec.answer_column:
         scored.prompts = [_text(v, where, spec.prompt_column) for v in rows[spec.prompt_column]]
         scored.answers = [_text(v, where, spec.answer_column) for v in rows[spec.answer_column]]
     return scored

@@ -18,27 +18,37 @@ import gc
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runner import genai
+from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe.models import EXPORT_RTOL, Export, Model
 from runner.stages import StageError
+from runner.stages.compare import (
+    BATCH_SIZE,
+    Batch,
+    Runner,
+    batches,
+    collect_logits,
+    compare,
+    load_samples,
+    ort_runner,
+    ort_session,
+    pad_token_id,
+    torch_runner,
+)
 from runner.stages.model import load_model
 from runner.stages.shared import read_labels
 
 if TYPE_CHECKING:
-    import onnxruntime
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
-BATCH_SIZE = 8
 GREEDY_PROMPTS = 4  # few prompts, few tokens: enough to catch a broken KV cache, cheap on a 7B model on CPU
 GREEDY_NEW_TOKENS = 8
 ORT_LEVELS = {0: "ORT_DISABLE_ALL", 1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTENDED", 99: "ORT_ENABLE_ALL"}
@@ -46,16 +56,24 @@ ORT_LEVELS = {0: "ORT_DISABLE_ALL", 1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTEND
 # by any runtime, and it makes the bytes of the graph depend on where the code was installed.
 DROPPED_METADATA = ("pkg.torch.onnx.", "pkg.onnxscript.", "namespace")
 
-Batch = dict[str, np.ndarray]
-Runner = Callable[[Batch], np.ndarray]  # a padded batch -> logits as float32 numpy
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
+    """Export the trained model to ONNX (or merged safetensors) and check it against PyTorch on the test rows.
+
+    Raises:
+        StageError: the train step's output holds neither model/ nor adapter/; a LoRA adapter without
+            `export.merge_adapter`; a merge that moves the logits more than the tolerance; a quantized base; the ONNX
+            logits differ from PyTorch's beyond the tolerance (`export.rtol` / `atol`), top-1 agreement is under
+            `min_top1_agreement`, the accuracy or loss moved, or greedy tokens differ; the decoder builder fails or
+            `execution_provider: cuda` has no GPU; the graph wants an input the gate cannot feed; the data step left
+            no test rows; the saved merged checkpoint differs from the one in memory.
+    """
     model_cfg = Model.model_validate(config["model"])
     cfg = Export.model_validate(config["export"])
     _seed(config.get("seed", 0))
     samples = load_samples(inputs["data"], "test", cfg.validation_samples)
-    if cfg.format == "onnx" and model_cfg.task == "causal-lm":
+    if cfg.format == "onnx" and model_cfg.task == CAUSAL_LM:
         # the decoder path loads the model itself: it must be able to free it before the builder runs
         report, merge = export_decoder(model_cfg, inputs, cfg, out, samples)
     else:
@@ -84,13 +102,13 @@ def _seed(seed: int) -> None:
 def auto_class(task: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if task == CLASSIFIER else AutoModelForCausalLM
 
 
 def label_kwargs(task: str, data_dir: Path) -> dict[str, Any]:
     """The classifier head's size and names come from the data step, so the base is built like the trained model."""
     labels = read_labels(data_dir)
-    if task != "sequence-classification" or labels is None:
+    if task != CLASSIFIER or labels is None:
         return {}
     id2label = {int(i): name for i, name in labels["id2label"].items()}
     return {"num_labels": len(id2label), "id2label": id2label, "label2id": dict(labels["label2id"])}
@@ -178,156 +196,6 @@ def refuse_quantized(model: PreTrainedModel, what: str) -> None:
             f"{what} is a quantized checkpoint; adapters are merged into, and exports made from, full-precision weights "
             "only: point `model` at the unquantized base (QLoRA's 4-bit base is reloaded in fp32 here automatically)"
         )
-
-
-# --- samples, runners, comparison ---------------------------------------------------------------------------------------
-
-
-def load_samples(data_dir: Path, split: str, n: int) -> list[dict[str, Any]]:
-    """The first n rows of a split (the data step shuffled with the recipe seed already): the same rows on every run."""
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(data_dir / "dataset"))
-    if split not in dataset or len(dataset[split]) == 0:
-        raise StageError(f"the data step's dataset has no `{split}` rows to validate with")
-    rows = dataset[split].select(range(min(n, len(dataset[split]))))
-    return [{k: row[k] for k in ("input_ids", "attention_mask", "labels") if k in row} for row in rows]
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def batches(samples: list[dict], pad_id: int, size: int = BATCH_SIZE) -> Iterator[Batch]:
-    """Right-padded int64 batches; token labels (causal LM) are padded with -100 so padding never counts."""
-    for start in range(0, len(samples), size):
-        chunk = samples[start : start + size]
-        width = max(len(s["input_ids"]) for s in chunk)
-        batch: Batch = {
-            "input_ids": np.array([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in chunk]),
-            "attention_mask": np.array([s["attention_mask"] + [0] * (width - len(s["attention_mask"])) for s in chunk]),
-        }
-        if "labels" in chunk[0]:
-            labels = [s["labels"] for s in chunk]
-            batch["labels"] = (
-                np.array([row + [-100] * (width - len(row)) for row in labels])
-                if isinstance(labels[0], list)
-                else np.array(labels)
-            )
-        yield {k: v.astype(np.int64) for k, v in batch.items()}
-
-
-def torch_runner(model: torch.nn.Module) -> Runner:
-    import torch
-
-    device = next(model.parameters()).device
-
-    def forward(batch: Batch) -> np.ndarray:
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.from_numpy(batch["input_ids"]).to(device),
-                attention_mask=torch.from_numpy(batch["attention_mask"]).to(device),
-            ).logits
-        return logits.float().cpu().numpy()
-
-    return forward
-
-
-def ort_session(onnx_path: Path, optimization: str | None = None, provider: str = "cpu") -> onnxruntime.InferenceSession:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if optimization:
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(onnx_path), options, providers=providers)
-
-
-def ort_runner(session: onnxruntime.InferenceSession) -> Runner:
-    """Whole sequences through the ONNX graph; a decoder with a KV cache gets an empty cache (past length 0)."""
-
-    def forward(batch: Batch) -> np.ndarray:
-        return session.run(["logits"], ort_feed(session, batch))[0]
-
-    return forward
-
-
-def ort_feed(session: onnxruntime.InferenceSession, batch: Batch) -> dict[str, np.ndarray]:
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    feed: dict[str, np.ndarray] = {}
-    for arg in session.get_inputs():
-        if arg.name in ("input_ids", "attention_mask"):
-            feed[arg.name] = batch[arg.name]
-        elif arg.name == "position_ids":  # what transformers derives from the mask
-            feed[arg.name] = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-        elif arg.name == "token_type_ids":
-            feed[arg.name] = np.zeros_like(ids)
-        elif arg.name.startswith("past_key_values"):
-            heads, head_dim = _past_dims(session, arg)
-            dtype = {"tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}.get(arg.type, np.float32)
-            feed[arg.name] = np.zeros((ids.shape[0], heads, 0, head_dim), dtype=dtype)
-        else:
-            raise StageError(f"the ONNX graph wants an input this stage cannot provide: {arg.name} {arg.shape}")
-    return feed
-
-
-def _past_dims(session: onnxruntime.InferenceSession, arg: Any) -> tuple[int, int]:
-    """KV-cache heads and head size: from the graph where it fixes them, else from the builder's genai_config.json."""
-    heads, head_dim = arg.shape[1], arg.shape[3]
-    if isinstance(heads, int) and isinstance(head_dim, int):
-        return heads, head_dim
-    folder = Path(getattr(session, "_model_path", "") or ".").parent
-    decoder = genai.genai_config(folder)["model"]["decoder"]
-    return (heads if isinstance(heads, int) else decoder["num_key_value_heads"],
-            head_dim if isinstance(head_dim, int) else decoder["head_size"])
-
-
-def collect_logits(run_model: Runner, samples: list[dict], pad_id: int) -> list[np.ndarray]:
-    return [run_model(batch) for batch in batches(samples, pad_id)]
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def compare(reference: Runner, candidate: Runner, samples: list[dict], task: str, pad_id: int) -> dict[str, Any]:
-    """Run both models batch by batch (a 7B vocabulary's logits never all sit in memory) and compare them: largest logit
-    difference, top-1 agreement (per example for classifiers, per token for causal LM) and the eval metric of each
-    (accuracy for classifiers, mean token loss for causal LM)."""
-    max_diff, scale, agree, total, score_ref, score_cand, count = 0.0, 0.0, 0, 0, 0.0, 0.0, 0
-    for batch in batches(samples, pad_id):
-        ref, cand = reference(batch).astype(np.float64), candidate(batch).astype(np.float64)
-        if task == "sequence-classification":
-            keep = np.ones(len(ref), dtype=bool)
-            score_ref += float((ref.argmax(-1) == batch["labels"]).sum())
-            score_cand += float((cand.argmax(-1) == batch["labels"]).sum())
-            count += len(ref)
-        else:
-            keep = batch["attention_mask"].astype(bool)
-            labels = batch.get("labels", np.where(keep, batch["input_ids"], -100))[:, 1:]
-            valid = labels != -100
-            picked = np.where(valid, labels, 0)[..., None]
-            score_ref -= float((np.take_along_axis(_log_softmax(ref[:, :-1]), picked, -1)[..., 0] * valid).sum())
-            score_cand -= float((np.take_along_axis(_log_softmax(cand[:, :-1]), picked, -1)[..., 0] * valid).sum())
-            count += int(valid.sum())
-        max_diff = max(max_diff, float(np.abs(ref - cand)[keep].max()))
-        scale = max(scale, float(np.abs(ref)[keep].max()))
-        agree += int((ref.argmax(-1) == cand.argmax(-1))[keep].sum())
-        total += int(keep.sum())
-    metric = "accuracy" if task == "sequence-classification" else "loss"
-    return {
-        "samples": len(samples),
-        "max_abs_diff": max_diff,
-        "reference_scale": scale,
-        "top1_agreement": agree / max(total, 1),
-        "metric": metric,
-        "metric_reference": score_ref / max(count, 1),
-        "metric_candidate": score_cand / max(count, 1),
-    }
 
 
 # --- classifiers: torch.onnx dynamo export ---------------------------------------------------------------------------
@@ -418,7 +286,7 @@ def validate_onnx(onnx_dir: Path, torch_model: PreTrainedModel, samples: list[di
     # explicit False: left unset, transformers would ask on stdin (mid-step) for a tokenizer config with an auto_map
     tokenizer = AutoTokenizer.from_pretrained(onnx_dir, trust_remote_code=False)
     pad_id = pad_token_id(tokenizer)
-    task = "sequence-classification"
+    task = CLASSIFIER
     result = compare(torch_runner(torch_model), ort_runner(ort_session(onnx_dir / ONNX_NAME)), samples, task, pad_id)
     return _gate(result, task, cfg)
 
@@ -441,7 +309,7 @@ def gate_problems(result: dict[str, Any], task: str, cfg: Export) -> list[str]:
         how = f"atol {cfg.atol:g}" if cfg.atol is not None else (
             f"rtol {cfg.rtol or EXPORT_RTOL[cfg.precision]:g} x logit scale {result['reference_scale']:.3g}")
         problems.append(f"max abs logit difference {result['max_abs_diff']:.3g} > {allowed:.3g} ({how})")
-    if task == "sequence-classification":
+    if task == CLASSIFIER:
         if not result["top1_agreement"] >= cfg.min_top1_agreement:
             problems.append(f"top-1 agreement {result['top1_agreement']:.4f} < {cfg.min_top1_agreement}")
         # accuracy can differ by at most the share of disagreeing predictions
@@ -494,13 +362,13 @@ def export_decoder(
     report.update(precision=cfg.precision, execution_provider=cfg.execution_provider, size_bytes=onnx_size(out / "onnx"))
     session = ort_session(out / "onnx" / ONNX_NAME, provider=cfg.execution_provider)
     try:
-        result = compare(references.runner(), ort_runner(session), samples, "causal-lm", pad_id)
+        result = compare(references.runner(), ort_runner(session), samples, CAUSAL_LM, pad_id)
         del session  # onnxruntime-genai loads its own copy of the weights for the greedy check
         gc.collect()
         result["greedy"] = greedy_match(out / "onnx", references.greedy)
     finally:
         shutil.rmtree(references.folder, ignore_errors=True)
-    report["validation"] = _gate(result, "causal-lm", cfg)
+    report["validation"] = _gate(result, CAUSAL_LM, cfg)
     return report, merge
 
 

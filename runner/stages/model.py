@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import chat as chat_lib
+from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe.models import Data, Model, ModelInit, model_location
 from runner.recipe.packages import PackageMissing
 from runner.stages import StageError, data_rows
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CLASSIFY = "sequence-classification"
-CAUSAL_LM = "causal-lm"
 
 
 # --- loading ------------------------------------------------------------------------------------------------------------
@@ -92,7 +91,7 @@ def load_model(model_cfg: ModelConfig, inputs: dict[str, Path], task: str | None
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     task = task or Model.model_validate(model_cfg).task
-    autos = {CLASSIFY: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
+    autos = {CLASSIFIER: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
     if task not in autos:
         raise StageError(f"unknown task {task!r}; expected one of {sorted(autos)}")
     source, guarded = pretrained_source(model_cfg, inputs)
@@ -124,7 +123,14 @@ def _from_pretrained(loader: Callable[..., Any], source: str, kwargs: dict[str, 
 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
-    """Build `model.init`: a tokenizer trained on the recipe's train split and a seeded random model, saved to out/model."""
+    """Build `model.init`: a tokenizer trained on the recipe's train split and a seeded random model, saved to out/model.
+
+    Raises:
+        StageError: the recipe has no `model.init`; a distilbert asked to be a causal LM; a chat recipe
+            (`data.messages_column`) on a distilbert, or without `data.chat_template`, or with a template that does not
+            render; and whatever reading the recipe's rows raises (runner.stages.data_rows: a missing file, column or
+            label, too few rows to split).
+    """
     cfg = Model.model_validate(config["model"])
     if cfg.init is None:
         raise StageError("the model step builds `model.init`; this recipe has no `model.init`")
@@ -137,7 +143,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         # the tokenizer learns from the train split only: a vocabulary fitted to test rows would leak them
         rows = data_rows.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
         tokenizer = train_tokenizer(_texts(rows, chat), len(rows), cfg.init, chat)
-        names = rows.features["labels"].names if cfg.task == CLASSIFY else None
+        names = rows.features["labels"].names if cfg.task == CLASSIFIER else None
     if chat is not None:  # saved with the tokenizer: every later stage (and the server) renders with it
         tokenizer.chat_template = chat.template
 
@@ -284,6 +290,6 @@ def build_model(
             tie_word_embeddings=False,
             **labels,
         )
-    auto = AutoModelForSequenceClassification if task == CLASSIFY else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if task == CLASSIFIER else AutoModelForCausalLM
     torch.manual_seed(seed)  # the weights are the only randomness here: same seed, byte-identical safetensors
     return auto.from_config(config)

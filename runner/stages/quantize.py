@@ -24,28 +24,23 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from runner import genai
+from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.platform_facts import cpu_isa
 from runner.recipe.models import BnbQuantize, Export, Model, OnnxStaticInt8, OnnxWeightOnly, Quantize
 from runner.stages import StageError
-from runner.stages.export import (
-    ONNX_NAME,
+from runner.stages.compare import (
     Batch,
     Runner,
-    auto_class,
     batches,
     compare,
-    copy_labels,
-    greedy_prompt,
     load_samples,
-    load_trained,
-    onnx_size,
     ort_feed,
     ort_runner,
     ort_session,
     pad_token_id,
-    tokenizer_from,
     torch_runner,
 )
+from runner.stages.export import ONNX_NAME, auto_class, copy_labels, greedy_prompt, load_trained, onnx_size, tokenizer_from
 from runner.stages.shared import bnb_config
 
 if TYPE_CHECKING:
@@ -62,6 +57,14 @@ INT8_OPS = ["MatMul", "Gemm"]  # the layers that hold the weights; quantizing Ad
 
 
 def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
+    """Quantize the export (ONNX int8 / weight-only) or the trained model (bitsandbytes) and gate it against fp32.
+
+    Raises:
+        StageError: the quantized model's metric drops by more than `quantize.max_metric_drop`; its greedy answers
+            agree less than `min_greedy_agreement` (weight-only); the export holds fused ONNX Runtime ops (export
+            optimization_level 2 or 99); weight-only without the export's merged/ checkpoint; the genai builder fails;
+            the data step left no test rows.
+    """
     model_cfg = Model.model_validate(config["model"])
     cfg = TypeAdapter(Quantize).validate_python(config["quantize"])
     samples = load_samples(inputs["data"], "test", cfg.eval_samples)
@@ -82,7 +85,7 @@ def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 def metric_drop(comparison: dict[str, Any], task: str) -> dict[str, Any]:
     before, after = comparison["metric_reference"], comparison["metric_candidate"]
-    if task == "sequence-classification":
+    if task == CLASSIFIER:
         return {"metric": "accuracy", "metric_before": before, "metric_after": after, "metric_drop": before - after}
     return {
         "metric": "loss",
@@ -264,7 +267,7 @@ def quantize_weight_only(
         raise StageError(str(exc)) from None
     pad_id = pad_token_id(tokenizer_from(src, model_cfg))
     reference, candidate = ort_session(src / ONNX_NAME, provider=provider), ort_session(dst / ONNX_NAME, provider=provider)
-    comparison = compare(ort_runner(reference), ort_runner(candidate), samples, "causal-lm", pad_id)
+    comparison = compare(ort_runner(reference), ort_runner(candidate), samples, CAUSAL_LM, pad_id)
     del reference, candidate  # onnxruntime-genai loads its own copies for the greedy check
     gc.collect()
     greedy = greedy_agreement(load_served(src), load_served(dst), samples[: cfg.greedy_prompts], cfg.greedy_tokens)

@@ -31,6 +31,7 @@ import numpy as np
 
 import runner
 from runner.chat import load_chat_template
+from runner.names import CLASSIFIER
 from runner.recipe.models import Model, Probe, Serve
 from runner.redact import RedactedFile
 from runner.serving import openai
@@ -279,7 +280,7 @@ def _bad_requests(task: str, s: ServerSettings, max_positions: int) -> dict[str,
         "oversized body": {"content": b'{"x": "' + b"a" * s.max_body_bytes + b'"}',
                            "headers": {"content-type": "application/json"}},
     }
-    if task == "sequence-classification":
+    if task == CLASSIFIER:
         return {**common, "texts not a list": {"json": {"texts": "hello"}}, "numbers as texts": {"json": {"texts": [1, 2]}},
                 "null text": {"json": {"texts": [None]}}, "empty batch": {"json": {"texts": []}},
                 "over-long text": {"json": {"texts": [long_text]}},
@@ -392,6 +393,13 @@ def _artifact(inputs: dict[str, Path]) -> Path:
 
 
 def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    """Start the server on the ONNX artifact, probe it (health, probes, errors, batching, accuracy, latency), stop it.
+
+    Raises:
+        StageError: no onnx/model.onnx upstream; the artifact's task is not the recipe's; the server exits, cannot
+            load the model or is not ready within `serve.startup_timeout_s`; a `messages` probe without a chat
+            template; a probe the schema refuses; any smoke check failing (listed, with serve_report.json kept).
+    """
     serve = Serve.model_validate(config["serve"])
     task = Model.model_validate(config["model"]).task
     artifact = _artifact(inputs)
@@ -400,8 +408,8 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         max_concurrency=max(32, 2 * serve.concurrency),  # the concurrency check must not run into 429s
         max_new_tokens=max(256, *(p.max_new_tokens for p in serve.probes)),
     )
-    route = "/predict" if task == "sequence-classification" else "/generate"
-    classifier = task == "sequence-classification"
+    route = "/predict" if task == CLASSIFIER else "/generate"
+    classifier = task == CLASSIFIER
     recorded = serve_gates.recorded_accuracy(artifact) if classifier else None
     rows = None
     if classifier and "data" in inputs:
