@@ -495,7 +495,10 @@ class Serve(Strict):
     latency_requests: PositiveInt = Field(50, description="Requests timed for the latency figures.")
     concurrency: PositiveInt = Field(8, description="Identical requests sent at once; all answers must agree.")
     startup_timeout_s: PositiveFloat = Field(120, description="How long to wait for /ready.")
-    max_batch_size: PositiveInt = Field(16, description="Dynamic batching: most requests merged into one inference.")
+    max_batch_size: PositiveInt = Field(
+        16, description="Dynamic batching: most texts the server merges into one ONNX Runtime run (its `max_batch` "
+        "setting). Not a per-request limit: a request may hold up to the server's `max_batch_size` texts.",
+    )
     max_wait_ms: Annotated[float, Field(ge=0)] = Field(5, description="Dynamic batching: longest wait to fill a batch.")
     max_score_drift: Annotated[float, Field(ge=0)] = Field(1e-4, description="Largest score change, alone vs among 16 others.")
 

@@ -11,7 +11,10 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(1_000_000, gt=0, description="Largest request body; larger -> 413.")
-    max_batch_size: int = Field(64, gt=0, description="Most texts in one /predict request; more -> 422.")
+    max_batch_size: int = Field(
+        64, gt=0, description="Most texts in one /predict request; more -> 422. A request limit, not dynamic batching "
+        "(that is `max_batch`; a recipe's `serve.max_batch_size` sets `max_batch`).",
+    )
     max_input_chars: int = Field(10_000, gt=0, description="Longest text or prompt in characters; longer -> 422.")
     max_new_tokens: int = Field(256, gt=0, description="Most tokens one /generate request may ask for; more -> 422.")
     max_concurrency: int = Field(32, gt=0, description="Requests in flight at once (health/ready/metrics aside); more -> 429.")
