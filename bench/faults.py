@@ -157,7 +157,7 @@ def check_cache(cache_root: Path, keys: dict[str, str], reference: dict[str, dic
     folders = sorted(p for p in entries.glob("*/*") if p.is_dir()) if entries.is_dir() else []
     cache = Cache(cache_root)
     for folder in folders:
-        kind, key = folder.parent.name, folder.name
+        kind, key = cache.parse(folder)
         if not (folder / "manifest.json").is_file():
             problems.append(f"{kind}/{key[:12]}: an entry without manifest.json")
             continue
@@ -185,7 +185,7 @@ def check_cache(cache_root: Path, keys: dict[str, str], reference: dict[str, dic
 
 def copy_entries(source: Path, target: Path, kinds: list[str], keys: dict[str, str]) -> None:
     for kind in kinds:
-        shutil.copytree(source / "entries" / kind / keys[kind], target / "entries" / kind / keys[kind], symlinks=True)
+        shutil.copytree(Cache(source).entry_path(kind, keys[kind]), Cache(target).entry_path(kind, keys[kind]), symlinks=True)
 
 
 # --- processes that outlive the run ----------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def reference_run(root: Path, keys: dict[str, str]) -> dict[str, Any]:
             raise SystemExit(f"the reference run failed at {kind} (exit {code}):\n{tail(log)}")
         step = next(s for s in run_jsons(runs)[-1]["steps"] if s["kind"] == kind)
         seconds[kind] = step["seconds"]
-    hashes = {kind: output_hashes(cache / "entries" / kind / keys[kind]) for kind in ORDER}
+    hashes = {kind: output_hashes(Cache(cache).entry_path(kind, keys[kind])) for kind in ORDER}
     check = check_cache(cache, keys, hashes)
     if check["problems"]:
         raise SystemExit(f"the reference cache is not clean: {check['problems']}")
@@ -287,7 +287,7 @@ def trial(index: int, stage: str, mode: str, root: Path, ref: dict[str, Any], ke
           rng: random.Random) -> dict[str, Any]:
     cache, runs = root / "c", root / "r"
     copy_entries(ref["cache"], cache, list(ORDER[:ORDER.index(stage)]), keys)
-    work = cache / "work" / f"{stage}-{keys[stage]}"
+    work = Cache(cache).work_path(stage, keys[stage])
     result: dict[str, Any] = {"trial": index, "stage": stage, "mode": mode, "problems": []}
     process = start(cache, runs, root / "killed.log")
     started = time.monotonic()
@@ -314,7 +314,7 @@ def trial(index: int, stage: str, mode: str, root: Path, ref: dict[str, Any], ke
         wait_until(lambda: (work / "outputs/loss.png").exists(), process, STAGE_WAIT_S, 0.001)
         time.sleep(rng.uniform(0, 0.04))
     else:  # a random point within the stage's reference time; stop waiting if the stage commits first
-        entry = cache / "entries" / stage / keys[stage] / "manifest.json"
+        entry = Cache(cache).entry_path(stage, keys[stage]) / "manifest.json"
         wait_until(entry.exists, process, rng.uniform(0, 0.85 * ref["seconds"][stage]))
     alive = process.poll() is None
     server_up = bool(processes_mentioning(f"runner.serving --artifact {cache}"))
@@ -324,13 +324,13 @@ def trial(index: int, stage: str, mode: str, root: Path, ref: dict[str, Any], ke
     result["killed_after_s"] = round(time.monotonic() - in_stage, 3)
     result["exited_before_kill"] = not alive
     result["server_was_up"] = server_up
-    committed = [k for k in ORDER if (cache / "entries" / k / keys[k] / "manifest.json").is_file()]
+    committed = [k for k in ORDER if Cache(cache).entry(k, keys[k]) is not None]
     result["killed_in"] = next((k for k in ORDER if k not in committed), "after the last step")
     result["orphans"] = reap_orphans(cache)
     if result["orphans"]:
         result["problems"].append(f"{len(result['orphans'])} process(es) outlived the killed run: "
                                   f"{[o['cmdline'][:120] for o in result['orphans']]}")
-    checkpoints = complete_checkpoints(cache / "work" / f"train-{keys['train']}")
+    checkpoints = complete_checkpoints(Cache(cache).work_path("train", keys["train"]))
     result["complete_checkpoints_at_kill"] = checkpoints
     after_kill = check_cache(cache, keys, ref["hashes"])
     result["after_kill"] = after_kill
@@ -439,7 +439,7 @@ def tampering(root: Path, ref: dict[str, Any], keys: dict[str, str]) -> dict[str
         problems.append(f"after verify: statuses {statuses}")
     # 2. on use: a flipped byte (the write changes the mtime) in data's labels.json and one in export's model.onnx
     for kind, rel in (("data", "labels.json"), ("export", "onnx/model.onnx")):
-        flip_byte(cache / "entries" / kind / keys[kind] / "outputs" / rel, keep_mtime=False)
+        flip_byte(Cache(cache).entry_path(kind, keys[kind]) / "outputs" / rel, keep_mtime=False)
         statuses = run()
         cases[f"on use: a flipped byte in {kind}/{rel} is found and {kind} recomputed"] = ok = (
             statuses == {**{k: "cached" for k in ORDER}, kind: "ran"} and quarantined(kind) == 1)

@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from filelock import FileLock
 from runner import platform_facts, stages
 
 MANIFEST = "manifest.json"
+KEY_PATTERN = re.compile(r"[0-9a-f]{24}")  # runner.plan.key_of: a sha256 prefix
 ARTIFACT, RECORD = "artifact", "record"
 
 
@@ -84,6 +86,12 @@ class HashMemo:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             digest.update(f"{file.relative_to(path).as_posix()}\0{self.file(file)}\n".encode())
         return digest.hexdigest()
+
+    def seed(self, path: Path, digest: str) -> None:
+        """Remember a digest computed elsewhere (a commit hashes its outputs once), so the next lookup needn't re-hash."""
+        stat = path.stat()
+        self.memo[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns, digest]
+        self.changed = True
 
     def save(self) -> None:
         if self.path is None or not self.changed:
@@ -150,17 +158,38 @@ class Cache:
         self.root = Path(root or default_root()).resolve()
         self.memo = HashMemo(self.root / "hash-memo.json")
 
+    # store paths: built here and parsed here, nowhere else
+
+    def entry_path(self, kind: str, key: str) -> Path:
+        return self.root / "entries" / kind / key
+
+    def work_path(self, kind: str, key: str) -> Path:
+        return self.root / "work" / f"{kind}-{key}"
+
+    def parse(self, path: Path) -> tuple[str, str]:
+        """(kind, key) of an entry folder or a work folder of this cache; ValueError for any other path."""
+        rel = path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
+        if len(rel) == 3 and rel[0] == "entries":
+            kind, key = rel[1], rel[2]
+        elif len(rel) == 2 and rel[0] == "work" and "-" in rel[1]:
+            kind, key = rel[1].rsplit("-", 1)
+        else:
+            raise ValueError(f"{path} is not an entry or work folder of the cache at {self.root}")
+        if kind not in stages.STAGES or not KEY_PATTERN.fullmatch(key):
+            raise ValueError(f"{path}: {kind!r} is not a stage or {key!r} not a step key")
+        return kind, key
+
     # lookups
 
     def entry(self, kind: str, key: str) -> Entry | None:
         """The committed entry for a key, or None. An entry without its manifest was never committed."""
-        path = self.root / "entries" / kind / key
+        path = self.entry_path(kind, key)
         return Entry(kind, key, path) if (path / MANIFEST).is_file() else None
 
     def entries(self) -> list[Entry]:
         found = []
         for manifest in sorted((self.root / "entries").glob(f"*/*/{MANIFEST}")):
-            found.append(Entry(manifest.parent.parent.name, manifest.parent.name, manifest.parent))
+            found.append(Entry(*self.parse(manifest.parent), manifest.parent))
         return found
 
     def lookup(self, kind: str, key: str) -> Entry | None:
@@ -237,7 +266,7 @@ class Cache:
 
     def workdir(self, kind: str, key: str, keep: bool) -> Path:
         """The folder a step writes into (call under the key's lock). Emptied unless `keep` (resumable stages)."""
-        work = self.root / "work" / f"{kind}-{key}"
+        work = self.work_path(kind, key)
         if work.exists() and not keep:
             shutil.rmtree(work)
         (work / "outputs").mkdir(parents=True, exist_ok=True)
@@ -253,7 +282,7 @@ class Cache:
             described[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "role": output_role(kind, rel)}
         manifest = {"platform": platform_facts.describe(), **manifest, "outputs": described}
         _atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-        final = self.root / "entries" / kind / key
+        final = self.entry_path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a forced re-run replaces the old entry: move it aside first, then swap in
             self._quarantine_if_present(Entry(kind, key, final))
@@ -261,15 +290,13 @@ class Cache:
         os.rename(work, final)
         _fsync_dir(final.parent)
         entry = Entry(kind, key, final)
-        for rel, meta in manifest["outputs"].items():  # seed the memo so the next lookup needn't re-hash
-            stat = (entry.outputs / rel).stat()
-            self.memo.memo[str((entry.outputs / rel).resolve())] = [stat.st_size, stat.st_mtime_ns, meta["sha256"]]
-            self.memo.changed = True
+        for rel, meta in manifest["outputs"].items():
+            self.memo.seed(entry.outputs / rel, meta["sha256"])
         self.memo.save()
         return entry
 
     def discard_work(self, kind: str, key: str) -> None:
-        shutil.rmtree(self.root / "work" / f"{kind}-{key}", ignore_errors=True)
+        shutil.rmtree(self.work_path(kind, key), ignore_errors=True)
 
     # the per-recipe index of last keys (for explaining why a step is stale)
 
@@ -295,7 +322,10 @@ class Cache:
         doomed = [e.path for e in self.entries() if e.key not in keep]
         doomed += sorted((self.root / "quarantine").glob("*"))
         for work in sorted((self.root / "work").glob("*")):
-            key = work.name.rsplit("-", 1)[-1]
+            try:
+                _, key = self.parse(work)
+            except ValueError:  # not a step's folder: not the cache's to delete
+                continue
             try:
                 with self.lock(key, timeout=0):
                     doomed.append(work)
