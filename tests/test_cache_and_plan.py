@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from runner.cache import Cache
 from runner.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,6 +173,20 @@ def test_cache_ls_and_gc(project, capsys):
     assert capsys.readouterr().out.count("train") >= 2
     assert main(["cache", "gc"]) == 0
     assert len(list((project / ".recipe-cache/entries/train").iterdir())) == 1  # only the last run's key is kept
+
+
+def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_folders(tmp_path):
+    cache = Cache(tmp_path)
+    key = "0123456789abcdef01234567"
+    assert cache.parse(cache.entry_path("train", key)) == ("train", key)
+    assert cache.parse(cache.work_path("quantize", key)) == ("quantize", key)
+    for stranger in (tmp_path / "entries" / "train", tmp_path / "work" / f"nostage-{key}",
+                     tmp_path / "work" / "train-notakey", tmp_path.parent / "entries" / "train" / key):
+        with pytest.raises(ValueError):
+            cache.parse(stranger)
+    (tmp_path / "work" / "my-notes").mkdir(parents=True)  # not the cache's: gc must not delete it
+    stale = cache.workdir("train", key, keep=False)
+    assert cache.gc(keep=set()) == [stale.parent] and (tmp_path / "work" / "my-notes").is_dir()
 
 
 # --- real processes: kill -9 and concurrent runs ------------------------------------------------------------------------
