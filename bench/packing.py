@@ -84,11 +84,13 @@ def prepare(recipe: Path, overrides: list[str], tmp: Path) -> tuple[dict[str, An
 def batch_tokens(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, int]:
     """Real and padded tokens of one epoch of the padded side's batches, from the runner's own Trainer and sampler."""
     from runner.stages import model as model_stage
-    from runner.stages import train
+    from runner.stages import train, train_model, train_trainer
+    from runner.stages.train_job import Job
 
-    job = train.Job.parse(config, inputs, out)
+    job = Job.parse(config, inputs, out)
     tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
-    trainer = train.make_trainer(job, train.build_model(job, None, tokenizer), tokenizer, train.read_splits(job.inputs["data"]))
+    model = train_model.build_model(job, None, tokenizer)
+    trainer = train_trainer.make_trainer(job, model, tokenizer, train.read_splits(job.inputs["data"]))
     real = padded = batches = 0
     for batch in trainer.get_train_dataloader():
         real += int(batch["attention_mask"].sum())

@@ -165,7 +165,7 @@ def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-    from runner.stages.train import GUARD_STEPS, GradientGuard
+    from runner.stages.train_guard import GUARD_STEPS, GradientGuard
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -206,12 +206,13 @@ def test_train_stage_packs_train_batches_and_pads_eval_batches(tiny_llama_dir: P
     import torch
 
     from runner.stages import model as model_stage
-    from runner.stages import train
+    from runner.stages import train, train_model, train_trainer
+    from runner.stages.train_job import Job
 
-    job = train.Job.parse(_config(tiny_llama_dir, True), {"data": causal_data}, tmp_path)
+    job = Job.parse(_config(tiny_llama_dir, True), {"data": causal_data}, tmp_path)
     tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
-    model = train.build_model(job, None, tokenizer)
-    trainer = train.make_trainer(job, model, tokenizer, train.read_splits(causal_data))
+    model = train_model.build_model(job, None, tokenizer)
+    trainer = train_trainer.make_trainer(job, model, tokenizer, train.read_splits(causal_data))
     assert model.config.use_cache is False  # a KV cache would switch the block-diagonal mask off (see above)
 
     batch = next(iter(trainer.get_train_dataloader()))
@@ -226,7 +227,7 @@ def test_train_stage_packs_train_batches_and_pads_eval_batches(tiny_llama_dir: P
                 rows.append({"input_ids": ids[a:b].tolist(), "attention_mask": [1] * (b - a),
                              "labels": labels[a:b].tolist()})
     assert len(rows) == 8
-    padded = train.padded_collator(tokenizer, classifier=False)(rows)
+    padded = train_trainer.padded_collator(tokenizer, classifier=False)(rows)
     model.eval()
     with torch.no_grad():
         packed_loss = trainer.compute_loss(model, {k: v.to(trainer.args.device) for k, v in batch.items()})

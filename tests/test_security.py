@@ -318,10 +318,11 @@ def test_a_train_step_leaves_no_pickle_in_its_output(tmp_path: Path, monkeypatch
     with the files it writes (a real tiny training run costs more than this whole file)."""
     import torch
 
-    from runner.stages import train
+    from runner.stages import train, train_results
+    from runner.stages.train_checkpoints import CHECKPOINTS
 
     def trainer_like(job: Any) -> dict[str, Any]:
-        checkpoint = job.out / train.CHECKPOINTS / "checkpoint-1"
+        checkpoint = job.out / CHECKPOINTS / "checkpoint-1"
         checkpoint.mkdir(parents=True)
         for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
             torch.save({"state": torch.zeros(2)}, checkpoint / name)
@@ -338,7 +339,7 @@ def test_a_train_step_leaves_no_pickle_in_its_output(tmp_path: Path, monkeypatch
                 torch.save({"args": "TrainingArguments"}, Path(target) / "training_args.bin")  # as Trainer.save_model
 
         metrics = {"steps": 1, "eval_loss_before": 1.0, "eval_loss": 0.5}
-        train.save_outputs(FakeTrainer(), job, None, metrics, 0.0)  # type: ignore[arg-type]
+        train_results.save_outputs(FakeTrainer(), job, None, metrics, 0.0)  # type: ignore[arg-type]
         return metrics
 
     monkeypatch.setattr(train, "train_here", trainer_like)

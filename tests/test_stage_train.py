@@ -220,7 +220,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(
 
 
 def test_resume_point_skips_half_written_checkpoints(tmp_path):
-    from runner.stages.train import resume_point
+    from runner.stages.train_checkpoints import resume_point
 
     assert resume_point(tmp_path / "none") is None
     for step, state in ((2, "{}"), (4, "{}"), (6, '{"global_st'), (8, None)):
@@ -256,7 +256,7 @@ def test_classifier_metrics_match_sklearn_definitions():
     import numpy as np
     from transformers import EvalPrediction
 
-    from runner.stages.train import classifier_metrics
+    from runner.stages.train_trainer import classifier_metrics
 
     logits = np.eye(3)[[0, 0, 1, 2, 2, 2]]
     result = classifier_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 1, 2, 2, 0])))

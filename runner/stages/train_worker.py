@@ -1,8 +1,9 @@
 """One torchrun process of a distributed train step: `python -m torch.distributed.run ... -m runner.stages.train_worker JOB`.
 
-JOB is the JSON file train.launch_distributed wrote. Every rank runs the same attempt; Trainer sets up the process group
-(DDP, or FSDP when asked) from torchrun's environment, and rank 0 alone writes the outputs. A failure is reported through a
-file in the job's launch folder (out of memory, or a StageError's message) so the launching process can act on it.
+JOB is the JSON file train_torchrun.launch_distributed wrote. Every rank runs the same attempt; Trainer sets up the
+process group (DDP, or FSDP when asked) from torchrun's environment, and rank 0 alone writes the outputs. A failure is
+reported through a file in the job's launch folder (out of memory, or a StageError's message) so the launching process
+can act on it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import sys
 from pathlib import Path
 
 from runner.stages import StageError
-from runner.stages.train import Job, OutOfMemory, report_failure, train_here
+from runner.stages.train import train_here
+from runner.stages.train_job import Job, OutOfMemory
+from runner.stages.train_torchrun import report_failure
 
 
 def teardown() -> None:
