@@ -12,7 +12,16 @@ Every stage module has one entry point:
 - The return value is a small JSON-able dict of metrics; it lands in the manifest, run.json and the report.
 
 A stage never touches the cache, never chooses paths outside `out`, and logs through `logging.getLogger(__name__)`
-(the executor sends that to the step's log file). A problem the user can fix raises `StageError` with a clear message.
+(the executor sends that to the step's log file). A problem the user can fix raises `StageError` (a
+runner.errors.RunnerError) with a clear message; each `run()` docstring lists under `Raises:` when it does.
+
+A stage module is the step's entry point; what it needs that is long or shared lives beside it, named by job:
+- shared by several stages: `model.py`'s load_model / load_tokenizer (every base model and tokenizer is loaded there),
+  `data_rows.py` (the recipe's rows before tokenization: data, model and evaluate read them alike), `compare.py` (two
+  models run on the same samples: the export, quantize and evaluate gates), `shared.py` (labels.json, the
+  bitsandbytes config, the head names LoRA trains fully);
+- one stage's parts: `train_*.py` (train), `data_chat.py`, `packing.py`, `regularize.py`, `evaluate_*.py`,
+  `probe.py`, `serve_gates.py`. A part never imports its stage module (tests/test_structure.py fails on any cycle).
 
 Output folders, by stage (what downstream stages rely on):
 - model (only for `model.init`): `model/` - a saved model and tokenizer (save_pretrained).

@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from runner.stages.compare import Runner, batches, log_softmax
+from runner.stages.shared import perplexity
 
 
 def classifier_metrics(true: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
@@ -57,10 +57,6 @@ def token_loss(run_model: Runner, samples: list[dict[str, list[int]]], pad_id: i
         count += int(valid.sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
 
 
 def normalize_answer(text: str) -> str:

@@ -3,7 +3,8 @@
 - `read_labels(data_dir)`: the data step's label map (labels.json), or None for causal LMs;
 - `bnb_config(...)`: the bitsandbytes quantization config (train's QLoRA base, quantize's bnb methods);
 - `CLASSIFIER_HEADS` / `EXTRA_HEADS`: the classifier heads LoRA trains fully (modules_to_save), which the doctor's memory
-  estimate counts the same way the train stage sets them.
+  estimate counts the same way the train stage sets them;
+- `perplexity(loss)`: exp of a mean token loss, as train's metrics and evaluate's scores report it.
 
 Cheap to import: torch and transformers are imported inside the functions that need them.
 """
@@ -11,6 +12,7 @@ Cheap to import: torch and transformers are imported inside the functions that n
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +43,7 @@ def bnb_config(bits: int, quant_type: str = "nf4", double_quant: bool = True, co
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709

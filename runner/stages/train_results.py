@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from transformers import Trainer
 
 from runner.names import CLASSIFIER
 from runner.recipe.models import FullTrain
+from runner.stages.shared import perplexity
 from runner.stages.train_job import Job
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def loss_metrics(history: list[dict[str, Any]], task: str, before: dict, after: 
         metrics[f"eval_{name}_before"] = before.get(f"eval_{name}")
         metrics[f"eval_{name}"] = after.get(f"eval_{name}")
     if task != CLASSIFIER:
-        metrics["eval_perplexity_before"] = perplexity(before.get("eval_loss"))
-        metrics["eval_perplexity"] = perplexity(after.get("eval_loss"))
+        metrics["eval_perplexity_before"] = _perplexity(before.get("eval_loss"))
+        metrics["eval_perplexity"] = _perplexity(after.get("eval_loss"))
     return metrics
 
 
@@ -57,10 +57,8 @@ def mean_train_loss(history: list[dict[str, Any]]) -> float | None:
     return round(total / steps, 6) if steps else None
 
 
-def perplexity(loss: float | None) -> float | None:
-    if loss is None:
-        return None
-    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+def _perplexity(loss: float | None) -> float | None:
+    return None if loss is None else perplexity(loss)  # a run without eval rows has no eval loss
 
 
 def save_outputs(trainer: Trainer, job: Job, labels: dict | None, metrics: dict[str, Any], started: float) -> None:
