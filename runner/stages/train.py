@@ -24,7 +24,6 @@ train_guard (the gradient guard), train_checkpoints (resume points), train_resul
 and train_torchrun (several processes; train_worker is the worker's entry point).
 """
 
-
 from __future__ import annotations
 
 import gc
