@@ -1,6 +1,7 @@
 """What this machine is, as far as results depend on it: CPU instruction-set family, GPUs, OS and architecture.
 
-Stdlib only and cheap (planning calls it): no torch import. Two consumers:
+Stdlib only and cheap (planning calls it): no torch import. Also the one place that runs nvidia-smi (nvidia_smi,
+nvidia_smi_query), for the doctor's probe and runner.hwcheck too. Two consumers of the facts:
 - planning puts the parts that change a step's bytes into that step's key (the int8 preset picks u8 or s8 weights; the
   GPU count changes Trainer's effective batch);
 - the lock records the whole description, so `recipe verify` on another machine can tell platform-dependent
@@ -13,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,24 +40,36 @@ def cpu_isa() -> tuple[str, str]:
     return "avx2", "no AVX2/AVX512 flag in /proc/cpuinfo; avx2 is the portable x86-64 preset"
 
 
+def nvidia_smi(*args: str, timeout: float) -> str | None:
+    """nvidia-smi's standard output for `args`; None when it is not installed. The one place that runs nvidia-smi.
+
+    Raises OSError or subprocess.SubprocessError (a non-zero exit, the timeout): each caller decides what that means."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def nvidia_smi_query(fields: Sequence[str], timeout: float, units: bool = True) -> list[list[str]] | None:
+    """`nvidia-smi --query-gpu=FIELDS` as one row of stripped fields per GPU; None without nvidia-smi.
+
+    units=False asks for bare numbers (`16384`, not `16384 MiB`). Raises as nvidia_smi does."""
+    out = nvidia_smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader" + ("" if units else ",nounits"),
+                     timeout=timeout)
+    if out is None:
+        return None
+    return [[part.strip() for part in line.split(",")] for line in out.strip().splitlines()]
+
+
 @lru_cache(maxsize=1)
 def gpus() -> tuple[dict[str, str], ...]:
     """The CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES applied), as nvidia-smi names them; () without any."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return ()
     try:
-        out = subprocess.run(
-            [smi, "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
+        rows = nvidia_smi_query(("index", "name", "compute_cap"), timeout=20)
     except (OSError, subprocess.SubprocessError):
         return ()
-    found = []
-    for line in out.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 3:
-            found.append({"index": parts[0], "name": parts[1], "compute_capability": parts[2]})
+    found = [{"index": parts[0], "name": parts[1], "compute_capability": parts[2]}
+             for parts in rows or () if len(parts) >= 3]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         wanted = [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
