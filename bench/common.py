@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def machine_info() -> dict[str, object]:
-    from runner.hardware import cpu_model  # cheap: the doctor imports torch only when it probes CUDA
+    from runner.hardware.probe import cpu_model  # cheap: the doctor imports torch only when it probes CUDA
 
     cpu = cpu_model()
     threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}

@@ -53,7 +53,8 @@ def measure(kind: str, config: dict, inputs: dict[str, str]) -> dict[str, int]:
 
 def main() -> int:
     from runner.export_memory import export_memory, quantize_memory
-    from runner.hardware import check, load_profile
+    from runner.hardware.probe import load_profile
+    from runner.hardware.verdict import check
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path)

@@ -4,13 +4,13 @@ Each configuration trains a model built from a config for a few optimizer steps 
 stage's Trainer does it (model.train(), fused AdamW, gradient clipping at 1.0, zero_grad(set_to_none=True), peft LoRA,
 non-reentrant gradient checkpointing), on batches with padding. The process's peak RSS (getrusage ru_maxrss, the kernel's
 high-water mark) minus its RSS right after importing torch+transformers+peft and the modeling code is compared with the
-estimate minus its runtime term (runner.hardware.CPU_BASELINE_BYTES; the measured baseline is printed beside it).
+estimate minus its runtime term (runner.hardware.estimate.CPU_BASELINE_BYTES; the measured baseline is printed beside it).
 
 Every configuration runs twice:
 - with MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so that every large tensor is its own mapping and RSS follows the live
   tensors: this checks the tensor model (weights, gradients, optimizer states, activations, loss) with nothing fitted;
 - with glibc's defaults, as the train stage runs: this adds the memory malloc keeps in its heap, the estimate's
-  `allocator` part (runner.hardware.GLIBC_RETENTION, calibrated on the DistilBERT configurations only).
+  `allocator` part (runner.hardware.estimate.GLIBC_RETENTION, calibrated on the DistilBERT configurations only).
 
     python bench/memory_estimate.py bench/memory_estimate.json            # all configurations
     python bench/memory_estimate.py out.json --only llama-lora --steps 2
@@ -97,7 +97,7 @@ def worker(name: str, steps: int) -> dict[str, Any]:
     from transformers.models.distilbert import modeling_distilbert  # noqa: F401  (transformers imports lazily)
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    from runner.hardware import _init_config
+    from runner.hardware.shapes import _init_config
 
     baseline = rss()
 
@@ -175,7 +175,7 @@ def measure(name: str, steps: int, pinned: bool) -> dict[str, Any]:
 
 
 def compare(name: str, steps: int) -> dict[str, Any]:
-    from runner.hardware import GLIBC_RETENTION, estimate
+    from runner.hardware.estimate import GLIBC_RETENTION, estimate
 
     est = estimate(recipe_for(name), "cpu")
     live = max(est.phases.values())  # the tensors alone

@@ -37,7 +37,7 @@ import numpy as np
 
 # a script run as `python bench/onnx_latency.py` from a checkout: make the runner package importable without installing it
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from runner.hardware import cpu_model  # noqa: E402
+from runner.hardware.probe import cpu_model  # noqa: E402
 
 SEQ_LEN = 128
 VARIANTS = {  # table row -> exported variant

@@ -315,7 +315,7 @@ def _artifact_of(args: argparse.Namespace) -> Path:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 0 when every recipe fits, 1 when one does not, 2 on bad input."""
-    from runner.hardware import doctor
+    from runner.cli_doctor import doctor
 
     return doctor(args.recipes + args.overrides, args.json, args.profile)
 

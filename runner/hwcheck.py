@@ -38,6 +38,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from runner.platform_facts import nvidia_smi
+
 NO_GPU = 3
 EXPECTED_CUDA_MAJOR = {"cuda13": "13"}
 
@@ -76,14 +78,13 @@ def run_check(group: str, name: str, func: Callable[[], dict[str, Any]]) -> Chec
 
 
 def gpu_names() -> list[str]:
-    if shutil.which("nvidia-smi"):
-        try:
-            done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-            names = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
-            if done.returncode == 0 and names:
-                return names
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+    try:
+        listed = nvidia_smi("-L", timeout=30) or ""
+    except (OSError, subprocess.SubprocessError):  # it failed, exited non-zero or timed out: ask the driver's folder
+        listed = ""
+    names = [line for line in listed.splitlines() if line.startswith("GPU ")]
+    if names:
+        return names
     gpus = Path("/proc/driver/nvidia/gpus")
     return [p.name for p in gpus.iterdir()] if gpus.is_dir() else []
 
@@ -129,7 +130,7 @@ def check_doctor(recipe: Path, out: Path) -> dict[str, Any]:
     command = [script or "recipe", "doctor", str(recipe), "--json"]
     done = subprocess.run(command, capture_output=True, text=True) if script else None
     if done is None or (done.returncode == 2 and "invalid choice: 'doctor'" in done.stderr):  # no CLI with the doctor
-        from runner.hardware import doctor
+        from runner.cli_doctor import doctor
 
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):

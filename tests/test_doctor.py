@@ -5,13 +5,17 @@ except the tiny CPU models that pin the activation formula to what autograd real
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
 import yaml
 
-from runner import hardware
-from runner.hardware import GIB, Machine, check, doctor, estimate, load_profile, profile_names
+from runner.cli_doctor import doctor
+from runner.hardware.estimate import CPU_BASELINE_BYTES, GLIBC_RETENTION, estimate
+from runner.hardware.probe import GIB, Machine, load_profile, probe, profile_names
+from runner.hardware.shapes import _init_config
+from runner.hardware.verdict import TIGHT, Finding, Verdict, check
 from runner.recipe import find_recipe, load_recipe
 from runner.recipe.document import Recipe
 
@@ -44,7 +48,7 @@ def full_7b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def memory(verdict: hardware.Verdict) -> hardware.Finding:
+def memory(verdict: Verdict) -> Finding:
     return next(f for f in verdict.findings if f.check == "memory")
 
 
@@ -61,7 +65,7 @@ def test_every_profile_is_shipped_and_valid() -> None:
 
 
 def test_probe_describes_this_machine() -> None:
-    facts = hardware.probe()
+    facts = probe()
     machine = Machine.model_validate(facts)
     assert machine.cpu_cores and machine.ram_gib > 0 and machine.disk_free_gib is not None
     assert "CPUExecutionProvider" in machine.onnxruntime_providers
@@ -77,7 +81,7 @@ def test_memory_verdict_on_every_profile_follows_from_the_estimate(name: str) ->
         verdict = check(recipe(name), machine)
         capacity = machine.gpus[0].memory_gib * GIB
         expected = "fail" if verdict.estimate.total_bytes > capacity else ("warn" if verdict.estimate.total_bytes >
-                                                                           hardware.TIGHT * capacity else "ok")
+                                                                           TIGHT * capacity else "ok")
         assert memory(verdict).status == expected, profile
         assert verdict.fits == all(f.status != "fail" for f in verdict.findings)
         assert verdict.device == "cuda"
@@ -206,14 +210,14 @@ def test_model_init_recipes_are_estimated_from_their_init_fields(tmp_path: Path)
     e = estimate(load_recipe(tmp_path / "init.yaml", []).recipe)
     assert e.config_source == "built from model.init" and e.device == "cpu"
     assert 100_000 < e.params_total < 2_000_000
-    assert e.peak_bytes == max(e.phases.values()) + hardware.CPU_BASELINE_BYTES + e.parts["allocator"]
+    assert e.peak_bytes == max(e.phases.values()) + CPU_BASELINE_BYTES + e.parts["allocator"]
 
 
 def test_cpu_estimate_counts_what_glibc_keeps_unless_the_mmap_threshold_is_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     cpu = estimate(recipe("tiny_llama_lora"), "cpu")
-    if hardware.platform.libc_ver()[0] == "glibc":
-        assert cpu.parts["allocator"] == int(hardware.GLIBC_RETENTION * (cpu.parts["activations"] + cpu.parts["loss"]))
+    if platform.libc_ver()[0] == "glibc":
+        assert cpu.parts["allocator"] == int(GLIBC_RETENTION * (cpu.parts["activations"] + cpu.parts["loss"]))
     assert estimate(recipe("tiny_llama_lora"), "cuda").parts["allocator"] == 0  # torch's caching allocator reuses
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert estimate(recipe("tiny_llama_lora"), "cpu").parts["allocator"] == 0
@@ -237,7 +241,7 @@ def test_activation_formula_matches_what_autograd_saves(architecture: str, task:
     r = Recipe.model_validate({"name": "tiny", "model": {"task": task, "init": {
         "architecture": architecture, "hidden_size": 96, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
         "vocab_size": 500}}, "data": data, "train": {**train, "batch_size": 4}})
-    config = hardware._init_config(r)
+    config = _init_config(r)
     config.pad_token_id = 0
     torch.manual_seed(0)
     model = (AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification).from_config(config)
@@ -279,8 +283,8 @@ def test_min_gpu_memory_allows_for_what_the_card_reports() -> None:
 
 def test_cuda_recipe_on_a_cpu_only_probe_does_not_fit(monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(hardware, "_probe_cuda", lambda problems: {"gpus": [], "torch_cuda": False,
-                                                                   "driver_version": None, "cuda_version": None})
+    monkeypatch.setattr("runner.hardware.probe._probe_cuda", lambda problems: {"gpus": [], "torch_cuda": False,
+                                                                               "driver_version": None, "cuda_version": None})
     assert doctor(["llama2_lora"]) == 1
     out = capsys.readouterr().out
     assert "this machine has no CUDA GPU" in out and "4-bit QLoRA needs CUDA" in out

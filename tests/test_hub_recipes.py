@@ -257,11 +257,11 @@ def test_hub_recipe_validates_and_plans_offline(name: str, workdir: Path, tmp_pa
 def test_hub_recipe_passes_the_doctor_on_its_profile(name: str, profile: str, workdir: Path, monkeypatch, capsys,
                                                      no_network):
     """The doctor estimates the real model (the config from the HF cache or the bundled copy), never a stand-in."""
-    from runner import hardware
+    from runner.hardware import shapes
 
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hardware._hub_config.cache_clear()  # look the config up afresh, in this process's (real, default) HF cache
+    shapes._hub_config.cache_clear()  # look the config up afresh, in this process's (real, default) HF cache
     assert main(["doctor", name, "--profile", profile, "--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)["verdicts"][0]
     assert verdict["fits"] and verdict["device"] == "cuda"

@@ -283,18 +283,19 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from runner import hardware
+    from runner.hardware.estimate import estimate
+    from runner.hardware.shapes import _init_config
     from runner.stages.packing import PackingCollator
 
     recipe = Recipe.model_validate(_recipe(template="{text}", packing=True))
-    estimated = hardware.estimate(recipe, "cpu")
-    padded = hardware.estimate(Recipe.model_validate(_recipe(template="{text}")), "cpu")
+    estimated = estimate(recipe, "cpu")
+    padded = estimate(Recipe.model_validate(_recipe(template="{text}")), "cpu")
     assert estimated.parts == padded.parts and estimated.packed_row_len == 48
     flash = recipe.model_copy(update={"model": recipe.model.model_copy(update={"attn_implementation": "flash_attention_2"})})
-    assert hardware.estimate(flash, "cuda").packed_row_len == 4 * 48  # one row
+    assert estimate(flash, "cuda").packed_row_len == 4 * 48  # one row
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hardware._init_config(recipe)).train()
+    model = AutoModelForCausalLM.from_config(_init_config(recipe)).train()
     rows = [{"input_ids": torch.randint(1, 500, (n,)).tolist()} for n in (48, 30, 18, 40)]
     batch = PackingCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].shape == (3, 48)  # 48 | 40 + filling | 30 + 18
@@ -305,7 +306,8 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
 
 
 def test_doctor_checks_attention_and_liger_against_the_machine() -> None:
-    from runner.hardware import check, load_profile
+    from runner.hardware.probe import load_profile
+    from runner.hardware.verdict import check
 
     def finding(name: str, profile: str, **fields: Any) -> Any:
         raw = _recipe(template="{text}")

@@ -299,7 +299,7 @@ def test_a_package_model_key_holds_its_version_and_weights_hash(tmp_path, fake_p
 
 
 def test_the_stages_load_a_package_model_like_a_local_folder(tmp_path, fake_package):
-    from runner import hardware
+    from runner.hardware.shapes import model_config
     from runner.stages.model import load_model, load_tokenizer, pretrained_source
 
     loaded = load_recipe(write(tmp_path, PACKAGE))
@@ -308,7 +308,7 @@ def test_the_stages_load_a_package_model_like_a_local_folder(tmp_path, fake_pack
     assert source == str((fake_package / "model").resolve()) and kwargs["use_safetensors"] is True
     model = load_model(config, {}, num_labels=2)
     assert model.config.num_labels == 2 and load_tokenizer(config, {}).pad_token is not None
-    assert hardware.model_config(loaded.recipe)[1] == f"local folder {source}"
+    assert model_config(loaded.recipe)[1] == f"local folder {source}"
     assert not (tmp_path / "imported").exists()
 
 

@@ -293,7 +293,7 @@ def test_l2sp_is_for_full_fine_tunes_and_is_refused_at_its_line_elsewhere(tmp_pa
 
 
 def test_the_doctor_counts_the_copy_of_the_pretrained_weights(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner.hardware import estimate
+    from runner.hardware.estimate import estimate
 
     monkeypatch.chdir(REPO)
     recipe = REPO / "recipes" / "distilbert_imdb.yaml"
@@ -310,7 +310,7 @@ def test_the_doctor_counts_the_copy_of_the_pretrained_weights(monkeypatch: pytes
 
 
 def test_the_doctor_shows_the_copy_on_its_own_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from runner.hardware import doctor
+    from runner.cli_doctor import doctor
 
     monkeypatch.chdir(REPO)
     doctor(["distilbert_imdb", "train.l2sp=0.01"], profile="t4-16gb")

@@ -254,7 +254,7 @@ def test_from_pretrained_on_a_recipe_model_always_says_trust_remote_code() -> No
 def test_the_doctor_never_asks_to_run_remote_code() -> None:
     """`recipe doctor` reads a hub model's config: with trust_remote_code unset, transformers 4.57 asks on stdin for a
     config with auto_map, and runs the code on 'y'."""
-    assert ("runner/hardware.py", "_hub_config") not in from_pretrained_calls_without_trust_remote_code()
+    assert ("runner/hardware/shapes.py", "_hub_config") not in from_pretrained_calls_without_trust_remote_code()
 
 
 # --- 3. pickles ---------------------------------------------------------------------------------------------------------
