@@ -19,7 +19,7 @@ How it fits the train stage (runner/stages/train.py, train_model.py and train_tr
 - The penalty is computed with `mse_loss(w, w0, reduction="sum")`, which saves its two inputs (tensors that exist
   anyway) for the backward pass, not the difference: the only memory it adds is the copy itself. Its gradient reaches
   every parameter at the start of the backward pass, so the gradients are alive during the whole of it (the doctor,
-  runner/hardware.py, counts both).
+  runner/hardware/estimate.py, counts both).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def check_hardware(train: TrainConfig, model: Model | None = None) -> None:
 
 
 def liger_problem(cuda: bool) -> str | None:
-    """Why `train.liger` cannot run here, or None. The doctor (runner/hardware.py) says the same before a run."""
+    """Why `train.liger` cannot run here, or None. The doctor (runner/hardware/verdict.py) says the same before a run."""
     if not cuda:
         return ("`train.liger: true` needs a CUDA GPU: Liger's kernels are Triton GPU kernels, and on CPU transformers "
                 "would fail mid-setup; set `train.liger: false` on this machine")
