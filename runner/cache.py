@@ -6,7 +6,8 @@ Layout under the cache root (only this module knows it):
     entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry; each output
                                         with its sha256, size and role (artifact or record, see output_role), and
                                         the platform the entry was produced on (runner.platform_facts.describe)
-    work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages)
+    work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages); nodes
+                                        above 0 of a multi-node train step use <key>.node<N> (runner.execute)
     memo/<kind>/<key>.json              sub-results a stage memoizes across step keys (evaluate: one score per
                                         set and artifact), written atomically
     locks/<key>.lock                    per-key lock (flock: released by the kernel when its holder dies)
@@ -36,6 +37,7 @@ from runner import platform_facts, stages
 
 MANIFEST = "manifest.json"
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}")  # runner.plan.key_of: a sha256 prefix
+WORK_KEY_PATTERN = re.compile(r"[0-9a-f]{24}(\.node[0-9]+)?")  # a step key, or its per-node lock key (runner.execute)
 ARTIFACT, RECORD = "artifact", "record"
 
 
@@ -167,15 +169,18 @@ class Cache:
         return self.root / "work" / f"{kind}-{key}"
 
     def parse(self, path: Path) -> tuple[str, str]:
-        """(kind, key) of an entry folder or a work folder of this cache; ValueError for any other path."""
+        """(kind, key) of an entry folder or a work folder of this cache; ValueError for any other path.
+
+        A work folder's key is the one it is locked by: the step key, or `<key>.node<N>` on nodes above 0."""
+        path = path.resolve()  # the root is resolved: a relative or symlinked path must compare equal
         rel = path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
         if len(rel) == 3 and rel[0] == "entries":
-            kind, key = rel[1], rel[2]
+            kind, key, pattern = rel[1], rel[2], KEY_PATTERN
         elif len(rel) == 2 and rel[0] == "work" and "-" in rel[1]:
-            kind, key = rel[1].rsplit("-", 1)
+            (kind, key), pattern = rel[1].rsplit("-", 1), WORK_KEY_PATTERN
         else:
             raise ValueError(f"{path} is not an entry or work folder of the cache at {self.root}")
-        if kind not in stages.STAGES or not KEY_PATTERN.fullmatch(key):
+        if kind not in stages.STAGES or not pattern.fullmatch(key):
             raise ValueError(f"{path}: {kind!r} is not a stage or {key!r} not a step key")
         return kind, key
 
@@ -188,8 +193,10 @@ class Cache:
 
     def entries(self) -> list[Entry]:
         found = []
+        # Listed by folder names, not parse(): a cache shared with another runner version may hold kinds this one
+        # does not know, and `cache ls` and `cache gc` must still show and collect them.
         for manifest in sorted((self.root / "entries").glob(f"*/*/{MANIFEST}")):
-            found.append(Entry(*self.parse(manifest.parent), manifest.parent))
+            found.append(Entry(manifest.parent.parent.name, manifest.parent.name, manifest.parent))
         return found
 
     def lookup(self, kind: str, key: str) -> Entry | None:

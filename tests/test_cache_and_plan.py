@@ -189,6 +189,33 @@ def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_fol
     assert cache.gc(keep=set()) == [stale.parent] and (tmp_path / "work" / "my-notes").is_dir()
 
 
+def test_gc_collects_the_work_folders_of_other_nodes_unless_their_node_holds_them(tmp_path):
+    cache = Cache(tmp_path)
+    key = "0123456789abcdef01234567"
+    assert cache.parse(cache.work_path("train", f"{key}.node1")) == ("train", f"{key}.node1")
+    left_by_node_1 = cache.workdir("train", f"{key}.node1", keep=True).parent  # a killed run's checkpoints
+    held_by_node_2 = cache.workdir("train", f"{key}.node2", keep=True).parent
+    with cache.lock(f"{key}.node2"):
+        assert cache.gc(keep=set()) == [left_by_node_1]
+    assert not left_by_node_1.exists() and held_by_node_2.is_dir()
+
+
+def test_cache_ls_and_gc_still_see_entries_of_a_stage_this_version_does_not_know(tmp_path):
+    cache = Cache(tmp_path)
+    foreign = tmp_path / "entries" / "distill" / "0123456789abcdef01234567"  # from a newer runner sharing the cache
+    foreign.mkdir(parents=True)
+    (foreign / "manifest.json").write_text("{}")
+    assert [(e.kind, e.key) for e in cache.entries()] == [("distill", foreign.name)]
+    assert cache.gc(keep=set()) == [foreign] and not foreign.exists()
+
+
+def test_a_relative_path_into_the_cache_parses_like_the_absolute_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = Cache(Path("cache"))
+    key = "0123456789abcdef01234567"
+    assert cache.parse(Path("cache") / "entries" / "export" / key) == ("export", key)
+
+
 # --- real processes: kill -9 and concurrent runs ------------------------------------------------------------------------
 
 
