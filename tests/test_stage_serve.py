@@ -111,6 +111,12 @@ def test_static_graphs_batch_across_requests_and_stay_invariant(classifier_outpu
     assert report["invariance"]["label_flips"] == 0 and report["invariance"]["max_score_drift"] <= 1e-4
 
 
+def test_the_served_accuracy_is_recorded_unrounded_so_it_equals_the_quantize_gates_figure() -> None:
+    # 169 of 240 right: rounded to 4 places (0.7042) it no longer equals the gate's 169/240 (found on an AMX Xeon)
+    served = serve_stage._served_accuracy(["pos"] * 169 + ["neg"] * 71, ["pos"] * 240, samples=240)
+    assert served == {"samples": 240, "correct": 169, "accuracy": 169 / 240}
+
+
 def test_served_accuracy_equals_the_recorded_offline_accuracy(tiny_classifier_dir: Path, classifier_inputs: dict,
                                                               classifier_export: tuple[Path, dict],
                                                               tmp_path: Path) -> None:

@@ -379,10 +379,12 @@ def _served_labels(client: httpx.Client, texts: list[str], batch: int) -> list[s
 
 
 def _served_accuracy(answers: list[str], expected: list[str], samples: int) -> dict[str, Any]:
-    """Accuracy of the served model on the data step's test split: the number that matters is the one users get."""
+    """Accuracy of the served model on the data step's test split: the number that matters is the one users get.
+
+    Not rounded: it is compared with the quantize and export gates' unrounded figures (the report rounds for show)."""
     correct = sum(a == e for a, e in zip(answers[:samples], expected[:samples], strict=True))
     count = min(samples, len(expected))
-    return {"samples": count, "accuracy": round(correct / max(count, 1), 4)}
+    return {"samples": count, "correct": correct, "accuracy": correct / max(count, 1)}
 
 
 def _artifact(inputs: dict[str, Path]) -> Path:
