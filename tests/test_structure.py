@@ -91,23 +91,28 @@ def test_runner_has_no_import_cycles():
     assert [" -> ".join(cycle) for cycle in cycles(REPO / "runner")] == []
 
 
+def synthetic_package(root: Path, files: dict[str, str]) -> Path:
+    """A package `pkg` under root with these files (path inside it -> source), for the checks' own tests."""
+    package = root / "pkg"
+    for name, source in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(source)
+    return package
+
+
 def test_the_cycle_check_sees_a_cycle_hidden_in_a_function(tmp_path):
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "a.py").write_text("from pkg.b import helper\n")
-    (package / "b.py").write_text("def helper():\n    from pkg import a  # dodges the cycle at import time\n    return a\n")
-    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    package = synthetic_package(tmp_path, {
+        "__init__.py": "",
+        "a.py": "from pkg.b import helper\n",
+        "b.py": "def helper():\n    from pkg import a  # dodges the cycle at import time\n    return a\n",
+        "c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n",
+    })
     assert cycles(package) == [["pkg.a", "pkg.b", "pkg.a"]]
 
 
 def test_relative_imports_count_too(tmp_path):
-    package = tmp_path / "pkg"
-    (package / "sub").mkdir(parents=True)
-    for name in ("__init__.py", "sub/__init__.py"):
-        (package / name).write_text("")
-    (package / "sub" / "x.py").write_text("from . import y\n")
-    (package / "sub" / "y.py").write_text("from .x import z\n")
+    package = synthetic_package(tmp_path, {
+        "__init__.py": "", "sub/__init__.py": "", "sub/x.py": "from . import y\n", "sub/y.py": "from .x import z\n"})
     assert cycles(package) == [["pkg.sub.x", "pkg.sub.y", "pkg.sub.x"]]
 
 
@@ -153,12 +158,12 @@ def test_code_imports_each_name_from_the_module_that_defines_it():
 
 
 def test_the_re_export_check_sees_a_name_borrowed_through_another_module(tmp_path):
-    package = tmp_path / "pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text('from pkg.a import helper\n__all__ = ["helper"]\n')
-    (package / "a.py").write_text("def helper():\n    return 1\n")
-    (package / "b.py").write_text("from pkg.a import helper  # b uses it, and so re-exports it by accident\n")
-    (package / "c.py").write_text("from pkg.b import helper\nfrom pkg.a import helper as h\nfrom pkg import helper, a\n")
+    package = synthetic_package(tmp_path, {
+        "__init__.py": 'from pkg.a import helper\n__all__ = ["helper"]\n',
+        "a.py": "def helper():\n    return 1\n",
+        "b.py": "from pkg.a import helper  # b uses it, and so re-exports it by accident\n",
+        "c.py": "from pkg.b import helper\nfrom pkg.a import helper as h\nfrom pkg import helper, a\n",
+    })
     modules = module_names(package)
     assert borrowed_imports([package / "c.py"], modules) == ["c.py:1: pkg.b.helper"]
 
