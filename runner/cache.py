@@ -7,7 +7,7 @@ Layout under the cache root (only this module knows it):
                                         with its sha256, size and role (artifact or record, see output_role), and
                                         the platform the entry was produced on (runner.platform_facts.describe)
     work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages); nodes
-                                        above 0 of a multi-node train step use <key>.node<N> (runner.execute)
+                                        above 0 of a multi-node train step use <key>.node<N> (node_work_key)
     memo/<kind>/<key>.json              sub-results a stage memoizes across step keys (evaluate: one score per
                                         set and artifact), written atomically
     locks/<key>.lock                    per-key lock (flock: released by the kernel when its holder dies)
@@ -37,8 +37,14 @@ from runner import platform_facts, stages
 
 MANIFEST = "manifest.json"
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}")  # runner.plan.key_of: a sha256 prefix
-WORK_KEY_PATTERN = re.compile(r"[0-9a-f]{24}(\.node[0-9]+)?")  # a step key, or its per-node lock key (runner.execute)
+WORK_KEY_PATTERN = re.compile(r"[0-9a-f]{24}(\.node[0-9]+)?")  # a step key, or a node's key (node_work_key)
 ARTIFACT, RECORD = "artifact", "record"
+
+
+def node_work_key(key: str, node_rank: int) -> str:
+    """The key a node of a multi-node step locks and works under: node 0 (and every other step) uses the step key; the
+    other nodes a key of their own (why: runner.execute._run_step), which parse() and gc recognise."""
+    return key if not node_rank else f"{key}.node{node_rank}"
 
 
 def default_root() -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from runner import stages
-from runner.cache import Cache, Entry
+from runner.cache import Cache, Entry, node_work_key
 from runner.plan import Step, plan_status
 from runner.recipe import Loaded
 from runner.redact import RedactedFile, redact
@@ -85,7 +85,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
     # Node 0 of a multi-node step (and every other step) works under the key's own lock and folder. The other nodes take
     # a lock and a folder of their own: on a shared cache (NFS), one lock for all would be held by node 0 through
     # torchrun's rendezvous, which waits for the very nodes blocked on that lock.
-    work_key = step.key if not rank else f"{step.key}.node{rank}"
+    work_key = node_work_key(step.key, rank)
     previous = _manifest_id(cache.entry(step.kind, step.key))
     with cache.lock(work_key):
         # Another run may have committed this key while we waited for the lock.

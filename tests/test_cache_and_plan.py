@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cache import Cache
+from runner.cache import Cache, node_work_key
 from runner.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,10 +192,11 @@ def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_fol
 def test_gc_collects_the_work_folders_of_other_nodes_unless_their_node_holds_them(tmp_path):
     cache = Cache(tmp_path)
     key = "0123456789abcdef01234567"
-    assert cache.parse(cache.work_path("train", f"{key}.node1")) == ("train", f"{key}.node1")
-    left_by_node_1 = cache.workdir("train", f"{key}.node1", keep=True).parent  # a killed run's checkpoints
-    held_by_node_2 = cache.workdir("train", f"{key}.node2", keep=True).parent
-    with cache.lock(f"{key}.node2"):
+    node_1, node_2 = node_work_key(key, 1), node_work_key(key, 2)
+    assert node_work_key(key, 0) == key and cache.parse(cache.work_path("train", node_1)) == ("train", node_1)
+    left_by_node_1 = cache.workdir("train", node_1, keep=True).parent  # a killed run's checkpoints
+    held_by_node_2 = cache.workdir("train", node_2, keep=True).parent
+    with cache.lock(node_2):
         assert cache.gc(keep=set()) == [left_by_node_1]
     assert not left_by_node_1.exists() and held_by_node_2.is_dir()
 
