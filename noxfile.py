@@ -93,9 +93,9 @@ def recipe_env(recipe_arg: str, overrides: list[str]) -> str:
 
 
 def gpu_names() -> list[str]:
-    """NVIDIA GPUs this machine has; runner.hwcheck is standard library only, so nox's own interpreter can import it."""
+    """NVIDIA GPUs this machine has; runner.hardware.hwcheck is standard library only, so nox's own interpreter can import it."""
     sys.path.insert(0, str(ROOT))
-    from runner.hwcheck import gpu_names as names
+    from runner.hardware.hwcheck import gpu_names as names
 
     return names()
 
@@ -236,7 +236,7 @@ def hwcheck(session: nox.Session) -> None:
         raise SystemExit(NO_GPU_EXIT)
     session.log(f"GPUs: {'; '.join(gpus)}")
     install_env(session, variant)
-    session.run("python", "-m", "runner.hwcheck", "--out", HWCHECK_OUT, "--env", variant, *args, env=OFFLINE)
+    session.run("python", "-m", "runner.hardware.hwcheck", "--out", HWCHECK_OUT, "--env", variant, *args, env=OFFLINE)
 
 
 @nox.session(python=PYTHON)

@@ -21,7 +21,7 @@ from pathlib import Path
 from common import ROOT, machine_info, save
 
 from runner import genai
-from runner.recipe.models import OnnxWeightOnly
+from runner.recipe.sections import OnnxWeightOnly
 from runner.serving.settings import ServerSettings
 from runner.stages.quantize import builder_options
 from runner.stages.serve import ServerProcess

@@ -1,4 +1,4 @@
-"""Export/quantize memory: the doctor's estimate (runner/export_memory.py) against the measured peak RSS of the real
+"""Export/quantize memory: the doctor's estimate (runner/hardware/export_memory.py) against the measured peak RSS of the real
 135M model's export and quantize steps, each run in a fresh process on the cached inputs of a finished smollm2_lora run.
 
     python bench/export_memory.py [--run runs/smollm2_lora/<stamp>/run.json] [--json out.json]
@@ -52,7 +52,7 @@ def measure(kind: str, config: dict, inputs: dict[str, str]) -> dict[str, int]:
 
 
 def main() -> int:
-    from runner.export_memory import export_memory, quantize_memory
+    from runner.hardware.export_memory import export_memory, quantize_memory
     from runner.hardware.probe import load_profile
     from runner.hardware.verdict import check
 

@@ -47,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runner.cache import Cache  # noqa: E402
+from runner.store.local import Cache  # noqa: E402
 
 ORDER = ("model", "data", "train", "export", "quantize", "serve")
 RECIPE = REPO / "recipes" / "quickstart.yaml"
@@ -59,7 +59,7 @@ VOLATILE = {
     "serve": ("serve_report.json", "server.log"),
 }
 # Known and reported: datasets' `_fingerprint` in state.json differs between processes although every arrow file is
-# byte-identical (runner/stages/data.py _freeze hashes an in-memory IPC stream). Compared with that key left out.
+# byte-identical (runner/stages/data/__init__.py _freeze hashes an in-memory IPC stream). Compared with that key left out.
 FINGERPRINTED = ("dataset/train/state.json", "dataset/test/state.json")
 RUN_TIMEOUT_S = 900
 STAGE_WAIT_S = 600

@@ -86,8 +86,8 @@ def _features(model_dir: str, texts: tuple[str, ...], head: bool) -> Any:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    from runner.stages.evaluate_models import MAX_TOKENS
-    from runner.stages.probe import mean_pooled
+    from runner.stages.evaluate.artifacts import MAX_TOKENS
+    from runner.stages.evaluate.linear_probe import mean_pooled
 
     torch.manual_seed(0)
     model = (AutoModelForSequenceClassification if head else AutoModel).from_pretrained(model_dir).eval()
@@ -97,12 +97,12 @@ def _features(model_dir: str, texts: tuple[str, ...], head: bool) -> Any:
 
 def resampled(recipe_obj: Any, base: Path, trained: Path) -> dict[str, dict[str, float]]:
     """The probe-accuracy drop averaged over SPLITS fold draws (seeds 0..SPLITS-1) of each local general set, with the
-    evaluate step's probe (runner.stages.probe, cross-validated): the spread says how much of a difference is the
+    evaluate step's probe (runner.stages.evaluate.linear_probe, cross-validated): the spread says how much of a difference is the
     folds' luck."""
     import csv
     import statistics
 
-    from runner.stages.probe import probe_accuracy
+    from runner.stages.evaluate.linear_probe import probe_accuracy
 
     out = {}
     evaluate = recipe_obj.evaluate
@@ -132,7 +132,7 @@ def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | No
     report = json.loads((Path(evaluate["outputs"]) / "evaluate_report.json").read_text())
     test = next(s for s in report["sets"] if s["name"] == "test")
     from runner.recipe import find_recipe, load_recipe
-    from runner.recipe.models import model_location
+    from runner.recipe.sections import model_location
 
     recipe_obj = load_recipe(find_recipe(recipe), [*OFF, *overrides]).recipe
     base = Path(model_location(recipe_obj.model) or "")

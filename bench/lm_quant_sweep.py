@@ -30,7 +30,7 @@ CANDIDATES = [
 
 
 def decode_tps(artifact: Path, prompts: list[list[int]], tokens: int = 32) -> float:
-    from runner.serving.model import load_model
+    from runner.serving.artifact import load_model
 
     model = load_model(artifact)
     model.generate_ids(prompts[0], max_new_tokens=4)  # warm-up
@@ -49,7 +49,7 @@ def latest_steps() -> dict:
 
 
 def main() -> int:
-    from runner.recipe.models import Model, OnnxWeightOnly
+    from runner.recipe.sections import Model, OnnxWeightOnly
     from runner.stages import StageError
     from runner.stages.compare import load_samples
     from runner.stages.quantize import metric_drop, quantize_weight_only

@@ -65,7 +65,7 @@ def export_variants(model, work: Path) -> dict[str, Path]:
     from onnxruntime.quantization import quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from runner.recipe.models import Export
+    from runner.recipe.sections import Export
     from runner.stages.export import export_encoder
     from runner.stages.quantize import cpu_preset, int8_options
 

@@ -62,9 +62,9 @@ def real_variant(recipe: Path, folder: Path) -> Path:
 
 def prepare(recipe: Path, overrides: list[str], tmp: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the model and data steps through the CLI; return the train step's config and its inputs."""
-    from runner.cache import Cache
     from runner.plan import build_plan
     from runner.recipe import load_recipe
+    from runner.store.local import Cache
 
     cache_dir = tmp / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -83,12 +83,13 @@ def prepare(recipe: Path, overrides: list[str], tmp: Path) -> tuple[dict[str, An
 
 def batch_tokens(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, int]:
     """Real and padded tokens of one epoch of the padded side's batches, from the runner's own Trainer and sampler."""
-    from runner.stages import model as model_stage
-    from runner.stages import train, train_model, train_trainer
-    from runner.stages.train_job import Job
+    from runner.stages import pretrained, train
+    from runner.stages.train import build as train_model
+    from runner.stages.train import trainer as train_trainer
+    from runner.stages.train.job import Job
 
     job = Job.parse(config, inputs, out)
-    tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    tokenizer = pretrained.load_tokenizer(job.model_json, job.inputs)
     model = train_model.build_model(job, None, tokenizer)
     trainer = train_trainer.make_trainer(job, model, tokenizer, train.read_splits(job.inputs["data"]))
     real = padded = batches = 0

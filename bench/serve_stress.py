@@ -9,7 +9,7 @@ classifier and a Llama-like generator with a KV cache. Against each:
 
 1. schemathesis (examples, coverage and fuzzing phases; positive and negative data; fixed seeds 1..N) on the served
    /openapi.json with the `not_a_server_error` check: zero 5xx allowed. Other conformance checks are not the target.
-2. the bad-payload set: the smoke-serve stage's own list (runner/stages/serve.py) plus hostile bodies (deep nesting,
+2. the bad-payload set: the smoke-serve stage's own list (runner/stages/serve/__init__.py) plus hostile bodies (deep nesting,
    huge numbers, invalid UTF-8, lone surrogates, NaN/Infinity, a degenerate temperature, wrong methods, content types
    and credentials): every one must get a 4xx, never a 5xx or a dropped connection.
 3. load: `--requests` requests (classifier) and `--gen-requests` (generator) at `--concurrency` over keep-alive
@@ -72,7 +72,7 @@ def build_artifacts(folder: Path) -> dict[str, Path]:
     )
 
     from runner import genai
-    from runner.recipe.models import Export
+    from runner.recipe.sections import Export
     from runner.stages.export import export_encoder
 
     corpus = sentences(2000, 0) + ["### Instruction:\n### Response:\n"]
@@ -144,7 +144,7 @@ class Served:
 
 def start(artifact: Path, log: Path, settings: ServerSettings | None = None, ready_timeout_s: float = 120) -> Served:
     """The real server in its own process group (stopped with `served.server.stop()`), ready when this returns."""
-    from runner.serving.model import load_model
+    from runner.serving.artifact import load_model
 
     settings = settings or ServerSettings()
     info = load_model(artifact, 1).info
@@ -371,7 +371,7 @@ def run_bad_payloads(served: Served, timeout_s: float = 30) -> dict[str, Any]:
 
 def load_payloads(served: Served, n: int = 64, seed: int = 3) -> list[tuple[dict[str, Any], Any]]:
     """Distinct request bodies with the answer offline ONNX Runtime gives for each."""
-    from runner.serving.model import load_model
+    from runner.serving.artifact import load_model
 
     model = load_model(served.artifact, 1)
     rng = random.Random(seed)

@@ -57,7 +57,7 @@ def build_artifact(folder: Path, dim: int, layers: int) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import DistilBertConfig, DistilBertForSequenceClassification, PreTrainedTokenizerFast
 
-    from runner.recipe.models import Export
+    from runner.recipe.sections import Export
     from runner.stages.export import export_encoder
 
     source = folder / "model"
@@ -157,10 +157,10 @@ def batch_metrics(server: ServerProcess) -> tuple[float, float]:
 def inference_ceiling(artifact: Path, texts: list[str], rounds: int) -> dict[str, float]:
     """The most batching can give here, without HTTP: ms per text when CONCURRENCY threads each run one text at a time
     (what the server does without batching) against one thread running batches of CONCURRENCY texts. Same model,
-    tokenization and session settings as the server (runner.serving.model); alternating rounds, medians."""
+    tokenization and session settings as the server (runner.serving.artifact); alternating rounds, medians."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runner.serving.model import load_model
+    from runner.serving.artifact import load_model
 
     model = load_model(artifact)
     work = texts[: 16 * CONCURRENCY]

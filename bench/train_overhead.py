@@ -85,9 +85,9 @@ def main() -> int:
         return 0
     from common import save, timed, timed_with_cpu
 
-    from runner.cache import Cache
     from runner.plan import build_plan
     from runner.recipe import load_recipe
+    from runner.store.local import Cache
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     with tempfile.TemporaryDirectory() as tmp:

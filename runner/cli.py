@@ -16,10 +16,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from runner.cache import ARTIFACT, RECORD, Cache, output_role, tree_size
 from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
-from runner.recipe.errors import relative
+from runner.recipe.problems import relative
+from runner.store.local import ARTIFACT, RECORD, Cache, output_role, tree_size
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
 _WIDTH = None if sys.stdout.isatty() else 140
@@ -198,7 +198,7 @@ def _progress(event: str, result, step) -> None:
 def _summary(result) -> None:
     """The run's last lines: what happened, the headline numbers (metric per artifact, served latency, forgetting
     verdict), then where the report is, so the result reads without opening a file."""
-    from runner.report import collect, headline_lines
+    from runner.report.build import collect, headline_lines
 
     ran = sum(s.status == "ran" for s in result.steps)
     cached = sum(s.status == "cached" for s in result.steps)
@@ -242,8 +242,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 1 on an unexpected difference; differences the platform explains alone pass, with a warning."""
     from rich.markup import escape
 
+    from runner.hardware.platform_facts import describe
     from runner.lockfile import lock_path, platform_changes, read_lock, verify_outputs
-    from runner.platform_facts import describe
 
     loaded = _load(args)
     cache = _cache(args)
@@ -315,7 +315,7 @@ def _artifact_of(args: argparse.Namespace) -> Path:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 0 when every recipe fits, 1 when one does not, 2 on bad input."""
-    from runner.cli_doctor import doctor
+    from runner.hardware.doctor import doctor
 
     return doctor(args.recipes + args.overrides, args.json, args.profile)
 

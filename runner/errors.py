@@ -3,7 +3,7 @@
 `recipe` (runner/cli.py) catches it and prints its message as red lines with exit code 2, never a traceback; anything
 else is a bug and keeps its traceback. Subclasses, by where they are raised:
 
-- runner.recipe.errors.RecipeError: a recipe problem, `FILE:LINE:COL: field.path: message` (LockError: the lock file);
+- runner.recipe.problems.RecipeError: a recipe problem, `FILE:LINE:COL: field.path: message` (LockError: the lock file);
 - runner.stages.StageError: a step failed for a reason the user can act on (the executor records it in the run);
 - runner.cli.UsageError: a command line that cannot work (a missing lock, an unknown step);
 - runner.hardware.probe.ProfileError: a machine profile that cannot be read.

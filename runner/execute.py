@@ -23,13 +23,13 @@ from typing import Any
 import yaml
 
 from runner import stages
-from runner.cache import Cache, Entry, node_work_key
 from runner.plan import Step, plan_status
 from runner.recipe import Loaded
 from runner.redact import RedactedFile, redact
-from runner.report import write_report
+from runner.report.build import write_report
 from runner.run_record import RunResult, StepResult
 from runner.stages import StageError
+from runner.store.local import Cache, Entry, node_work_key
 
 log = logging.getLogger("runner")
 

@@ -1,7 +1,7 @@
 """Sharing a recipe reproducibly: `NAME.lock` beside the recipe records how it resolved and what it produced.
 
 The lock holds the resolved recipe's hash, every step's key and key material (config, upstream keys, package versions,
-platform facts), the platform each step ran on (runner.platform_facts.describe: system, machine, cpu_isa, gpus), the
+platform facts), the platform each step ran on (runner.hardware.platform_facts.describe: system, machine, cpu_isa, gpus), the
 sha256 of each *artifact* and the names of the *run records* (StageSpec.records: timings, logs, plots; kept, never
 compared), and the env name. Nothing secret is in key material, so the lock is safe to commit.
 
@@ -25,11 +25,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from runner import platform_facts
-from runner.cache import RECORD, Cache, Entry, output_role, sha256_file
+from runner.hardware import platform_facts
 from runner.plan import Step, canonical, why_stale
 from runner.recipe import Loaded, Pos, Problem, RecipeError
-from runner.recipe.errors import dotted, relative
+from runner.recipe.problems import dotted, relative
+from runner.store.local import RECORD, Cache, Entry, output_role, sha256_file
 
 LOCK_VERSION = 2  # 2: artifacts and records apart, the platform of the lock and of each step
 

@@ -6,7 +6,7 @@ language and the stages all read it.
 
 from __future__ import annotations
 
-# model.task: what the model predicts (the recipe's Literal in runner/recipe/models.py lists the same two)
+# model.task: what the model predicts (the recipe's Literal in runner/recipe/sections.py lists the same two)
 CLASSIFIER = "sequence-classification"
 CAUSAL_LM = "causal-lm"
 

@@ -18,11 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runner import platform_facts, stages
-from runner.cache import Cache, HashMemo
+from runner import stages
+from runner.hardware import platform_facts
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_method
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.schema import field_has
+from runner.store.local import Cache, HashMemo
 
 ORDER = ("model", "data", "train", "export", "quantize", "evaluate", "serve")
 

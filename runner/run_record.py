@@ -1,7 +1,7 @@
 """What a run leaves behind, as data: `RunResult` (the run folder and one `StepResult` per planned step).
 
 The executor (runner/execute.py) fills these in as steps finish and writes them to RUN_DIR/run.json; the report
-(runner/report.py) and the CLI's summary read them. They are plain data, so the readers never import the executor.
+(runner/report/build.py) and the CLI's summary read them. They are plain data, so the readers never import the executor.
 """
 
 from __future__ import annotations

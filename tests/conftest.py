@@ -137,7 +137,7 @@ def export_artifact(model_dir: Path, out: Path, task: str) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from runner import genai
-    from runner.recipe.models import Export
+    from runner.recipe.sections import Export
     from runner.stages.export import export_encoder
 
     if task == "causal-lm":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.cache import Cache, node_work_key
 from runner.cli import main
+from runner.store.local import Cache, node_work_key
 
 REPO = Path(__file__).resolve().parent.parent
 ALL = ["model", "data", "train", "export", "quantize", "serve"]

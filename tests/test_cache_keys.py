@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import platform_facts
+from runner.hardware import platform_facts
 from runner.plan import Step, build_plan, why_stale
 from runner.recipe import RecipeError, load_recipe
 

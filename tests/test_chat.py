@@ -1,5 +1,5 @@
 """Chat data: conversations rendered with the model's chat template, loss on the assistant turns only, and the server
-building the very token ids training saw (runner/chat.py, runner/stages/data_chat.py, /v1/chat/completions).
+building the very token ids training saw (runner/chat.py, runner/stages/data/chat.py, /v1/chat/completions).
 
 The template is SmolLM2-135M-Instruct's ChatML one, copied here as its chat_template.jinja ships it, so CI has it
 without the model; the tokenizer is a small byte-level BPE trained by the model step's own code, with the template's
@@ -17,12 +17,13 @@ from tokenizers import Tokenizer
 
 from runner import chat
 from runner.recipe import RecipeError, load_recipe
-from runner.recipe.models import Data, ModelInit
+from runner.recipe.sections import Data, ModelInit
 from runner.serving import openai
-from runner.serving.model import Generator, _token_text
-from runner.stages import StageError, data_chat
+from runner.serving.artifact import Generator, _token_text
+from runner.stages import StageError
 from runner.stages import data as data_stage
 from runner.stages import model as model_stage
+from runner.stages.data import chat as data_chat
 
 REPO = Path(__file__).resolve().parent.parent
 # SmolLM2-135M-Instruct's chat_template.jinja, byte for byte (it adds a default system turn when there is none)
@@ -166,7 +167,7 @@ def test_truncation_keeps_labels_aligned(chatml):
 
 
 def served(folder: Path) -> Generator:
-    """The server's Generator as runner.serving.model.load_model builds its tokenizer side (tokenizer.json through
+    """The server's Generator as runner.serving.artifact.load_model builds its tokenizer side (tokenizer.json through
     `tokenizers`, bos/eos texts from tokenizer_config.json); no ONNX graph is needed to encode a prompt."""
     model = Generator.__new__(Generator)
     model.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))

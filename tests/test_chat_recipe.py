@@ -18,7 +18,7 @@ import pytest
 from runner import chat
 from runner.cli import main
 from runner.serving import openai
-from runner.serving.model import Generator, load_model
+from runner.serving.artifact import Generator, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["data.select=64", "data.max_length=128", "train.max_steps=40", "train.batch_size=8",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.cli_doctor import doctor
+from runner.hardware.doctor import doctor
 from runner.hardware.estimate import CPU_BASELINE_BYTES, GLIBC_RETENTION, estimate
 from runner.hardware.probe import GIB, Machine, load_profile, probe, profile_names
 from runner.hardware.shapes import _init_config
@@ -334,9 +334,9 @@ def test_json_output_parses(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_causal_lm_export_and_quantize_ram_are_estimated_and_checked_against_min_ram_gb() -> None:
-    """llama2_lora's fp16 CUDA build and int4 rebuild: the phases follow runner/export_memory.py's model, and a recipe
+    """llama2_lora's fp16 CUDA build and int4 rebuild: the phases follow runner/hardware/export_memory.py's model, and a recipe
     declaring less RAM than a phase needs fails that step's check."""
-    from runner.export_memory import GIB as STEP_GIB
+    from runner.hardware.export_memory import GIB as STEP_GIB
 
     a100 = load_profile("a100-80gb")
     verdict = check(recipe("llama2_lora"), a100)

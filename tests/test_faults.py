@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.cache import Cache, HashMemo
 from runner.cli import main
+from runner.store.local import Cache, HashMemo
 from tests import fake_stages
 from tests.test_cache_and_plan import ALL, REPO, executed, last_run
 
@@ -113,7 +113,7 @@ def test_kill_in_a_forced_rerun_between_moving_the_old_entry_aside_and_committin
 
 
 HOLD_LOCK_AND_DIE = """
-    from runner.cache import Cache
+    from runner.store.local import Cache
     cache = Cache(sys.argv[1])
     with cache.lock(sys.argv[2]):
         print("holding", flush=True)
@@ -140,7 +140,7 @@ def test_a_live_holder_does_block_and_a_stale_lock_file_with_junk_does_not(proje
     cache = Cache(project / ".recipe-cache")
     key = "cafebabe" * 3
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from runner.cache import Cache\n"
+        [sys.executable, "-c", "import sys, time; from runner.store.local import Cache\n"
          "with Cache(sys.argv[1]).lock(sys.argv[2]):\n    print('holding', flush=True); time.sleep(30)",
          str(cache.root), key], cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
     try:

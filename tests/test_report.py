@@ -1,5 +1,5 @@
 """The run report a person reads, and the terminal's last lines: built from a run folder whose stage reports have the
-shapes the real stages write (figures taken from a real quickstart run; evaluate_report.json as runner/stages/evaluate.py
+shapes the real stages write (figures taken from a real quickstart run; evaluate_report.json as runner/stages/evaluate/__init__.py
 writes it), so these tests are cheap and need no model."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from rich.console import Console
 
 from runner import cli
 from runner.recipe import load_recipe
-from runner.report import write_report
+from runner.report.build import write_report
 from runner.run_record import RunResult, StepResult
 from runner.stages import serve as serve_stage
 

@@ -173,7 +173,7 @@ def loaded_model_config(tmp_path: Path, extra: str = "") -> dict[str, Any]:
 
 
 def test_trust_remote_code_is_false_unless_the_recipe_says_true(tmp_path: Path) -> None:
-    from runner.stages.model import pretrained_source
+    from runner.stages.pretrained import pretrained_source
 
     for extra, expected in [("", False), ("\n  trust_remote_code: false", False), ("\n  trust_remote_code: true", True)]:
         config = loaded_model_config(tmp_path, extra)
@@ -187,8 +187,8 @@ def test_trust_remote_code_is_false_unless_the_recipe_says_true(tmp_path: Path) 
 
 @pytest.mark.parametrize("source", ["hub", "path", "init"])
 def test_every_model_source_passes_an_explicit_trust_remote_code(tmp_path: Path, source: str) -> None:
-    from runner.recipe.models import Model, ModelInit
-    from runner.stages.model import pretrained_source
+    from runner.recipe.sections import Model, ModelInit
+    from runner.stages.pretrained import pretrained_source
 
     where: dict[str, Any] = {
         "hub": {"hub": "org/m", "revision": "main"}, "path": {"path": str(tmp_path)}, "init": {"init": ModelInit(architecture="llama")},
@@ -203,8 +203,8 @@ def test_load_model_and_tokenizer_hand_the_guards_to_from_pretrained(tmp_path: P
     """The kwargs a caller passes cannot switch the guards off: the recipe's values win."""
     import transformers
 
-    from runner.recipe.models import Model
-    from runner.stages import model as model_stage
+    from runner.recipe.sections import Model
+    from runner.stages import pretrained
 
     seen: list[dict[str, Any]] = []
 
@@ -215,8 +215,8 @@ def test_load_model_and_tokenizer_hand_the_guards_to_from_pretrained(tmp_path: P
     for cls in (transformers.AutoModelForSequenceClassification, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", spy)
     cfg = Model(path=str(tmp_path), task="sequence-classification")
-    model_stage.load_tokenizer(cfg, {})
-    model_stage.load_model(cfg, {}, trust_remote_code=True, use_safetensors=False)
+    pretrained.load_tokenizer(cfg, {})
+    pretrained.load_model(cfg, {}, trust_remote_code=True, use_safetensors=False)
     assert seen[0]["trust_remote_code"] is False and "use_safetensors" not in seen[0]
     assert seen[1]["trust_remote_code"] is False and seen[1]["use_safetensors"] is True
 
@@ -224,7 +224,7 @@ def test_load_model_and_tokenizer_hand_the_guards_to_from_pretrained(tmp_path: P
 # from_pretrained calls in runner/ that load the runner's own outputs (written by an earlier step with safetensors), or a
 # model the code itself just built; every other call must say trust_remote_code explicitly.
 OWN_OUTPUTS = {
-    ("runner/hwcheck.py", "check_qlora"),
+    ("runner/hardware/hwcheck.py", "check_qlora"),
     ("runner/stages/export.py", "merge_adapter_into_base"),
     ("runner/stages/export.py", "validate_onnx"),
     ("runner/stages/export.py", "greedy_match"),
@@ -283,7 +283,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_classifier_dir: Path, tm
     from transformers import AutoModelForSequenceClassification
 
     from runner.stages import StageError
-    from runner.stages.model import load_model
+    from runner.stages.pretrained import load_model
 
     folder = tmp_path / "pickled"
     save_as_pickle(AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir), folder)
@@ -299,9 +299,9 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_classifier_dir: Path, tm
 
 
 def test_a_refused_pickle_is_never_unpickled(tiny_classifier_dir: Path, tmp_path: Path) -> None:
-    from runner.recipe.models import Model
+    from runner.recipe.sections import Model
     from runner.stages import StageError
-    from runner.stages.model import load_model
+    from runner.stages.pretrained import load_model
 
     folder, marker = tmp_path / "evil", tmp_path / "ran"
     folder.mkdir()
@@ -318,8 +318,9 @@ def test_a_train_step_leaves_no_pickle_in_its_output(tmp_path: Path, monkeypatch
     with the files it writes (a real tiny training run costs more than this whole file)."""
     import torch
 
-    from runner.stages import train, train_results
-    from runner.stages.train_checkpoints import CHECKPOINTS
+    from runner.stages import train
+    from runner.stages.train import results as train_results
+    from runner.stages.train.checkpoints import CHECKPOINTS
 
     def trainer_like(job: Any) -> dict[str, Any]:
         checkpoint = job.out / CHECKPOINTS / "checkpoint-1"

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.serving import ServerSettings, create_app, generate_offline, load_model, predict_offline
-from runner.serving.model import length_groups
+from runner.serving.artifact import length_groups
 
 TEXTS = ["the film was wonderful", "awful plot and a dull dull ending", "", "fun"]
 
@@ -147,7 +147,7 @@ def test_padding_to_a_longer_neighbour_keeps_scores(classifier_artifact: Path, m
     assert model.info.batch_invariant and model.shares_runs
     texts = [t for t in TEXTS if t]
     alone = [model.predict([t])[0] for t in texts]
-    monkeypatch.setattr("runner.serving.model.length_groups", lambda lengths, slack=0.25: [list(range(len(lengths)))])
+    monkeypatch.setattr("runner.serving.artifact.length_groups", lambda lengths, slack=0.25: [list(range(len(lengths)))])
     padded = model.predict([*texts, LONG])[:-1]  # one run, every text padded to LONG's length
     assert [p["label"] for p in padded] == [a["label"] for a in alone] and max_drift(alone, padded) <= 1e-6
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from runner.recipe.models import Data
-from runner.stages import data_rows
+from runner.recipe.sections import Data
+from runner.stages.data import rows as data_rows
 
 REPO = Path(__file__).resolve().parent.parent
 REVIEWS = REPO / "recipes" / "data" / "reviews.csv"

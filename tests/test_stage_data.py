@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from datasets import DatasetDict, load_from_disk
 
-from runner.recipe.models import Data, FileSource, HubSource, InlineSource, Model
+from runner.recipe.sections import Data, FileSource, HubSource, InlineSource, Model
 from runner.stages import StageError
 from runner.stages import data as data_stage
-from runner.stages.model import load_tokenizer
+from runner.stages.pretrained import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 REVIEWS = REPO / "recipes" / "data" / "reviews.csv"

@@ -16,8 +16,8 @@ import yaml
 from runner.cli import main
 from runner.stages import StageError
 from runner.stages import evaluate as evaluate_stage
-from runner.stages.evaluate_scores import answer_metrics, classifier_metrics
-from runner.stages.probe import mean_pooled, probe_accuracy
+from runner.stages.evaluate.linear_probe import mean_pooled, probe_accuracy
+from runner.stages.evaluate.scores import answer_metrics, classifier_metrics
 from tests.conftest import sentiment_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,7 +237,7 @@ def test_lm_eval_without_its_package_says_how_to_install_it(tmp_path, capsys):
     """lm-eval is not installable from the pinned lock (sqlitedict has no wheel): the recipe is refused before any step,
     and the stage itself refuses too (a recipe built in Python skips validation)."""
     pytest.importorskip("sklearn")  # the stage's import chain; present in every env
-    from runner.stages.evaluate_lm_eval import require_lm_eval
+    from runner.stages.evaluate.lm_eval import require_lm_eval
 
     out = _validate(tmp_path, capsys, {"lm_eval": {"tasks": ["hellaswag"]}}, task="causal-lm")
     assert "evaluate.lm_eval" in out and "pip install lm-eval" in out, out

@@ -152,7 +152,7 @@ def test_corrupted_export_is_caught(classifier_export, classifier_inputs, tmp_pa
     from onnx import numpy_helper
     from transformers import AutoModelForSequenceClassification
 
-    from runner.recipe.models import Export
+    from runner.recipe.sections import Export
     from runner.stages import StageError
     from runner.stages.compare import load_samples
     from runner.stages.export import validate_onnx

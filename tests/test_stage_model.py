@@ -14,10 +14,11 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast
 
-from runner.recipe.models import Data, FileSource, InlineSource, Model, ModelInit
-from runner.stages import StageError, data_rows
+from runner.recipe.sections import Data, FileSource, InlineSource, Model, ModelInit
+from runner.stages import StageError, pretrained
 from runner.stages import data as data_stage
 from runner.stages import model as model_stage
+from runner.stages.data import rows as data_rows
 from tests.conftest import save_as_pickle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,23 +49,23 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def test_hub_source_passes_id_revision_and_guards() -> None:
     model = Model(hub="meta-llama/Llama-2-7b-hf", revision="01c7f73d771dfac7d292323805ebc428287df4f9", task="causal-lm")
-    assert model_stage.pretrained_source(model.model_dump(mode="json"), {}) == (
+    assert pretrained.pretrained_source(model.model_dump(mode="json"), {}) == (
         "meta-llama/Llama-2-7b-hf",
         {"revision": "01c7f73d771dfac7d292323805ebc428287df4f9", "trust_remote_code": False, "use_safetensors": True},
     )
     trusting = model.model_copy(update={"trust_remote_code": True, "allow_pickle": True})
-    _, kwargs = model_stage.pretrained_source(trusting.model_dump(mode="json"), {})
+    _, kwargs = pretrained.pretrained_source(trusting.model_dump(mode="json"), {})
     assert kwargs["trust_remote_code"] is True and kwargs["use_safetensors"] is False
 
 
 def test_path_and_init_sources_are_absolute_folders(tiny_classifier_dir: Path, tmp_path: Path) -> None:
     by_path = Model(path=str(tiny_classifier_dir), task="sequence-classification")
-    assert model_stage.pretrained_source(by_path.model_dump(mode="json"), {})[0] == str(tiny_classifier_dir.resolve())
+    assert pretrained.pretrained_source(by_path.model_dump(mode="json"), {})[0] == str(tiny_classifier_dir.resolve())
     by_init = Model(init=ModelInit(architecture="llama"), task="causal-lm")
-    assert model_stage.pretrained_source(by_init, {"model": tmp_path})[0] == str(tmp_path / "model")
+    assert pretrained.pretrained_source(by_init, {"model": tmp_path})[0] == str(tmp_path / "model")
     missing = Model(path=str(tmp_path / "nowhere"), task="causal-lm")
     with pytest.raises(StageError, match="is not a folder"):
-        model_stage.pretrained_source(missing, {})
+        pretrained.pretrained_source(missing, {})
 
 
 # --- loading -------------------------------------------------------------------------------------------------------------
@@ -72,8 +73,8 @@ def test_path_and_init_sources_are_absolute_folders(tiny_classifier_dir: Path, t
 
 def test_load_model_and_tokenizer_from_a_local_folder(tiny_classifier_dir: Path) -> None:
     cfg = Model(path=str(tiny_classifier_dir), task="sequence-classification").model_dump(mode="json")
-    tokenizer = model_stage.load_tokenizer(cfg, {})
-    model = model_stage.load_model(cfg, {})
+    tokenizer = pretrained.load_tokenizer(cfg, {})
+    model = pretrained.load_model(cfg, {})
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert tokenizer.padding_side == "right"
     logits = model(**tokenizer(["the film was great"], return_tensors="pt", return_token_type_ids=False)).logits
@@ -82,7 +83,7 @@ def test_load_model_and_tokenizer_from_a_local_folder(tiny_classifier_dir: Path)
 
 def test_load_model_passes_keyword_arguments_through(tiny_classifier_dir: Path) -> None:
     cfg = Model(path=str(tiny_classifier_dir), task="sequence-classification").model_dump(mode="json")
-    model = model_stage.load_model(cfg, {}, num_labels=3, ignore_mismatched_sizes=True)
+    model = pretrained.load_model(cfg, {}, num_labels=3, ignore_mismatched_sizes=True)
     assert model.config.num_labels == 3 and model.classifier.out_features == 3
 
 
@@ -92,7 +93,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_llama_dir: Path, tmp_pat
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path)
     shutil.copy(tiny_llama_dir / "config.json", tmp_path)
-    loaded = model_stage.load_tokenizer(Model(path=str(tmp_path), task="causal-lm"), {})
+    loaded = pretrained.load_tokenizer(Model(path=str(tmp_path), task="causal-lm"), {})
     assert loaded.pad_token == loaded.eos_token == "</s>" and loaded.padding_side == "right"
 
 
@@ -103,8 +104,8 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_classifier_dir: Path, tm
 
     refused = Model(path=str(tmp_path), task="sequence-classification")
     with pytest.raises(StageError, match="allow_pickle: true"):
-        model_stage.load_model(refused, {})
-    allowed = model_stage.load_model(refused.model_copy(update={"allow_pickle": True}), {})
+        pretrained.load_model(refused, {})
+    allowed = pretrained.load_model(refused.model_copy(update={"allow_pickle": True}), {})
     for (name, a), (_, b) in zip(original.state_dict().items(), allowed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
@@ -123,8 +124,8 @@ def test_trust_remote_code_reaches_from_pretrained_as_false_by_default(
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
     cfg = Model(path=str(tiny_classifier_dir), task="sequence-classification")
-    model_stage.load_tokenizer(cfg, {})
-    model_stage.load_model(cfg, {})
+    pretrained.load_tokenizer(cfg, {})
+    pretrained.load_model(cfg, {})
     assert [kwargs["trust_remote_code"] for kwargs in seen] == [False, False]
     assert seen[1]["use_safetensors"] is True
 
@@ -140,8 +141,8 @@ def test_model_step_builds_a_deterministic_classifier_that_loads_back(tmp_path: 
 
     assert file_hashes(first) == file_hashes(again)  # tokenizer and safetensors weights, byte for byte
     assert (first / "model" / "model.safetensors").exists() and not (first / ".scratch").exists()
-    loaded = model_stage.load_model(model, {"model": first})
-    tokenizer = model_stage.load_tokenizer(model, {"model": first})
+    loaded = pretrained.load_model(model, {"model": first})
+    tokenizer = pretrained.load_tokenizer(model, {"model": first})
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
     assert loaded.config.id2label == {0: "negative", 1: "positive"}  # sorted labels of the data
     assert metrics == {"parameters": loaded.num_parameters(), "vocab_size": len(tokenizer)}
@@ -168,7 +169,7 @@ def test_model_step_tokenizer_never_learns_from_test_rows(tmp_path: Path) -> Non
     data = Data(source=InlineSource(rows={"text": marked, "label": labels}), test_size=0.25)
     model = Model(init=ModelInit(architecture="distilbert", vocab_size=2000, **TINY), task="sequence-classification")
     out, _ = build(tmp_path, model, data)
-    vocab = model_stage.load_tokenizer(model, {"model": out}).get_vocab()
+    vocab = pretrained.load_tokenizer(model, {"model": out}).get_vocab()
     marker = lambda i: f"\u0120zq{chr(97 + i % 26)}{chr(97 + i // 26)}xv"  # noqa: E731 - byte-level BPE: Ġ = a space
     assert all(marker(i) in vocab for i in train_ids)
     assert not any(marker(i) in vocab for i in test_ids), "a test row's word reached the tokenizer"
@@ -187,9 +188,9 @@ def test_model_step_builds_a_causal_lm_the_data_step_uses(tmp_path: Path) -> Non
     data = Data(source=FileSource(path=str(INSTRUCTIONS)), template=ALPACA, max_length=64)
     built, metrics = build(tmp_path, model, data)
 
-    tokenizer = model_stage.load_tokenizer(model, {"model": built})
+    tokenizer = pretrained.load_tokenizer(model, {"model": built})
     assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    lm = model_stage.load_model(model, {"model": built})
+    lm = pretrained.load_model(model, {"model": built})
     assert (lm.config.bos_token_id, lm.config.eos_token_id, lm.config.pad_token_id) == (
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,

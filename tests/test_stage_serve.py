@@ -192,7 +192,7 @@ def test_missing_onnx_artifact_is_a_stage_error(tiny_classifier_dir: Path, tmp_p
 def test_accuracy_gate_holds_served_to_recorded_unless_the_data_step_truncated_the_rows():
     """Rows the data step cut at data.max_length were scored on other input than the server reads (whole texts), so the
     recorded figure is not comparable there; served must still equal the same model in-process, text by text."""
-    from runner.stages.serve_gates import check_accuracy
+    from runner.stages.serve.gates import check_accuracy
 
     expected = ["pos", "neg", "pos", "neg"]
     recorded = {"accuracy": 1.0, "samples": 4, "report": "quantize_report.json"}

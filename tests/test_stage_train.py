@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from runner.recipe.models import Distributed, FullTrain, Lora, LoraTrain, Model, QloraTrain, Quantization
+from runner.recipe.sections import Distributed, FullTrain, Lora, LoraTrain, Model, QloraTrain, Quantization
 from runner.stages import StageError
 from tests.conftest import sentiment_rows
 
@@ -220,7 +220,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(
 
 
 def test_resume_point_skips_half_written_checkpoints(tmp_path):
-    from runner.stages.train_checkpoints import resume_point
+    from runner.stages.train.checkpoints import resume_point
 
     assert resume_point(tmp_path / "none") is None
     for step, state in ((2, "{}"), (4, "{}"), (6, '{"global_st'), (8, None)):
@@ -237,9 +237,9 @@ def test_resume_point_skips_half_written_checkpoints(tmp_path):
 def test_gradient_guard_fails_when_every_gradient_is_zero(tiny_classifier_dir, classifier_data, tmp_path, monkeypatch):
     import torch
 
-    from runner.stages import model as model_stage
+    from runner.stages import pretrained
 
-    load = model_stage.load_model
+    load = pretrained.load_model
 
     def zero_gradients(*args, **kwargs):  # noqa: ANN202 - a model that "trains" but never gets a gradient
         model = load(*args, **kwargs)
@@ -247,7 +247,7 @@ def test_gradient_guard_fails_when_every_gradient_is_zero(tiny_classifier_dir, c
             param.register_hook(torch.zeros_like)
         return model
 
-    monkeypatch.setattr(model_stage, "load_model", zero_gradients)
+    monkeypatch.setattr(pretrained, "load_model", zero_gradients)
     with pytest.raises(StageError, match="gradient guard"):
         _run(_config(tiny_classifier_dir, CLASSIFIER, _full(max_steps=3)), classifier_data, tmp_path / "out")
 
@@ -256,7 +256,7 @@ def test_classifier_metrics_match_sklearn_definitions():
     import numpy as np
     from transformers import EvalPrediction
 
-    from runner.stages.train_trainer import classifier_metrics
+    from runner.stages.train.trainer import classifier_metrics
 
     logits = np.eye(3)[[0, 0, 1, 2, 2, 2]]
     result = classifier_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 1, 2, 2, 0])))

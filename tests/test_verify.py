@@ -63,7 +63,7 @@ def test_run_records_are_marked_in_manifest_and_lock_and_never_compared(project,
 
 
 def pretend_cpu(monkeypatch, family: str) -> None:
-    monkeypatch.setattr("runner.platform_facts.cpu_isa", lambda: (family, "pretended by the test"))
+    monkeypatch.setattr("runner.hardware.platform_facts.cpu_isa", lambda: (family, "pretended by the test"))
 
 
 def test_verify_on_another_platform_tells_expected_differences_from_unexpected_ones(project, monkeypatch, capsys):
@@ -225,7 +225,7 @@ def test_two_machines_produce_the_same_artifacts_and_verify_each_others_lock(tmp
 
 
 def test_adapter_config_is_written_without_machine_paths_and_in_a_fixed_order(tmp_path):
-    from runner.stages.train_results import portable_adapter_config
+    from runner.stages.train.results import portable_adapter_config
 
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({"base_model_name_or_path": "/home/me/.recipe-cache/entries/model/k/outputs/model",

@@ -1,8 +1,8 @@
 """The hardware doctor's machinery: probe the machine, estimate a recipe's training memory, judge the recipe against
-the machine. `recipe doctor` (runner/cli_doctor.py) runs it and prints what it finds; nothing here prints.
+the machine. `recipe doctor` (runner/hardware/doctor.py) runs it and prints what it finds; nothing here prints.
 
     probe.py        the machine: Machine/Gpu, probe() (CPU, RAM, disk, CUDA, bitsandbytes, ONNX Runtime providers;
-                    nvidia-smi through runner.platform_facts), hardware profiles (load_profile, profile_names,
+                    nvidia-smi through runner.hardware.platform_facts), hardware profiles (load_profile, profile_names,
                     ProfileError; the files are in runner/profiles)
     shapes.py       the model from its config alone: model_config (hub, cache, folder, model.init, bundled copies in
                     runner/model_configs), model_shape (ModelShape, Linear), SITES, NotEstimated, ModelMismatch

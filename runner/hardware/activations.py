@@ -14,7 +14,7 @@ from typing import Any
 from runner.hardware.probe import Device
 from runner.hardware.shapes import SITES, ModelShape, in_any
 from runner.names import CAUSAL_LM
-from runner.recipe.models import QloraTrain
+from runner.recipe.sections import QloraTrain
 from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS
 
 

@@ -47,7 +47,7 @@ from runner.hardware.activations import Training, activation_bytes_per_token, lo
 from runner.hardware.probe import GIB, Device
 from runner.hardware.shapes import ModelMismatch, ModelShape, in_any, model_config, model_shape
 from runner.recipe.document import Recipe
-from runner.recipe.models import FullTrain, QloraTrain
+from runner.recipe.sections import FullTrain, QloraTrain
 from runner.stages.shared import CLASSIFIER_HEADS
 
 # torch's CUDA context with lazy module loading plus cuBLAS/cuDNN workspaces: typically 0.5-1 GiB on recent GPUs.
@@ -109,7 +109,7 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
     training = _training(shape, train)
     seq = min(recipe.data.max_length, getattr(config, "max_position_embeddings", recipe.data.max_length))
     tokens = train.batch_size * seq
-    # data.packing (runner/stages/packing.py) lays a batch out in rows no wider than its longest example, so at worst
+    # data.packing (runner/stages/train/packing.py) lays a batch out in rows no wider than its longest example, so at worst
     # (every example max_length long) the tokens and the seq x seq masks are those of padding; flash_attention_2 packs
     # one row of up to batch_size x max_length tokens, but its attention keeps nothing seq-dependent. The worst-case
     # peak is the padded one; packing saves on typical batches (by the padded/real tokens ratio; bench/packing.py).

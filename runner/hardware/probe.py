@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runner.errors import RunnerError
-from runner.platform_facts import nvidia_smi_query
+from runner.hardware.platform_facts import nvidia_smi_query
 
 GIB = 1024**3
 PROFILES_DIR = Path(__file__).parent.parent / "profiles"
@@ -95,7 +95,7 @@ def probe(cache_dir: Path | None = None) -> dict[str, Any]:
 
 
 def _default_cache() -> Path:
-    from runner.cache import default_root
+    from runner.store.local import default_root
 
     return default_root().resolve()
 

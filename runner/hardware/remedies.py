@@ -13,7 +13,7 @@ from runner.hardware.estimate import estimate
 from runner.hardware.probe import GIB, Device, Machine, native_bf16
 from runner.hardware.shapes import ModelMismatch, NotEstimated
 from runner.recipe.document import Recipe
-from runner.recipe.models import FullTrain, QloraTrain
+from runner.recipe.sections import FullTrain, QloraTrain
 
 
 class Remedy(BaseModel):

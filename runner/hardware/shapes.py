@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 from runner.names import CAUSAL_LM
 from runner.recipe.document import Recipe
 from runner.recipe.local_checks import BUNDLED_CONFIGS
-from runner.recipe.models import model_location
+from runner.recipe.sections import model_location
 from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS
 
 if TYPE_CHECKING:

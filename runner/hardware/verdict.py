@@ -1,6 +1,6 @@
 """The verdict: does a recipe fit a machine? check() compares the recipe's `requires`, its methods and its memory
 estimate with the machine (a probe or a profile) and returns a Verdict of Findings, with remedies when memory does not
-fit (runner/hardware/remedies.py). Nothing here prints: `recipe doctor` (runner/cli_doctor.py) renders the verdicts.
+fit (runner/hardware/remedies.py). Nothing here prints: `recipe doctor` (runner/hardware/doctor.py) renders the verdicts.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from runner.export_memory import StepMemory, export_memory, quantize_memory
 from runner.hardware.estimate import Estimate, estimate
+from runner.hardware.export_memory import StepMemory, export_memory, quantize_memory
 from runner.hardware.probe import GIB, Device, Machine, native_bf16
 from runner.hardware.remedies import Remedy, propose_remedies
 from runner.hardware.shapes import ModelMismatch, NotEstimated, model_config
 from runner.names import CAUSAL_LM
 from runner.recipe.document import Recipe
-from runner.recipe.models import OnnxWeightOnly, QloraTrain
+from runner.recipe.sections import OnnxWeightOnly, QloraTrain
 
 # GPUs and machines are sold by their physical memory; ECC and the driver keep some of it (a "16 GB" T4 shows torch
 # 14.75 GiB, a "32 GiB" VM shows ~31 GiB in /proc/meminfo). requires.min_*_gb names the sold size, so it is compared

@@ -3,7 +3,7 @@
 The data step would find a missing `label_column` (or template field) only after loading everything, minutes into a
 run; here the CSV/TSV header, the JSON-lines keys, or the parquet schema are read (no `datasets`, no pandas) and a
 missing column is reported at the field that names it, with the columns the file has. The data step reads files the
-same way (runner.stages.data_rows: `.tsv` is tab-separated, a `text` file has one column `text`, `data.columns` renames come
+same way (runner.stages.data.rows: `.tsv` is tab-separated, a `text` file has one column `text`, `data.columns` renames come
 first), so the two agree on what a column is.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from runner.names import CLASSIFIER
 from runner.recipe.document import Recipe
-from runner.recipe.errors import relative
-from runner.recipe.models import FileSource
+from runner.recipe.problems import relative
+from runner.recipe.sections import FileSource
 
 Loc = tuple[str | int, ...]
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",

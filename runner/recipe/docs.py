@@ -14,7 +14,7 @@ from runner.recipe.schema import recipe_schema
 
 INTRO = """# Recipe reference
 
-Generated from the Pydantic models in `runner/recipe/models.py` (sections) and `document.py` (the recipe) by
+Generated from the Pydantic models in `runner/recipe/sections.py` (sections) and `document.py` (the recipe) by
 `python -m runner.recipe.docs`; do not edit by hand.
 Every section forbids unknown keys. Fields marked *neutral* cannot change a result and stay out of cache keys;
 *local path* fields are resolved against the file that names them and enter cache keys by content hash.

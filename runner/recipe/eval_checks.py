@@ -11,8 +11,8 @@ from pathlib import Path
 from runner.names import CLASSIFIER
 from runner.recipe.data_columns import file_columns
 from runner.recipe.document import Recipe
-from runner.recipe.errors import relative
-from runner.recipe.models import FileSource
+from runner.recipe.problems import relative
+from runner.recipe.sections import FileSource
 
 Loc = tuple[str | int, ...]
 LM_EVAL_MISSING = (

@@ -18,10 +18,10 @@ from pydantic import TypeAdapter, ValidationError
 from runner.names import X_LOCAL_PATH
 from runner.recipe import local_checks, rules
 from runner.recipe.document import RULES_ERROR, Recipe
-from runner.recipe.errors import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
-from runner.recipe.models import SOURCE_TAGS
+from runner.recipe.problems import Loc, Pos, Problem, RecipeError, did_you_mean, dotted, relative
 from runner.recipe.schema import _resolve as _schema_alternatives
 from runner.recipe.schema import field_has, recipe_schema, schema_children
+from runner.recipe.sections import SOURCE_TAGS
 
 Positions = dict[Loc, Pos]
 

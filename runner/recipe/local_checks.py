@@ -31,8 +31,8 @@ from runner.chat import load_chat_template
 from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe import data_columns, eval_checks
 from runner.recipe.document import Recipe
-from runner.recipe.models import HubSource, model_location
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
+from runner.recipe.sections import HubSource, model_location
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 INIT_ARCHITECTURES = {

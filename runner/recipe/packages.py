@@ -81,7 +81,7 @@ def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def provenance(spec: str, file_sha256: Any) -> dict[str, Any]:
     """Where a package model came from, for cache keys and reports: the package and folder, the distribution and its
-    version, and each weights file's sha256 (`file_sha256(path) -> str`, e.g. runner.cache.HashMemo.file)."""
+    version, and each weights file's sha256 (`file_sha256(path) -> str`, e.g. runner.store.local.HashMemo.file)."""
     name, inner = split(spec)
     folder = package_folder(spec)
     dist = distribution(name)

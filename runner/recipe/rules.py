@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.names import CAUSAL_LM, CLASSIFIER, is_onnx_method
-from runner.recipe import models as m
+from runner.recipe import sections as m
 
 Loc = tuple[str | int, ...]
 Found = Iterator[tuple[Loc, str]]

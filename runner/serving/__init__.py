@@ -9,7 +9,7 @@ Routes: GET /health, /ready, /info, /metrics, /docs, /openapi.json; POST /predic
 """
 
 from runner.serving.app import create_app
-from runner.serving.model import ArtifactInfo, generate_offline, load_model, predict_offline
+from runner.serving.artifact import ArtifactInfo, generate_offline, load_model, predict_offline
 from runner.serving.server import serve
 from runner.serving.settings import ServerSettings
 

@@ -22,10 +22,10 @@ from starlette.concurrency import iterate_in_threadpool
 
 from runner.names import CLASSIFIER
 from runner.serving import openai
+from runner.serving.artifact import Classifier, Generator, InputError, detect_task, load_model
 from runner.serving.batching import Batcher
 from runner.serving.guard import Guard
 from runner.serving.metrics import Metrics
-from runner.serving.model import Classifier, Generator, InputError, detect_task, load_model
 from runner.serving.schemas import GenerateRequest, GenerateResponse, PredictRequest, PredictResponse, request_models
 from runner.serving.settings import ServerSettings
 

@@ -5,7 +5,7 @@ holds `max_batch` texts or `max_wait_ms` have passed, runs the model once in a t
 requests meanwhile) and resolves each request's future with its slice of the results. While one batch runs, the next one
 fills up, so under load batches form without waiting at all.
 
-The app uses it only for batch-invariant graphs (runner/serving/model.py): merging requests must never change an answer.
+The app uses it only for batch-invariant graphs (runner/serving/artifact.py): merging requests must never change an answer.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runner import chat
 from runner.chat import load_chat_template as load_chat_template  # the server's entry point to it
-from runner.serving.model import Generator, InputError
+from runner.serving.artifact import Generator, InputError
 
 
 class OpenAIError(Exception):

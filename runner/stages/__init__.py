@@ -6,7 +6,7 @@ Every stage module has one entry point:
 
 - `config` is the step's configuration exactly as it went into the step's cache key: `{"model": ..., "<stage>": ...,
   "seed": ...}` in JSON form (local paths already absolute). A stage re-reads its section with the Pydantic model from
-  runner.recipe.models. It never reads another stage's section.
+  runner.recipe.sections. It never reads another stage's section.
 - `inputs` maps each upstream step's kind to that step's committed output folder (read-only).
 - `out` is an empty folder the stage fills (for resumable stages it may hold the previous attempt's checkpoints).
 - The return value is a small JSON-able dict of metrics; it lands in the manifest, run.json and the report.
@@ -65,7 +65,7 @@ class StageSpec:
     # kept, hashed into the manifest and listed in the lock, but never compared across machines by `recipe verify`.
     records: tuple[str, ...] = ()
     # Gets a cache-owned folder at inputs["memo"] for sub-results memoized by content across keys (evaluate: one score
-    # per (set, artifact)); the stage writes each memo file atomically (runner.cache.write_memo).
+    # per (set, artifact)); the stage writes each memo file atomically (runner.store.local.write_memo).
     memo: bool = False
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from runner import genai
 from runner.names import CAUSAL_LM, CLASSIFIER
-from runner.recipe.models import EXPORT_RTOL, Export, Model
+from runner.recipe.sections import EXPORT_RTOL, Export, Model
 from runner.stages import StageError
 from runner.stages.compare import (
     BATCH_SIZE,
@@ -40,7 +40,7 @@ from runner.stages.compare import (
     pad_token_id,
     torch_runner,
 )
-from runner.stages.model import load_model
+from runner.stages.pretrained import load_model
 from runner.stages.shared import read_labels
 
 if TYPE_CHECKING:
@@ -434,8 +434,8 @@ def eos_ids(model: PreTrainedModel, tokenizer: Any) -> set[int]:
 def greedy_match(onnx_dir: Path, references: list[dict]) -> list[dict]:
     """Greedy decoding through onnxruntime-genai (the server's loader) from the same token ids torch continued, both
     stopping at eos (eos itself left out)."""
-    from runner.serving.model import Generator
-    from runner.serving.model import load_model as load_served
+    from runner.serving.artifact import Generator
+    from runner.serving.artifact import load_model as load_served
 
     served = load_served(onnx_dir)
     assert isinstance(served, Generator), f"{onnx_dir} does not hold a causal LM"

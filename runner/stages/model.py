@@ -1,122 +1,29 @@
-"""Model loading for every stage, and the `model` step that builds a small model from `model.init`.
+"""The `model` step: a small model built from `model.init` (tests and the tiny recipes).
 
-Every stage loads the base model and its tokenizer through `load_model` / `load_tokenizer`, so hub ids, local folders and
-models built by the model step all take the same `from_pretrained` path, with the same safety switches:
-
-- only safetensors weights are read unless the recipe sets `allow_pickle: true` (a pickle file can run code when loaded);
-- model-shipped Python runs only with `trust_remote_code: true`. We always pass an explicit bool: transformers treats
-  `None` as "ask the user on stdin", which would hang a step.
-
-The model step (planned only when `model.init` is set) trains a real tokenizer on the recipe's train split, builds a
-DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into
-`out/model`, where downstream stages load it back like any local model.
+Planned only when `model.init` is set: it trains a real tokenizer on the recipe's train split, builds a DistilBERT- or
+Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into `out/model`, where
+downstream stages load it back like any local model (runner/stages/pretrained.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import chat as chat_lib
 from runner.names import CAUSAL_LM, CLASSIFIER
-from runner.recipe.models import Data, Model, ModelInit, model_location
-from runner.recipe.packages import PackageMissing
-from runner.stages import StageError, data_rows
-from runner.stages.data_chat import ChatFormat
+from runner.recipe.sections import Data, Model, ModelInit
+from runner.stages import StageError
+from runner.stages.data import rows as data_rows
+from runner.stages.data.chat import ChatFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
-
-
-# --- loading ------------------------------------------------------------------------------------------------------------
-
-
-ModelConfig = dict[str, Any] | Model  # the JSON form from a step's config, or the validated model
-
-
-def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[str, dict[str, Any]]:
-    """What to hand to `from_pretrained`: the id or folder, and the keyword arguments that pin and guard the load.
-
-    hub  -> (hub id, {revision}); path or package -> (absolute folder, {}); init -> (the model step's `model/` folder, {}).
-    Every source also gets `trust_remote_code` and `use_safetensors` from the recipe.
-    """
-    cfg = Model.model_validate(model_cfg)
-    kwargs: dict[str, Any] = {}
-    if cfg.hub is not None:
-        source = cfg.hub
-        kwargs["revision"] = cfg.revision
-    elif cfg.path is not None or cfg.package is not None:
-        try:
-            folder = Path(model_location(cfg) or "").resolve()
-        except PackageMissing as exc:  # uninstalled since the recipe was validated
-            raise StageError(f"model.package: {exc}") from None
-        if not folder.is_dir():
-            # Without this check transformers would take the string for a hub id and fail with an unrelated message.
-            raise StageError(f"model.path {folder} is not a folder; give a folder written by save_pretrained")
-        source = str(folder)
-    else:
-        if "model" not in inputs:
-            raise StageError("model.init is set but the model step's output was not passed in (inputs['model'])")
-        source = str(Path(inputs["model"]) / "model")
-    kwargs["trust_remote_code"] = cfg.trust_remote_code
-    kwargs["use_safetensors"] = not cfg.allow_pickle
-    return source, kwargs
-
-
-def load_tokenizer(model_cfg: ModelConfig, inputs: dict[str, Path]) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, ready for training: a pad token (eos when it has none, as Llama) and right padding."""
-    from transformers import AutoTokenizer
-
-    source, kwargs = pretrained_source(model_cfg, inputs)
-    kwargs.pop("use_safetensors")  # a weights option; tokenizers would keep it as an unknown init kwarg
-    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, kwargs, "tokenizer")
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        # Llama-like tokenizers ship without one; padded positions are masked by attention_mask (and -100 labels).
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # causal LM training wants the real tokens first; generation sets left itself
-    return tokenizer
-
-
-def load_model(model_cfg: ModelConfig, inputs: dict[str, Path], task: str | None = None, **kwargs: Any) -> PreTrainedModel:
-    """The base model for `task` (default: the recipe's), through `from_pretrained`.
-
-    `kwargs` go through unchanged (num_labels, id2label, label2id, ignore_mismatched_sizes, quantization_config,
-    torch_dtype, device_map ...), except that the recipe's revision, trust_remote_code and use_safetensors always win.
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    task = task or Model.model_validate(model_cfg).task
-    autos = {CLASSIFIER: AutoModelForSequenceClassification, CAUSAL_LM: AutoModelForCausalLM}
-    if task not in autos:
-        raise StageError(f"unknown task {task!r}; expected one of {sorted(autos)}")
-    source, guarded = pretrained_source(model_cfg, inputs)
-    return _from_pretrained(autos[task].from_pretrained, source, {**kwargs, **guarded}, "model")
-
-
-def _from_pretrained(loader: Callable[..., Any], source: str, kwargs: dict[str, Any], what: str) -> Any:
-    """Call a `from_pretrained`, turning the failures a recipe can fix into StageErrors that say how."""
-    try:
-        return loader(source, **kwargs)
-    except OSError as exc:
-        if kwargs.get("use_safetensors") and "safetensors" in str(exc):
-            raise StageError(
-                f"{source} has no safetensors weights (only pickle `.bin` files?). Pickle files can run code when "
-                "loaded, so they are refused: convert the model to safetensors, or set `model.allow_pickle: true` "
-                f"if you trust its authors. ({exc})"
-            ) from exc
-        raise StageError(f"could not load the {what} from {source}: {exc}") from exc
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise StageError(
-                f"{source} needs to run Python code shipped with it; set `model.trust_remote_code: true` only if "
-                f"you trust its authors. ({exc})"
-            ) from exc
-        raise
 
 
 # --- the model step -----------------------------------------------------------------------------------------------------
@@ -128,7 +35,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     Raises:
         StageError: the recipe has no `model.init`; a distilbert asked to be a causal LM; a chat recipe
             (`data.messages_column`) on a distilbert, or without `data.chat_template`, or with a template that does not
-            render; and whatever reading the recipe's rows raises (runner.stages.data_rows: a missing file, column or
+            render; and whatever reading the recipe's rows raises (runner.stages.data.rows: a missing file, column or
             label, too few rows to split).
     """
     cfg = Model.model_validate(config["model"])

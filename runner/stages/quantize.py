@@ -24,9 +24,9 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from runner import genai
+from runner.hardware.platform_facts import cpu_isa
 from runner.names import CAUSAL_LM, CLASSIFIER
-from runner.platform_facts import cpu_isa
-from runner.recipe.models import BnbQuantize, Export, Model, OnnxStaticInt8, OnnxWeightOnly, Quantize
+from runner.recipe.sections import BnbQuantize, Export, Model, OnnxStaticInt8, OnnxWeightOnly, Quantize
 from runner.stages import StageError
 from runner.stages.compare import (
     Batch,
@@ -109,7 +109,8 @@ def check_drop(report: dict[str, Any], max_drop: float) -> None:
 
 
 def cpu_preset() -> tuple[str, str]:
-    """The int8 preset for this CPU (a key of PRESETS), and why: the CPU's instruction-set family (runner.platform_facts)."""
+    """The int8 preset for this CPU (a key of PRESETS), and why: the CPU's instruction-set family
+    (runner.hardware.platform_facts)."""
     return cpu_isa()
 
 
@@ -160,10 +161,10 @@ def quantize_onnx(model_cfg: Model, cfg: Any, inputs: dict[str, Path], out: Path
 
 def per_run_activation_scales(onnx_path: Path) -> bool:
     """Whether the graph computes activation scales from each run's whole input (dynamic int8's DynamicQuantizeLinear):
-    the server then runs each text alone (runner.serving.model), and so must this step's evaluation."""
+    the server then runs each text alone (runner.serving.artifact), and so must this step's evaluation."""
     import onnx
 
-    from runner.serving.model import DYNAMIC_SCALE_OPS
+    from runner.serving.artifact import DYNAMIC_SCALE_OPS
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     return any(node.op_type in DYNAMIC_SCALE_OPS for node in graph.node)
@@ -252,7 +253,7 @@ def quantize_weight_only(
 ) -> dict[str, Any]:
     """Rebuild the export's merged checkpoint with int8/int4 weights, then compare it with the unquantized export (both
     through ONNX Runtime): eval loss, and greedy continuations through onnxruntime-genai, as served."""
-    from runner.serving.model import load_model as load_served
+    from runner.serving.artifact import load_model as load_served
 
     export = inputs["export"]
     merged, src, dst = export / "merged", export / "onnx", out / "onnx"

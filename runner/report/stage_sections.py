@@ -1,14 +1,14 @@
 """The report's section for each stage's own report file (data stats, training metrics, the export and quantize gates,
 smoke-serve): the fields a person looks for, formatted by name; any other field the stage adds follows them through
-runner.report_format.generic, so nothing is hidden and nothing is shown twice."""
+runner.report.formatting.generic, so nothing is hidden and nothing is shown twice."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
-from runner.report_format import generic, label, metric, num, pct, plural, seconds, size, text
-from runner.report_render import Block, Callout, Cell, Table
+from runner.report.formatting import generic, label, metric, num, pct, plural, seconds, size, text
+from runner.report.render import Block, Callout, Cell, Table
 
 Rows = list[list[str | Cell]]
 

@@ -4,8 +4,8 @@
 report from RUN_DIR/failed/evaluate/): what was trained on what, the headline metric of every artifact, the served
 latency and the forgetting verdict. `write_report` lays them out: headline, forgetting, the evaluation sets, the plan
 with why each step ran, one section per stage, the environment, the resolved recipe. Every figure comes from a file a
-stage wrote; the report computes nothing but differences. Layout: runner/report_render.py; stage sections:
-runner/report_stages.py; evaluation: runner/report_eval.py.
+stage wrote; the report computes nothing but differences. Layout: runner/report/render.py; stage sections:
+runner/report/stage_sections.py; evaluation: runner/report/evaluation.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner import report_eval, report_recipe, report_stages
 from runner.recipe import Loaded
 from runner.recipe.document import Recipe
-from runner.recipe.errors import relative
-from runner.report_format import SHARES, metric, num, seconds, signed, signed_metric
-from runner.report_render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
+from runner.recipe.problems import relative
+from runner.report import evaluation as report_eval
+from runner.report import recipe_section as report_recipe
+from runner.report import stage_sections as report_stages
+from runner.report.formatting import SHARES, metric, num, seconds, signed, signed_metric
+from runner.report.render import Block, Callout, Cell, Code, Grid, Heading, Image, Para, Table, markdown, page
 from runner.run_record import RunResult, StepResult
 
 # Which file of each stage's output folder holds its report (shown instead of the step's small metrics, never beside
@@ -299,7 +301,7 @@ def _pictures(facts: Facts, step: StepResult) -> list[Block]:
         if (out / "latency.png").is_file():
             path = _copy(out / "latency.png", run_dir, "serve-latency.png")
         elif latency.get("samples_ms"):
-            from runner.plots import latency_histogram
+            from runner.report.plots import latency_histogram
 
             path = run_dir / "serve-latency.png"
             latency_histogram(latency["samples_ms"], latency["p50_ms"], latency["p95_ms"], path)
@@ -323,7 +325,7 @@ def _confusion_pictures(facts: Facts) -> dict[str, Path]:
         if out is not None and (out / f"confusion_{name}.png").is_file():
             pictures[name] = _copy(out / f"confusion_{name}.png", run_dir, f"evaluate-confusion_{name}.png")
         elif found := report_eval.confusion_source(facts.evaluate or {}, s):
-            from runner.plots import confusion_matrix
+            from runner.report.plots import confusion_matrix
 
             artifact, matrix, labels = found
             pictures[name] = run_dir / f"evaluate-confusion_{name}.png"

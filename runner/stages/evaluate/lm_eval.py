@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from runner.recipe.eval_checks import LM_EVAL_MISSING
-from runner.recipe.models import Export, LmEval, Model
+from runner.recipe.sections import Export, LmEval, Model
 from runner.stages import StageError, compare
 from runner.stages import export as export_stage
 

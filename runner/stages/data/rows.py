@@ -32,8 +32,9 @@ from datasets import (
 )
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import Data, FileSource, HubSource, InlineSource
-from runner.stages import StageError, data_chat
+from runner.recipe.sections import Data, FileSource, HubSource, InlineSource
+from runner.stages import StageError
+from runner.stages.data import chat as data_chat
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _prepare(ds: Dataset, data: Data, task: str, where: str) -> Dataset:
 
 def _prepare_chat(ds: Dataset, data: Data, where: str) -> Dataset:
     """A source of conversations, checked, as one `conversation` column (JSON text: sources whose turns carry different
-    keys still mix); `_render_chats` renders them once rows are selected (see runner.stages.data_chat)."""
+    keys still mix); `_render_chats` renders them once rows are selected (see runner.stages.data.chat)."""
     column = str(data.messages_column)
     if column not in ds.column_names:
         raise StageError(f"{where}: data.messages_column {column!r} not found; available columns: "

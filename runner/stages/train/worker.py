@@ -1,4 +1,4 @@
-"""One torchrun process of a distributed train step: `python -m torch.distributed.run ... -m runner.stages.train_worker JOB`.
+"""One torchrun process of a distributed train step: `python -m torch.distributed.run ... -m runner.stages.train.worker JOB`.
 
 JOB is the JSON file train_torchrun.launch_distributed wrote. Every rank runs the same attempt; Trainer sets up the
 process group (DDP, or FSDP when asked) from torchrun's environment, and rank 0 alone writes the outputs. A failure is
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from runner.stages import StageError
 from runner.stages.train import train_here
-from runner.stages.train_job import Job, OutOfMemory
-from runner.stages.train_torchrun import report_failure
+from runner.stages.train.job import Job, OutOfMemory
+from runner.stages.train.torchrun import report_failure
 
 
 def teardown() -> None:

@@ -5,7 +5,7 @@
   train step builds it, so its task accuracy is the "before" figure (chance for a bare encoder such as MiniLM).
 - `train`: the train step's result through the export stage's `load_trained` (a full fine-tune as saved, an adapter
   merged into an fp32 base and checked), so evaluate scores exactly the model that was exported.
-- `export` / `quantize`: the ONNX folder through the server's own loader (runner.serving.model.load_model): classifier
+- `export` / `quantize`: the ONNX folder through the server's own loader (runner.serving.artifact.load_model): classifier
   answers from `Classifier.predict` (its tokenization, truncation and batch rule), greedy answers from `Generator`, and
   a causal LM's token loss from the graph through ONNX Runtime as the quantize stage measures it.
 """
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from runner.recipe.models import Export, Model
+from runner.recipe.sections import Export, Model
 from runner.stages import StageError, compare
 from runner.stages import export as export_stage
-from runner.stages.evaluate_scores import token_loss
-from runner.stages.model import load_tokenizer
-from runner.stages.probe import mean_pooled
+from runner.stages.evaluate.linear_probe import mean_pooled
+from runner.stages.evaluate.scores import token_loss
+from runner.stages.pretrained import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class OnnxScorer(Scorer):
     """An ONNX artifact folder through the server's loader."""
 
     def __init__(self, folder: Path, model_cfg: Model) -> None:
-        from runner.serving.model import load_model as load_served
+        from runner.serving.artifact import load_model as load_served
 
         self.folder = folder
         self.served: Any = load_served(folder)

@@ -1,5 +1,5 @@
 """The gradient guard: a Trainer callback that fails the train step when its first optimizer steps get no usable
-gradient (all exactly zero or not finite). The train stage adds it to every Trainer; runner/hwcheck.py runs it too.
+gradient (all exactly zero or not finite). The train stage adds it to every Trainer; runner/hardware/hwcheck.py runs it too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The report's evaluation part, from evaluate_report.json (its format: the evaluate stage, runner/stages/evaluate.py):
+"""The report's evaluation part, from evaluate_report.json (its format: the evaluate stage, runner/stages/evaluate/__init__.py):
 the forgetting table with its verdict, then one table per set with every artifact's scores beside the base model's,
 per-class precision/recall and the confusion matrix for classifiers."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.names import CAUSAL_LM
-from runner.report_format import DASH, metric, num, pct, signed_metric, signed_pct
-from runner.report_render import Block, Callout, Cell, Heading, Image, Para, Table
+from runner.report.formatting import DASH, metric, num, pct, signed_metric, signed_pct
+from runner.report.render import Block, Callout, Cell, Heading, Image, Para, Table
 
 Rows = list[list[str | Cell]]
 
@@ -174,7 +174,7 @@ def sets(report: dict[str, Any], names: dict[str, str], pictures: dict[str, Path
             blocks.append(Image(pictures[s["name"]], f"confusion matrix, set {s['name']}",
                                 f"confusion matrix on {s['name']}: rows are the true label, columns the predicted one"))
     if lm_eval := report.get("lm_eval"):
-        from runner.report_format import generic
+        from runner.report.formatting import generic
 
         rows, tables = generic(lm_eval if isinstance(lm_eval, dict) else {"results": lm_eval})
         blocks += [Heading("lm-evaluation-harness", 3), Table(["figure", "value"], rows, compact=True), *tables]

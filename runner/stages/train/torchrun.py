@@ -1,4 +1,4 @@
-"""A train attempt over several processes: torchrun relaunches the step as runner.stages.train_worker, one process
+"""A train attempt over several processes: torchrun relaunches the step as runner.stages.train.worker, one process
 per device (or per device on each node, multi-node), and the workers report failures through files in `launch/`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import StageError
-from runner.stages.train_job import Job, OutOfMemory, TrainConfig
+from runner.stages.train.job import Job, OutOfMemory, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ LAUNCH = "launch"
 
 
 def launch_distributed(job: Job) -> dict[str, Any]:
-    """Run the attempt as `torchrun ... -m runner.stages.train_worker`; the workers write the outputs, we read them."""
+    """Run the attempt as `torchrun ... -m runner.stages.train.worker`; the workers write the outputs, we read them."""
     folder = job.out / LAUNCH
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -31,7 +31,7 @@ def launch_distributed(job: Job) -> dict[str, Any]:
     spec = folder / "job.json"
     spec.write_text(json.dumps(job.to_json()))
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(job.train), "-m",
-               "runner.stages.train_worker", str(spec)]
+               "runner.stages.train.worker", str(spec)]
     log.info("launching: %s", " ".join(command))
     code, tail = _stream(command)
     failure = worker_failure(folder)

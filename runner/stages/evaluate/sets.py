@@ -1,5 +1,5 @@
 """The evaluate step's sets: the recipe's test split (from the data step's dataset/) and the extra sets of
-`evaluate.sets`, read like data sources (runner.stages.data_rows, the data step's own source loading).
+`evaluate.sets`, read like data sources (runner.stages.data.rows, the data step's own source loading).
 
 A set is plain rows: texts, and where the set has them, labels (classifier), prompts and reference answers (causal LM),
 and for the test split of a causal LM the data step's token rows (its labels mask the prompt when `mask_prompt` is set,
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import EvalSet, Evaluate, FileSource, HubSource
-from runner.stages import StageError, data_rows
+from runner.recipe.sections import EvalSet, Evaluate, FileSource, HubSource
+from runner.stages import StageError
+from runner.stages.data import rows as data_rows
 
 TEST = "test"
 

@@ -11,11 +11,14 @@ import torch
 from transformers import PreTrainedModel
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import FullTrain, QloraTrain
-from runner.stages import StageError, regularize
-from runner.stages import model as model_stage  # called through the module: tests wrap load_model
+from runner.recipe.sections import FullTrain, QloraTrain
+from runner.stages import (
+    StageError,
+    pretrained,  # called through the module: tests wrap load_model
+)
 from runner.stages.shared import EXTRA_HEADS, bnb_config
-from runner.stages.train_job import Job
+from runner.stages.train import regularize
+from runner.stages.train.job import Job
 
 
 def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torch.nn.Module:
@@ -29,7 +32,7 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
     kwargs |= regularize.load_kwargs(job.train.l2sp)  # L2-SP: from_pretrained also reports which weights it loaded
     # train.l2sp: the frozen copy of the pretrained weights is taken here, from the base (a resume loads the checkpoint
     # later, inside Trainer.train)
-    model = regularize.attach(model_stage.load_model(job.model_json, job.inputs, job.model.task, **kwargs), job.train.l2sp)
+    model = regularize.attach(pretrained.load_model(job.model_json, job.inputs, job.model.task, **kwargs), job.train.l2sp)
     if job.model.task == CLASSIFIER:
         # Sequence classifiers declare **kwargs in forward() but return a per-batch mean loss, so Trainer takes them
         # for models that divide by num_items_in_batch and stops dividing by gradient_accumulation_steps: the update

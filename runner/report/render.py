@@ -1,6 +1,6 @@
 """Rendering the run report: one list of blocks (headings, paragraphs, tables, pictures) -> report.md and report.html.
 
-The report's content is decided in runner/report.py and runner/report_stages.py; this module only lays it out, the
+The report's content is decided in runner/report/build.py and runner/report/stage_sections.py; this module only lays it out, the
 same way in both formats: every cell is already formatted text (never a Python repr), and the HTML is one
 self-contained file (inline CSS, pictures embedded as data URIs, no JavaScript).
 """

@@ -5,7 +5,7 @@ Checks, all recorded in out/serve_report.json: the recipe's probes; served answe
 ready afterwards; `concurrency` identical requests at once with identical answers (and a mixed round checked against the
 offline answers, which catches a batcher that hands results to the wrong request); for classifiers, batch invariance
 (a text alone vs among 16 concurrent others: no label flip, scores within `serve.max_score_drift`) and served accuracy
-equal to the accuracy the served artifact's report recorded offline on the same test rows (runner/stages/serve_gates.py);
+equal to the accuracy the served artifact's report recorded offline on the same test rows (runner/stages/serve/gates.py);
 p50/p95 latency (with the raw samples, drawn in out/latency.png) and throughput. The server is always stopped: its
 process group gets SIGTERM, then SIGKILL after a grace period, also on failure and Ctrl-C.
 """
@@ -32,12 +32,13 @@ import numpy as np
 import runner
 from runner.chat import load_chat_template
 from runner.names import CLASSIFIER
-from runner.recipe.models import Model, Probe, Serve
+from runner.recipe.sections import Model, Probe, Serve
 from runner.redact import RedactedFile
 from runner.serving import openai
-from runner.serving.model import Classifier, load_model
+from runner.serving.artifact import Classifier, load_model
 from runner.serving.settings import ServerSettings
-from runner.stages import StageError, serve_gates
+from runner.stages import StageError
+from runner.stages.serve import gates as serve_gates
 
 log = logging.getLogger(__name__)
 SCORE_ATOL = 1e-5
@@ -364,7 +365,7 @@ def _measure(client: httpx.Client, route: str, payload: dict[str, Any], n: int, 
 def _latency_picture(latency: dict[str, Any] | None, path: Path) -> None:
     """latency.png beside the report (also when a gate failed: a slow p95 is best read from its histogram)."""
     if latency and latency.get("samples_ms"):
-        from runner.plots import latency_histogram
+        from runner.report.plots import latency_histogram
 
         latency_histogram(latency["samples_ms"], latency["p50_ms"], latency["p95_ms"], path)
 

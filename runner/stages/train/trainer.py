@@ -20,12 +20,12 @@ from transformers import (
 )
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import Model
-from runner.stages import regularize
-from runner.stages.packing import PackingCollator
-from runner.stages.train_checkpoints import CHECKPOINTS
-from runner.stages.train_guard import GUARD_STEPS, GUARD_STEPS_FP16, GradientGuard
-from runner.stages.train_job import Job, TrainConfig
+from runner.recipe.sections import Model
+from runner.stages.train import regularize
+from runner.stages.train.checkpoints import CHECKPOINTS
+from runner.stages.train.guard import GUARD_STEPS, GUARD_STEPS_FP16, GradientGuard
+from runner.stages.train.job import Job, TrainConfig
+from runner.stages.train.packing import PackingCollator
 
 
 class RngPreservingTrainer(Trainer):
@@ -63,7 +63,7 @@ class RngPreservingTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """train.l2sp: the training loss gets the L2-SP penalty (runner/stages/regularize.py); evaluation's does not."""
+        """train.l2sp: the training loss gets the L2-SP penalty (runner/stages/train/regularize.py); evaluation's does not."""
         result: Any = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                            num_items_in_batch=num_items_in_batch)
         anchor = regularize.anchor_of(self.accelerator.unwrap_model(model))
@@ -92,7 +92,7 @@ def padded_collator(tokenizer: Any, classifier: bool) -> Any:
 
 
 def packed_collator(tokenizer: Any, model: Model) -> PackingCollator:
-    """data.packing (runner/stages/packing.py): one row per batch for flash_attention_2, else rows as wide as the
+    """data.packing (runner/stages/train/packing.py): one row per batch for flash_attention_2, else rows as wide as the
     batch's longest example."""
     return PackingCollator(tokenizer.pad_token_id, one_row=model.attn_implementation == "flash_attention_2")
 

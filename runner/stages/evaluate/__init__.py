@@ -1,13 +1,13 @@
 """The evaluate step: every model the recipe made, scored offline on every set, and the forgetting gate.
 
-What it scores (runner.stages.evaluate_models): the base model before fine-tuning, the trained model (torch), the ONNX
+What it scores (runner.stages.evaluate.artifacts): the base model before fine-tuning, the trained model (torch), the ONNX
 export and the quantized model, where the recipe has those steps and `evaluate.artifacts` names them; the ONNX ones
 through the server's own loader (the served model itself is covered by smoke-serve, whose answers equal these; no
-server is started here). On which sets (runner.stages.evaluate_sets): the recipe's test split and `evaluate.sets`.
+server is started here). On which sets (runner.stages.evaluate.sets): the recipe's test split and `evaluate.sets`.
 
 - Classifiers: accuracy, macro-F1, per-class precision/recall and the confusion matrix on task sets; on `general`
-  sets the linear-probe accuracy of the frozen encoder, base and tuned (runner.stages.probe; ONNX graphs give logits,
-  not features, so the probe covers base and train).
+  sets the linear-probe accuracy of the frozen encoder, base and tuned (runner.stages.evaluate.linear_probe; ONNX
+  graphs give logits, not features, so the probe covers base and train).
 - Causal LMs: loss and perplexity on every set, exact match / contains where a set has reference answers (the test
   split of a `mask_prompt` recipe has them: its answers).
 
@@ -29,16 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from runner import stages
-from runner.cache import read_memo, write_memo
 from runner.names import CLASSIFIER
 from runner.plan import canonical, package_version
-from runner.recipe.models import Evaluate, Model
-from runner.stages import StageError, data_rows
-from runner.stages import evaluate_models as models
-from runner.stages.evaluate_scores import answer_metrics, classifier_metrics
-from runner.stages.evaluate_sets import ScoredSet, label_names, load_sets
+from runner.recipe.sections import Evaluate, Model
+from runner.stages import StageError
+from runner.stages.data import rows as data_rows
+from runner.stages.evaluate import artifacts as models
+from runner.stages.evaluate.linear_probe import PROBE_C, PROBE_MAX_ITER, probe_accuracy
+from runner.stages.evaluate.scores import answer_metrics, classifier_metrics
+from runner.stages.evaluate.sets import ScoredSet, label_names, load_sets
 from runner.stages.export import greedy_prompt
-from runner.stages.probe import PROBE_C, PROBE_MAX_ITER, probe_accuracy
+from runner.store.local import read_memo, write_memo
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     keys: dict[str, str] = dict(config["artifact_keys"])
     task = model_cfg.task
     if cfg.lm_eval is not None:
-        from runner.stages.evaluate_lm_eval import require_lm_eval
+        from runner.stages.evaluate.lm_eval import require_lm_eval
 
         require_lm_eval()  # before any scoring: a missing package is found in a second, not after the whole step
     with data_rows.scratch_dir(out) as scratch:
@@ -74,7 +75,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     results, reused, skipped = score_all(sets, keys, model_cfg, cfg, inputs, seed, labels, inputs.get("memo"))
     report = build_report(task, sets, keys, results, reused, skipped, cfg, inputs)
     if cfg.lm_eval is not None and TUNED in keys:
-        from runner.stages.evaluate_lm_eval import run_lm_eval
+        from runner.stages.evaluate.lm_eval import run_lm_eval
 
         report["lm_eval"] = run_lm_eval(cfg.lm_eval, model_cfg, inputs, seed)
     (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

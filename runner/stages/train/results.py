@@ -13,9 +13,9 @@ from typing import Any
 from transformers import Trainer
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import FullTrain
+from runner.recipe.sections import FullTrain
 from runner.stages.shared import perplexity
-from runner.stages.train_job import Job
+from runner.stages.train.job import Job
 
 log = logging.getLogger(__name__)
 

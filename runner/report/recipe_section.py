@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.recipe.document import Recipe
-from runner.recipe.errors import relative
-from runner.recipe.models import FileSource, HubSource
-from runner.report_format import num
-from runner.report_render import Cell
+from runner.recipe.problems import relative
+from runner.recipe.sections import FileSource, HubSource
+from runner.report.formatting import num
+from runner.report.render import Cell
 
 
 def what(recipe: Recipe, environment: dict[str, Any], stats: dict[str, Any] | None, evaluate: dict[str, Any] | None

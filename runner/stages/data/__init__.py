@@ -32,10 +32,11 @@ from datasets import (
 from datasets.table import InMemoryTable
 
 from runner.names import CLASSIFIER
-from runner.recipe.models import Data, Model
-from runner.stages import StageError, data_chat
-from runner.stages.data_rows import encode_labels, label_names, load_rows, scratch_dir, split_rows
-from runner.stages.model import load_tokenizer
+from runner.recipe.sections import Data, Model
+from runner.stages import StageError
+from runner.stages.data import chat as data_chat
+from runner.stages.data.rows import encode_labels, label_names, load_rows, scratch_dir, split_rows
+from runner.stages.pretrained import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             tokenizer; `data.max_length` above what the model accepts; the base's tokenizer cannot be loaded; a source
             cannot be read (missing file, unknown format, wrong hub revision), lacks a column, has no rows or rows
             without a label; only one label; a label outside `data.labels`; a template field that names no column;
-            conversations that do not render (runner.stages.data_chat); too few rows for `test_size`.
+            conversations that do not render (runner.stages.data.chat); too few rows for `test_size`.
     """
     task = Model.model_validate(config["model"]).task
     data = Data.model_validate(config["data"])

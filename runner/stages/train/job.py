@@ -1,7 +1,7 @@
 """The train step's job: its parsed config plus what the out-of-memory retry changes (batch size, accumulation), in
 the form the torchrun workers read back; and OutOfMemory, the signal an attempt (here or in a worker) gives the retry.
 
-Shared by every part of the train stage (runner/stages/train.py and its train_* modules); imports none of them.
+Shared by every part of the train stage (runner/stages/train/__init__.py and its train_* modules); imports none of them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from runner.recipe.models import FullTrain, LoraTrain, Model, QloraTrain, Train
+from runner.recipe.sections import FullTrain, LoraTrain, Model, QloraTrain, Train
 
 TrainConfig = FullTrain | LoraTrain | QloraTrain
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from runner.report_render import Block, Cell, Table
+from runner.report.render import Block, Cell, Table
 
 DASH = "—"
 

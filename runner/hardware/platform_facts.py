@@ -1,7 +1,7 @@
 """What this machine is, as far as results depend on it: CPU instruction-set family, GPUs, OS and architecture.
 
 Stdlib only and cheap (planning calls it): no torch import. Also the one place that runs nvidia-smi (nvidia_smi,
-nvidia_smi_query), for the doctor's probe and runner.hwcheck too. Two consumers of the facts:
+nvidia_smi_query), for the doctor's probe and runner.hardware.hwcheck too. Two consumers of the facts:
 - planning puts the parts that change a step's bytes into that step's key (the int8 preset picks u8 or s8 weights; the
   GPU count changes Trainer's effective batch);
 - the lock records the whole description, so `recipe verify` on another machine can tell platform-dependent

@@ -9,7 +9,7 @@ so the cached result stays small. The step is resumable: a killed attempt's fold
 from the newest complete checkpoint. Trainer restores the optimizer, scheduler and RNG states from it, so the result equals
 an uninterrupted run's.
 
-Several processes: with `train.distributed` the step relaunches itself through torchrun (`runner.stages.train_worker`),
+Several processes: with `train.distributed` the step relaunches itself through torchrun (`runner.stages.train.worker`),
 one process per device; Trainer then runs DDP (or FSDP with `fsdp`/`fsdp_config`). Multi-node: run the same recipe on every
 machine with MASTER_ADDR, MASTER_PORT (the first machine's address and a free port) and NODE_RANK (0..nnodes-1) set in the
 environment. Every node keeps its own checkpoints and writes the outputs into its own out folder (Trainer's
@@ -38,16 +38,20 @@ from typing import Any
 import torch
 from transformers import TrainingArguments, set_seed
 
-from runner.recipe.models import Model, QloraTrain
-from runner.stages import StageError, data_chat, regularize
-from runner.stages import model as model_stage  # called through the module: tests wrap load_model
+from runner.recipe.sections import Model, QloraTrain
+from runner.stages import (
+    StageError,
+    pretrained,  # called through the module: tests wrap load_model
+)
+from runner.stages.data import chat as data_chat
 from runner.stages.shared import read_labels
-from runner.stages.train_checkpoints import CHECKPOINTS, checkpoint_step, drop_incomplete_checkpoints, resume_point
-from runner.stages.train_job import Job, OutOfMemory, TrainConfig
-from runner.stages.train_model import build_model, parameter_counts
-from runner.stages.train_results import final_eval, loss_metrics, save_outputs
-from runner.stages.train_torchrun import launch_distributed
-from runner.stages.train_trainer import ddp_backend, make_trainer
+from runner.stages.train import regularize
+from runner.stages.train.build import build_model, parameter_counts
+from runner.stages.train.checkpoints import CHECKPOINTS, checkpoint_step, drop_incomplete_checkpoints, resume_point
+from runner.stages.train.job import Job, OutOfMemory, TrainConfig
+from runner.stages.train.results import final_eval, loss_metrics, save_outputs
+from runner.stages.train.torchrun import launch_distributed
+from runner.stages.train.trainer import ddp_backend, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         StageError: settings this machine cannot run (`train.liger` without CUDA or liger-kernel; flash_attention_2
             without CUDA, compute capability 8.0+ or flash-attn; 4-bit QLoRA or `precision: fp16` on CPU; bfloat16
             precision or QLoRA compute dtype on a GPU without it; `distributed.backend: nccl` on CPU); the base or its
-            tokenizer cannot be loaded (runner.stages.model: no folder at model.path, a bad model.package, model.init
+            tokenizer cannot be loaded (runner.stages.pretrained: no folder at model.path, a bad model.package, model.init
             without the model step's output, pickle-only weights, code that needs `trust_remote_code`); the data
             step's dataset lacks its train or test split; LoRA target_modules that do not fit the model; the gradient
             guard finds no usable gradient in the first optimizer steps; out of memory at `min_batch_size`; under
@@ -177,7 +181,7 @@ def _train_once(job: Job) -> dict[str, Any]:
     set_seed(job.seed)  # before the model is built: fresh heads and LoRA matrices start the same on every run
     labels = read_labels(job.inputs["data"])
     splits = read_splits(job.inputs["data"])
-    tokenizer = model_stage.load_tokenizer(job.model_json, job.inputs)
+    tokenizer = pretrained.load_tokenizer(job.model_json, job.inputs)
     # chat recipes: the template the data step rendered with is saved with this tokenizer, so export and the server
     # render conversations as training did (data.chat_template may replace the tokenizer's own)
     template = data_chat.saved_template(job.inputs["data"])

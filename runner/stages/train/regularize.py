@@ -6,7 +6,7 @@ with convolutional networks"). A parameter the checkpoint lacked (the classifier
 all-MiniLM-L6-v2 has no weights for, or a head resized to another label count) was freshly initialized: it has no
 pretrained value to be pulled to, so it is left out, as the paper leaves the new task layers out of the SP term.
 
-How it fits the train stage (runner/stages/train.py, train_model.py and train_trainer.py call these, nothing else):
+How it fits the train stage (runner/stages/train/__init__.py, train_model.py and train_trainer.py call these, nothing else):
 - `load_kwargs` asks `from_pretrained` for its loading report and `attach` takes the copy right after loading, from the
   base model. A resumed attempt rebuilds the model from the base and only then loads the checkpoint's weights (inside
   `Trainer.train`), so w0 stays the *pretrained* weights, never the checkpoint's.

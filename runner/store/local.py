@@ -5,7 +5,7 @@ Layout under the cache root (only this module knows it):
     entries/<kind>/<key>/outputs/...    what the stage wrote
     entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry; each output
                                         with its sha256, size and role (artifact or record, see output_role), and
-                                        the platform the entry was produced on (runner.platform_facts.describe)
+                                        the platform the entry was produced on (runner.hardware.platform_facts.describe)
     work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages); nodes
                                         above 0 of a multi-node train step use <key>.node<N> (node_work_key)
     memo/<kind>/<key>.json              sub-results a stage memoizes across step keys (evaluate: one score per
@@ -33,7 +33,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from runner import platform_facts, stages
+from runner import stages
+from runner.hardware import platform_facts
 
 MANIFEST = "manifest.json"
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}")  # runner.plan.key_of: a sha256 prefix

@@ -3,7 +3,7 @@
 - Batch invariance: a text's answer must not depend on what else the server is doing. Every one of `NEIGHBOURS + 1`
   texts is sent alone, then all of them at once (each among `NEIGHBOURS` concurrent others, so the server may merge and
   pad them), `ROUNDS` times; any label flip or a score that moves by more than `serve.max_score_drift` fails the step.
-  The server keeps this by batching only batch-invariant graphs (runner/serving/model.py); the gate is what shows it.
+  The server keeps this by batching only batch-invariant graphs (runner/serving/artifact.py); the gate is what shows it.
 - Served accuracy: the accuracy the server gives on the data step's test rows must equal the offline accuracy that the
   report of the served artifact (quantize_report.json or export_report.json) recorded on the same rows. When it does
   not, the message says what differs: the server against the same model run in-process text by text (a serving bug),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import chat
-from runner.recipe.models import Data
+from runner.recipe.sections import Data
 from runner.stages import StageError
 
 TEMPLATE_FILE = "chat_template.jinja"  # in the data step's output: the template the rows were rendered with
