@@ -19,6 +19,7 @@ from rich.table import Table
 from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.problems import relative
+from runner.stages import record_patterns
 from runner.store.local import ARTIFACT, RECORD, Cache, output_role, tree_size
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
@@ -336,7 +337,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for entry in cache.entries():
             manifest = entry.manifest
             size = tree_size(entry.outputs)
-            roles = [output_role(entry.kind, rel, meta) for rel, meta in manifest.get("outputs", {}).items()]
+            roles = [output_role(rel, meta, record_patterns(entry.kind)) for rel, meta in manifest.get("outputs", {}).items()]
             table.add_row(entry.kind, entry.key[:12], _human(size), str(roles.count(ARTIFACT)), str(roles.count(RECORD)),
                           str(manifest.get("seconds", "")), str(manifest.get("started", "")))
         out.print(table)

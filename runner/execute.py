@@ -127,7 +127,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         if rank:
             entry = _commit_as_other_node(cache, step, work_key, out, manifest, previous)
         else:
-            entry = cache.commit(step.kind, step.key, out, manifest)
+            entry = cache.commit(step.kind, step.key, out, manifest, stages.record_patterns(step.kind))
         entries[step.kind] = entry
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
@@ -172,7 +172,7 @@ def _commit_as_other_node(cache: Cache, step: Step, work_key: str, out: Path, ma
             log.info("%s: node 0 committed the step; this node's copy is dropped", step.kind)
             cache.discard_work(step.kind, work_key)
             return hit
-        return cache.commit(step.kind, step.key, out, manifest)
+        return cache.commit(step.kind, step.key, out, manifest, stages.record_patterns(step.kind))
 
 
 def _failed(step: Step, work_key: str, cache: Cache, resumable: bool, message: str, started: float, out: Path,

@@ -26,9 +26,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from runner.hardware import platform_facts
-from runner.plan import Step, canonical, why_stale
+from runner.keys import canonical
+from runner.plan import Step, why_stale
 from runner.recipe import Loaded, Pos, Problem, RecipeError
 from runner.recipe.problems import dotted, relative
+from runner.stages import record_patterns
 from runner.store.local import RECORD, Cache, Entry, output_role, sha256_file
 
 LOCK_VERSION = 2  # 2: artifacts and records apart, the platform of the lock and of each step
@@ -146,7 +148,7 @@ def build_lock(loaded: Loaded, steps: list[Step], cache: Cache) -> tuple[dict[st
             problems += [f"{step.kind}: cache entry damaged: {line} (`recipe cache verify` quarantines it)" for line in damage]
             continue
         outputs = entry.manifest["outputs"]
-        roles = {rel: output_role(step.kind, rel, meta) for rel, meta in outputs.items()}
+        roles = {rel: output_role(rel, meta, record_patterns(step.kind)) for rel, meta in outputs.items()}
         locked_steps[step.kind] = LockedStep(
             key=step.key, material=step.material, platform=Platform(**entry_platform(entry)),
             artifacts={rel: meta["sha256"] for rel, meta in outputs.items() if roles[rel] != RECORD},
@@ -282,7 +284,7 @@ def _compare_files(step: Step, locked: LockedStep, entry: Entry, result: Verific
     """Every artifact on disk, re-hashed, against the lock; the lines that differ."""
     manifest = entry.manifest.get("outputs", {})
     on_disk = sorted(p.relative_to(entry.outputs).as_posix() for p in entry.outputs.rglob("*") if p.is_file())
-    records = {rel for rel in on_disk if output_role(step.kind, rel, manifest.get(rel)) == RECORD}
+    records = {rel for rel in on_disk if output_role(rel, manifest.get(rel), record_patterns(step.kind)) == RECORD}
     if records:
         result.records[step.kind] = sorted(records)
     artifacts = set(on_disk) - records

@@ -12,14 +12,13 @@ revision into a commit sha (runner.recipe.local_checks.pin_revisions), so a move
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from runner import stages
 from runner.hardware import platform_facts
+from runner.keys import canonical, package_version
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_method
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.schema import field_has
@@ -109,10 +108,6 @@ def key_of(material: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(material).encode()).hexdigest()[:24]
 
 
-def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
 def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
     """The part of a config that can change a result: neutral fields dropped, local paths as content hashes.
 
@@ -132,31 +127,6 @@ def normalize(value: Any, loc: tuple[str | int, ...], memo: HashMemo) -> Any:
     if isinstance(value, str) and loc and field_has(loc, X_PACKAGE_FOLDER):  # a model inside an installed package
         return {**packages.provenance(value, memo.file), "sha256": memo.tree(packages.package_folder(value))}
     return value
-
-
-# A module that several distributions provide, the plain one first: CUDA envs install onnxruntime-gpu (and
-# onnxruntime-genai-cuda), which provide the same `onnxruntime` module under another name.
-ALTERNATIVES = {
-    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
-    "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda"),
-}
-
-
-def package_version(name: str) -> str:
-    """The version of the distribution that provides `name`'s module: "1.32.0" for the plain one (what keys have always
-    held), "onnxruntime-gpu 1.31.1" for an alternative, so a CPU and a GPU build never share a key; "absent" for none."""
-    found = []
-    for candidate in ALTERNATIVES.get(name, (name,)):
-        try:
-            found.append((candidate, metadata.version(candidate)))
-        except metadata.PackageNotFoundError:
-            continue
-    if not found:
-        return "absent"
-    if len(found) == 1 and found[0][0] == name:
-        return found[0][1]
-    # Both installed is a broken env (they overwrite each other's files); the key says so instead of guessing.
-    return " + ".join(f"{candidate} {version}" for candidate, version in found)
 
 
 # Quantize methods whose int8 weight type comes from the CPU preset (runner.stages.quantize.cpu_preset); the quantized

@@ -1,5 +1,6 @@
-"""The shape of runner/: no import cycles (function-level imports included), no module past 600 lines, and every
-stage's entry point documents what it raises.
+"""The shape of runner/: no import cycles (function-level imports included), no module past 600 lines, every
+stage's entry point documents what it raises, and the stage contract's boundaries: a stage never imports the store or
+the planner, and the store never imports a stage.
 
 A cycle hidden by a function-level import still ties two modules into one: neither can be read, tested or moved
 alone, and the import order decides which half sees the other half-initialized. ruff cannot see cycles, so this test
@@ -91,6 +92,33 @@ def test_runner_has_no_import_cycles():
     assert [" -> ".join(cycle) for cycle in cycles(REPO / "runner")] == []
 
 
+def boundary_crossings(root: Path, inner: str, forbidden: tuple[str, ...]) -> list[str]:
+    """`module -> import` for every module under the package `inner` that imports one of `forbidden` (or a module
+    below one of them), function-level imports included."""
+    modules = module_names(root)
+    found = []
+    for name, path in modules.items():
+        if name != inner and not name.startswith(inner + "."):
+            continue
+        for imported in sorted(imports_of(name, path, modules)):
+            if any(imported == f or imported.startswith(f + ".") for f in forbidden):
+                found.append(f"{name} -> {imported}")
+    return found
+
+
+def test_stages_never_import_the_store_or_the_planner():
+    """runner/stages/__init__.py: a stage gets its inputs and an empty folder; it never touches the cache or plans.
+    (evaluate's memo folder is handed to it by the executor; the key helpers it shares with the planner are in
+    runner/keys.py.)"""
+    forbidden = ("runner.store", "runner.plan", "runner.execute", "runner.lockfile")
+    assert boundary_crossings(REPO / "runner", "runner.stages", forbidden) == []
+
+
+def test_the_store_never_imports_a_stage():
+    """The store is given what it needs (a stage's record patterns) by its callers: it knows no stage."""
+    assert boundary_crossings(REPO / "runner", "runner.store", ("runner.stages", "runner.plan", "runner.execute")) == []
+
+
 def synthetic_package(root: Path, files: dict[str, str]) -> Path:
     """A package `pkg` under root with these files (path inside it -> source), for the checks' own tests."""
     package = root / "pkg"
@@ -114,6 +142,14 @@ def test_relative_imports_count_too(tmp_path):
     package = synthetic_package(tmp_path, {
         "__init__.py": "", "sub/__init__.py": "", "sub/x.py": "from . import y\n", "sub/y.py": "from .x import z\n"})
     assert cycles(package) == [["pkg.sub.x", "pkg.sub.y", "pkg.sub.x"]]
+
+
+def test_the_boundary_check_sees_a_stage_that_reaches_into_the_store(tmp_path):
+    package = synthetic_package(tmp_path, {
+        "__init__.py": "", "store/__init__.py": "", "store/local.py": "X = 1\n",
+        "stages/__init__.py": "", "stages/train.py": "def run():\n    from pkg.store.local import X\n    return X\n",
+    })
+    assert boundary_crossings(package, "pkg.stages", ("pkg.store",)) == ["pkg.stages.train -> pkg.store.local"]
 
 
 def defined_names(path: Path) -> set[str]:

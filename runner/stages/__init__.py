@@ -65,7 +65,7 @@ class StageSpec:
     # kept, hashed into the manifest and listed in the lock, but never compared across machines by `recipe verify`.
     records: tuple[str, ...] = ()
     # Gets a cache-owned folder at inputs["memo"] for sub-results memoized by content across keys (evaluate: one score
-    # per (set, artifact)); the stage writes each memo file atomically (runner.store.local.write_memo).
+    # per (set, artifact)); the stage writes each memo file atomically (runner.atomic.write_memo).
     memo: bool = False
 
 
@@ -105,3 +105,9 @@ STAGES: dict[str, StageSpec] = {
         records=("*",),  # the report holds latencies, a port and a pid; server.log is a log
     ),
 }
+
+
+def record_patterns(kind: str) -> tuple[str, ...]:
+    """The run-record patterns of a stage, for the store (which knows no stages); () for a kind this version lacks."""
+    spec = STAGES.get(kind)  # looked up per call: tests swap in test-only stages
+    return spec.records if spec is not None else ()

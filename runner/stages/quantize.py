@@ -40,7 +40,8 @@ from runner.stages.compare import (
     pad_token_id,
     torch_runner,
 )
-from runner.stages.export import ONNX_NAME, auto_class, copy_labels, greedy_prompt, load_trained, onnx_size, tokenizer_from
+from runner.stages.export import ONNX_NAME, copy_labels, greedy_prompt, onnx_size
+from runner.stages.merge import auto_class, load_trained, tokenizer_from
 from runner.stages.shared import bnb_config
 
 if TYPE_CHECKING:

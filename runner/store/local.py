@@ -33,12 +33,13 @@ from typing import Any
 
 from filelock import FileLock
 
-from runner import stages
+from runner.atomic import atomic_write
 from runner.hardware import platform_facts
 
 MANIFEST = "manifest.json"
 KEY_PATTERN = re.compile(r"[0-9a-f]{24}")  # runner.plan.key_of: a sha256 prefix
 WORK_KEY_PATTERN = re.compile(r"[0-9a-f]{24}(\.node[0-9]+)?")  # a step key, or a node's key (node_work_key)
+KIND_PATTERN = re.compile(r"[a-z][a-z_]*")  # a stage's name (runner.stages.STAGES); the store knows no stage list
 ARTIFACT, RECORD = "artifact", "record"
 
 
@@ -106,42 +107,17 @@ class HashMemo:
         if self.path is None or not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, json.dumps(self.memo, sort_keys=True))
+        atomic_write(self.path, json.dumps(self.memo, sort_keys=True))
         self.changed = False
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_memo(folder: Path, key: str, value: dict[str, Any]) -> None:
-    """One memoized sub-result (see Cache.memo_dir), written atomically."""
-    _atomic_write(folder / f"{key}.json", json.dumps(value, sort_keys=True, indent=1))
-
-
-def read_memo(folder: Path, key: str) -> dict[str, Any] | None:
-    """A memoized sub-result, or None when absent or unreadable (a damaged memo costs a recomputation, not a wrong result)."""
-    try:
-        value = json.loads((folder / f"{key}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def output_role(kind: str, rel: str, meta: dict[str, Any] | None = None) -> str:
+def output_role(rel: str, meta: dict[str, Any] | None = None, records: tuple[str, ...] = ()) -> str:
     """ARTIFACT (the same recipe and seed give the same bytes; `recipe verify` compares it) or RECORD (timings, logs,
-    plots: kept, not compared). The manifest's word wins; entries committed before roles existed fall back to the
-    stage's record patterns (StageSpec.records)."""
+    plots: kept, not compared). The manifest's word wins; otherwise the stage's record patterns decide (`records`,
+    fnmatch patterns the caller takes from StageSpec.records: the store knows no stages)."""
     if meta and meta.get("role") in (ARTIFACT, RECORD):
         return str(meta["role"])
-    spec = stages.STAGES.get(kind)  # looked up per call: tests swap in test-only stages
-    patterns = spec.records if spec is not None else ()
-    return RECORD if any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns) else ARTIFACT
+    return RECORD if any(fnmatch.fnmatchcase(rel, pattern) for pattern in records) else ARTIFACT
 
 
 # --- entries ------------------------------------------------------------------------------------------------------------
@@ -187,8 +163,8 @@ class Cache:
             (kind, key), pattern = rel[1].rsplit("-", 1), WORK_KEY_PATTERN
         else:
             raise ValueError(f"{path} is not an entry or work folder of the cache at {self.root}")
-        if kind not in stages.STAGES or not pattern.fullmatch(key):
-            raise ValueError(f"{path}: {kind!r} is not a stage or {key!r} not a step key")
+        if not KIND_PATTERN.fullmatch(kind) or not pattern.fullmatch(key):
+            raise ValueError(f"{path}: {kind!r} is not a stage name or {key!r} not a step key")
         return kind, key
 
     # lookups
@@ -286,16 +262,16 @@ class Cache:
         (work / "outputs").mkdir(parents=True, exist_ok=True)
         return work / "outputs"
 
-    def commit(self, kind: str, key: str, outputs: Path, manifest: dict[str, Any]) -> Entry:
+    def commit(self, kind: str, key: str, outputs: Path, manifest: dict[str, Any], records: tuple[str, ...] = ()) -> Entry:
         """Record output hashes, write the manifest, then rename the work folder into place in one atomic step."""
         work = outputs.parent
         files = sorted(p for p in outputs.rglob("*") if p.is_file())
         described = {}
         for p in files:
             rel = p.relative_to(outputs).as_posix()
-            described[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "role": output_role(kind, rel)}
+            described[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "role": output_role(rel, records=records)}
         manifest = {"platform": platform_facts.describe(), **manifest, "outputs": described}
-        _atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = self.entry_path(kind, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a forced re-run replaces the old entry: move it aside first, then swap in
@@ -327,7 +303,7 @@ class Cache:
         with FileLock(str(path) + ".lock"):
             index = self.last_run(recipe)
             index[kind] = {"key": key, "material": material}
-            _atomic_write(path, json.dumps(index, indent=2, sort_keys=True))
+            atomic_write(path, json.dumps(index, indent=2, sort_keys=True))
 
     # housekeeping
 

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import stages
+from runner.atomic import read_memo, write_memo
+from runner.keys import canonical, package_version
 from runner.names import CLASSIFIER
-from runner.plan import canonical, package_version
 from runner.recipe.sections import Evaluate, Model
 from runner.stages import StageError
 from runner.stages.data import rows as data_rows
@@ -39,7 +40,6 @@ from runner.stages.evaluate.linear_probe import PROBE_C, PROBE_MAX_ITER, probe_a
 from runner.stages.evaluate.scores import answer_metrics, classifier_metrics
 from runner.stages.evaluate.sets import ScoredSet, label_names, load_sets
 from runner.stages.export import greedy_prompt
-from runner.store.local import read_memo, write_memo
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from runner.recipe.sections import Export, Model
-from runner.stages import StageError, compare
+from runner.stages import StageError, compare, merge
 from runner.stages import export as export_stage
 from runner.stages.evaluate.linear_probe import mean_pooled
 from runner.stages.evaluate.scores import token_loss
@@ -143,7 +143,7 @@ class OnnxScorer(Scorer):
 
         self.folder = folder
         self.served: Any = load_served(folder)
-        self.tokenizer = export_stage.tokenizer_from(folder, model_cfg)  # the HF tokenizer saved beside the graph
+        self.tokenizer = merge.tokenizer_from(folder, model_cfg)  # the HF tokenizer saved beside the graph
         self.max_tokens = min(MAX_TOKENS, int(self.served.info.max_positions))
         self.session: Any = None
 
@@ -196,18 +196,18 @@ def load(kind: str, model_cfg: Model, inputs: dict[str, Path], seed: int) -> Sco
     task = model_cfg.task
     if kind == "base":
         torch.manual_seed(seed)  # a classifier head the base lacks is drawn like the train step draws it
-        return TorchScorer(export_stage.load_base(model_cfg, inputs), load_tokenizer(model_cfg, inputs), task)
+        return TorchScorer(merge.load_base(model_cfg, inputs), load_tokenizer(model_cfg, inputs), task)
     if kind == "train":
         samples = compare.load_samples(inputs["data"], "test", compare.BATCH_SIZE)
-        model, tokenizer, _ = export_stage.load_trained(model_cfg, inputs, True, samples, Export())
+        model, tokenizer, _ = merge.load_trained(model_cfg, inputs, True, samples, Export())
         return TorchScorer(model, tokenizer, task)
     folder = inputs[kind]
     if (folder / "onnx" / export_stage.ONNX_NAME).is_file():
         return OnnxScorer(folder / "onnx", model_cfg)
     for name in ("merged", "model"):  # export format: safetensors; bitsandbytes quantize (on CUDA)
         if (folder / name / "config.json").is_file():
-            model = export_stage.auto_class(task).from_pretrained(folder / name, trust_remote_code=model_cfg.trust_remote_code)
-            return TorchScorer(model, export_stage.tokenizer_from(folder / name, model_cfg), task)
+            model = merge.auto_class(task).from_pretrained(folder / name, trust_remote_code=model_cfg.trust_remote_code)
+            return TorchScorer(model, merge.tokenizer_from(folder / name, model_cfg), task)
     raise StageError(f"the {kind} step's output {folder} holds no model this step can score: rerun the {kind} step")
 
 

@@ -18,8 +18,7 @@ import yaml
 
 from runner.recipe.eval_checks import LM_EVAL_MISSING
 from runner.recipe.sections import Export, LmEval, Model
-from runner.stages import StageError, compare
-from runner.stages import export as export_stage
+from runner.stages import StageError, compare, merge
 
 
 def require_lm_eval() -> None:
@@ -53,7 +52,7 @@ def run_lm_eval(cfg: LmEval, model_cfg: Model, inputs: dict[str, Path], seed: in
 
     names, folders = task_names(cfg.tasks)
     samples = compare.load_samples(inputs["data"], "test", compare.BATCH_SIZE)
-    model, tokenizer, _ = export_stage.load_trained(model_cfg, inputs, True, samples, Export())
+    model, tokenizer, _ = merge.load_trained(model_cfg, inputs, True, samples, Export())
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
     try:
         results = lm_eval.simple_evaluate(
