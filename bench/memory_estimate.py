@@ -97,14 +97,14 @@ def worker(name: str, steps: int) -> dict[str, Any]:
     from transformers.models.distilbert import modeling_distilbert  # noqa: F401  (transformers imports lazily)
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    from runner.hardware.shapes import _init_config
+    from runner.stages.shared import init_config
 
     baseline = rss()
 
     recipe = recipe_for(name)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    config = _init_config(recipe)
+    config = init_config(recipe.model.init, recipe.model.init.vocab_size)
     config.pad_token_id = 0
     causal = recipe.model.task == "causal-lm"
     model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from runner.hub import hf_home, hub_cache_root
+
 IMAGE = "recipe-runner:cuda13"  # what `nox -s docker` builds from Dockerfile.cuda
 ENGINES = ("docker", "podman")
 NO_ENGINE = 125  # docker's own code for "the container could not be run"
@@ -33,11 +35,13 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def host_hf_cache() -> Path:
-    """The host's Hugging Face cache folder, as huggingface_hub itself locates it."""
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface"
+def hf_mounts() -> list[tuple[Path, str]]:
+    """The host's Hugging Face folders and where they go in the container: its home at /data/hf, and its hub cache at
+    /data/hf/hub when $HF_HUB_CACHE puts it elsewhere (runner.hub locates both, as huggingface_hub does)."""
+    mounts = [(hf_home(), CONTAINER_HF)]
+    if not hub_cache_root().is_relative_to(hf_home()):
+        mounts.append((hub_cache_root(), f"{CONTAINER_HF}/hub"))
+    return mounts
 
 
 def host_recipe_cache(repo: Path) -> Path:
@@ -65,7 +69,7 @@ def container_command(recipe: str | Path, args: Sequence[str] = (), *, engine: s
         # CDI device names (nvidia-ctk cdi generate); rootless podman maps the calling user into the container
         command += ["--device", "nvidia.com/gpu=all", "--security-opt", "label=disable", "--userns=keep-id"]
     command += ["-v", f"{repo}:{CONTAINER_REPO}", "-w", CONTAINER_REPO,
-                "-v", f"{host_hf_cache()}:{CONTAINER_HF}",
+                *[arg for host, inside in hf_mounts() for arg in ("-v", f"{host}:{inside}")],
                 "-v", f"{host_recipe_cache(repo)}:{CONTAINER_CACHE}"]
     recipe_arg = str(recipe)
     path = Path(recipe).expanduser()
@@ -116,7 +120,7 @@ def run_in_container(recipe: str | Path, args: Sequence[str] = (), *, engine: st
         say(f"(build the image first with `nox -s docker`; it is {image})")
         return NO_ENGINE
     command = container_command(recipe, args, engine=found, image=image, repo=repo)
-    for folder in (host_hf_cache(), host_recipe_cache((repo or repo_root()).resolve())):
+    for folder in (*[host for host, _ in hf_mounts()], host_recipe_cache((repo or repo_root()).resolve())):
         folder.mkdir(parents=True, exist_ok=True)  # else the engine creates them, owned by root
     say(f"$ {shlex.join(command)}")
     return subprocess.run(command).returncode

@@ -20,6 +20,8 @@ SECRET = "hf_secretvalue_never_on_a_command_line"
 def host_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("RECIPE_CACHE", str(tmp_path / "recipe-cache"))
 
 
@@ -118,3 +120,13 @@ def test_an_engine_that_answers_runs_the_command_and_returns_its_code(monkeypatc
     assert calls[0] == "info" and calls[1].startswith("run --rm") and calls[1].endswith("run quickstart --dry-run")
     assert (tmp_path / "hf").is_dir() and (tmp_path / "recipe-cache").is_dir()  # created by us, not by the engine as root
     assert SECRET not in "\n".join(calls + lines)
+
+
+def test_a_hub_cache_moved_by_hf_hub_cache_is_mounted_where_the_container_looks(tmp_path, monkeypatch):
+    """huggingface_hub reads models from $HF_HUB_CACHE when it is set; the container must see that folder, not an
+    empty hub/ under HF_HOME (which would download every model again, or fail offline)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere" / "hub"))
+    command = container_command("tiny_llama_lora", [], repo=REPO)
+    assert mounts(command)["/data/hf/hub"] == str(tmp_path / "elsewhere" / "hub")
+    assert mounts(command)["/data/hf"] == str(tmp_path / "hf")
+

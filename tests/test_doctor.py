@@ -14,10 +14,10 @@ import yaml
 from runner.hardware.doctor import doctor
 from runner.hardware.estimate import CPU_BASELINE_BYTES, GLIBC_RETENTION, estimate
 from runner.hardware.probe import GIB, Machine, load_profile, probe, profile_names
-from runner.hardware.shapes import _init_config
 from runner.hardware.verdict import TIGHT, Finding, Verdict, check
 from runner.recipe import find_recipe, load_recipe
 from runner.recipe.document import Recipe
+from runner.stages.shared import init_config
 
 from .conftest import REPO, autograd_saved_bytes
 
@@ -241,7 +241,7 @@ def test_activation_formula_matches_what_autograd_saves(architecture: str, task:
     r = Recipe.model_validate({"name": "tiny", "model": {"task": task, "init": {
         "architecture": architecture, "hidden_size": 96, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
         "vocab_size": 500}}, "data": data, "train": {**train, "batch_size": 4}})
-    config = _init_config(r)
+    config = init_config(r.model.init, r.model.init.vocab_size)
     config.pad_token_id = 0
     torch.manual_seed(0)
     model = (AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification).from_config(config)

@@ -267,7 +267,11 @@ def test_hub_recipe_passes_the_doctor_on_its_profile(name: str, profile: str, wo
     assert verdict["fits"] and verdict["device"] == "cuda"
     estimate = verdict["estimate"]
     assert estimate["params_total"] > (6e9 if name == "llama2_lora" else 6e7)  # 6.7B / 67M: the real architectures
-    assert estimate["config_source"].endswith(("(HF cache)", "(hub unreachable)"))
+    assert estimate["config_source"].startswith(("HF cache", "bundled runner/model_configs/"))
+    # validate and the doctor look a hub config up in one order (runner.hub), so they read the same file
+    from runner.recipe import local_checks
+
+    assert local_checks.model_config(load_recipe(find_recipe(name)).recipe)[1] == estimate["config_source"]
     if name == "llama2_lora":
         assert (estimate["method"], estimate["bits"]) == ("qlora", 4)
 

@@ -285,7 +285,7 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
     from transformers import AutoModelForCausalLM
 
     from runner.hardware.estimate import estimate
-    from runner.hardware.shapes import _init_config
+    from runner.stages.shared import init_config
     from runner.stages.train.packing import PackingCollator
 
     recipe = Recipe.model_validate(_recipe(template="{text}", packing=True))
@@ -296,7 +296,7 @@ def test_doctor_estimates_packing_at_its_worst_case_and_per_token_as_autograd_sa
     assert estimate(flash, "cuda").packed_row_len == 4 * 48  # one row
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_init_config(recipe)).train()
+    model = AutoModelForCausalLM.from_config(init_config(recipe.model.init, recipe.model.init.vocab_size)).train()
     rows = [{"input_ids": torch.randint(1, 500, (n,)).tolist()} for n in (48, 30, 18, 40)]
     batch = PackingCollator(pad_token_id=0)(rows)
     assert batch["input_ids"].shape == (3, 48)  # 48 | 40 + filling | 30 + 18

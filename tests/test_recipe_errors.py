@@ -305,7 +305,7 @@ def test_an_uncached_hub_model_is_a_warning_at_validate_and_checked_online_befor
     refuses an unsupported architecture before the data step runs."""
     import json
 
-    from runner.recipe import local_checks
+    from runner import hub
 
     text = LM.replace("  path: ./lm\n", "  hub: org/neox\n  revision: " + "a" * 40 + "\n")
     path = write(tmp_path, text)
@@ -314,7 +314,7 @@ def test_an_uncached_hub_model_is_a_warning_at_validate_and_checked_online_befor
     assert "cannot check the model's architecture offline: org/neox@" in capsys.readouterr().err
     fetched = tmp_path / "fetched-config.json"
     fetched.write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}))
-    monkeypatch.setattr(local_checks, "fetch_config", lambda hub, revision: fetched)
+    monkeypatch.setattr(hub, "fetch_config", lambda repo, revision: fetched)
     assert main(["run", str(path), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     assert "does not support the architecture GPTNeoXForCausalLM" in err and not (tmp_path / "cache" / "entries").exists()

@@ -289,3 +289,20 @@ def test_forgetting_over_budget_fails_the_run_with_scores_and_remedies(tmp_path,
     assert "over evaluate.max_forgetting 0" in text
     for remedy in ("data.sources", "train.learning_rate", "train.epochs", "train.method: lora", "train.l2sp"):
         assert remedy in text, remedy
+
+
+def test_train_and_evaluate_compute_one_macro_f1():
+    """The train step's eval F1 and the evaluate step's macro-F1 are one definition (runner.stages.shared.macro_f1):
+    the same predictions give the same figure, and a label the set never contains does not drag it to 0."""
+    import numpy as np
+    from transformers import EvalPrediction
+
+    from runner.stages.evaluate.scores import classifier_metrics
+    from runner.stages.train.trainer import classifier_metrics as train_metrics
+
+    names = ["neg", "pos", "neutral"]  # the model knows three labels; this set has no "neutral" row or prediction
+    truth, predicted = [0, 0, 1, 1, 1], [0, 1, 1, 1, 0]
+    logits = np.eye(3)[predicted]
+    from_train = train_metrics(EvalPrediction(predictions=logits, label_ids=np.array(truth)))["f1"]
+    from_evaluate = classifier_metrics([names[i] for i in truth], [names[i] for i in predicted], names)["macro_f1"]
+    assert from_train == from_evaluate == pytest.approx((0.5 + 2 / 3) / 2)

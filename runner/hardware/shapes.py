@@ -15,11 +15,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
+from runner.hub import hub_config
 from runner.names import CAUSAL_LM
 from runner.recipe.document import Recipe
-from runner.recipe.local_checks import BUNDLED_CONFIGS
 from runner.recipe.sections import model_location
-from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS
+from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS, init_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -81,7 +81,7 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
     path: the folder's config.json. init: built from the init fields as the model step builds it."""
     model = recipe.model
     if model.init is not None:
-        return _init_config(recipe), "built from model.init"
+        return init_config(recipe.model.init, recipe.model.init.vocab_size), "built from model.init"
     from transformers import AutoConfig
 
     if model.path is not None or model.package is not None:
@@ -96,30 +96,16 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
 
 @lru_cache(maxsize=16)  # one look-up per model, however many remedies are estimated
 def _hub_config(hub: str, revision: str | None) -> tuple[PretrainedConfig, str]:
+    """In runner.hub's one order (HF cache, bundled copy, then the hub itself when it answers), so the doctor sizes the
+    config that validate checked."""
     from transformers import AutoConfig
 
-    try:
-        # trust_remote_code=False: the doctor needs the config only, never the model's own code
-        config = AutoConfig.from_pretrained(hub, revision=revision, local_files_only=True, trust_remote_code=False)
-        return config, f"{hub}@{_short(revision)} (HF cache)"
-    except (OSError, ValueError):
-        pass
-    if _hub_reachable():
-        try:
-            return (AutoConfig.from_pretrained(hub, revision=revision, trust_remote_code=False),
-                    f"{hub}@{_short(revision)} (hub)")
-        except (OSError, ValueError):
-            pass
-    bundled = BUNDLED_CONFIGS / f"{hub.replace('/', '--')}.json"
-    if not bundled.is_file():
-        raise NotEstimated(f"cannot reach the hub for {hub}'s config and no bundled copy {bundled.name} exists; "
-                       "run once with network (the config is then cached) or add the file to runner/model_configs")
-    config = AutoConfig.for_model(**json.loads(bundled.read_text()))
-    return config, f"bundled runner/model_configs/{bundled.name} (hub unreachable)"
-
-
-def _short(revision: str | None) -> str:
-    return (revision or "main")[:12]
+    found, source = hub_config(hub, revision, fetch=_hub_reachable())
+    if found is None:
+        raise NotEstimated(f"no config for {hub}: {source}; run once with network (the config is then cached) or add "
+                           f"runner/model_configs/{hub.replace('/', '--')}.json")
+    # for_model builds the config class from model_type: the model's own code (trust_remote_code) is never run
+    return AutoConfig.for_model(**found), source
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -132,22 +118,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _init_config(recipe: Recipe) -> PretrainedConfig:
-    """The config runner.stages.model.build_model makes (the tokenizer's vocabulary is at most init.vocab_size)."""
-    from transformers import DistilBertConfig, LlamaConfig
-
-    init = recipe.model.init
-    assert init is not None
-    if init.architecture == "distilbert":
-        return DistilBertConfig(vocab_size=init.vocab_size, dim=init.hidden_size, hidden_dim=init.intermediate_size,
-                                n_layers=init.num_layers, n_heads=init.num_heads,
-                                max_position_embeddings=init.max_position_embeddings)
-    return LlamaConfig(vocab_size=init.vocab_size, hidden_size=init.hidden_size, intermediate_size=init.intermediate_size,
-                       num_hidden_layers=init.num_layers, num_attention_heads=init.num_heads,
-                       num_key_value_heads=init.num_heads, max_position_embeddings=init.max_position_embeddings,
-                       tie_word_embeddings=False)
 
 
 def model_shape(config: PretrainedConfig, task: str, num_labels: int = 2) -> ModelShape:

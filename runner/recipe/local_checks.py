@@ -20,13 +20,11 @@ revision is a commit sha (`pin_revisions`: a branch or tag name is resolved from
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner import genai
+from runner import genai, hub
 from runner.chat import load_chat_template
 from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe import data_columns, eval_checks
@@ -34,7 +32,6 @@ from runner.recipe.document import Recipe
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
 from runner.recipe.sections import HubSource, model_location
 
-BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 INIT_ARCHITECTURES = {
     ("llama", CAUSAL_LM): "LlamaForCausalLM",
     ("llama", CLASSIFIER): "LlamaForSequenceClassification",
@@ -61,35 +58,7 @@ def model_config(recipe: Recipe, fetch: bool = False) -> tuple[dict[str, Any] | 
         path = Path(model_location(model) or "") / "config.json"
         return (json.loads(path.read_text()), str(path)) if path.is_file() else (None, str(path))
     assert model.hub is not None
-    cached = hub_cache_config(model.hub, model.revision)
-    if cached is not None:
-        return json.loads(cached.read_text()), f"HF cache {cached}"
-    bundled = BUNDLED_CONFIGS / f"{model.hub.replace('/', '--')}.json"
-    if bundled.is_file():
-        return json.loads(bundled.read_text()), f"bundled runner/model_configs/{bundled.name}"
-    if fetch:  # `recipe run`, before any step: one small file from the hub, into the HF cache
-        fetched = fetch_config(model.hub, model.revision)
-        if fetched is not None:
-            return json.loads(fetched.read_text()), f"{model.hub}@{model.revision} (fetched)"
-    return None, f"{model.hub}@{model.revision} (not in the HF cache, no bundled copy)"
-
-
-def fetch_config(hub: str, revision: str | None) -> Path | None:
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(hub, "config.json", revision=revision))
-    except Exception:  # noqa: BLE001 - offline, gated, or missing: the train step's own loading will say which
-        return None
-
-
-def hub_cache_config(hub: str, revision: str | None) -> Path | None:
-    """config.json of `hub` at `revision` in the local HF cache (a commit sha, or a branch/tag its refs/ resolves)."""
-    commit = revision or "main"
-    if not COMMIT_SHA.match(commit):
-        commit = cached_ref("model", hub, commit) or commit
-    candidate = hub_cache_root() / f"models--{hub.replace('/', '--')}" / "snapshots" / commit / "config.json"
-    return candidate if candidate.is_file() else None
+    return hub.hub_config(model.hub, model.revision, fetch)
 
 
 def check(recipe: Recipe, fetch: bool = False) -> Findings:
@@ -139,7 +108,7 @@ def chat_template_present(recipe: Recipe, found: Findings) -> None:
     if data is None or data.messages_column is None or data.chat_template is not None or model.init is not None:
         return
     if model.hub is not None:
-        config = hub_cache_config(model.hub, model.revision)
+        config = hub.hub_cache_config(model.hub, model.revision)
         folder = config.parent if config is not None else None
     else:
         folder = Path(model_location(model) or "")
@@ -177,7 +146,6 @@ def model_folder(recipe: Recipe) -> tuple[str | None, bool]:
 
 # --- revisions as commits -------------------------------------------------------------------------------------------
 
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")  # huggingface_hub's REGEX_COMMIT_HASH
 
 
 def pin_revisions(recipe: Recipe, found: Findings) -> None:
@@ -199,9 +167,9 @@ def pin_revisions(recipe: Recipe, found: Findings) -> None:
             wanted.append(((*at, "revision"), source, "dataset"))
     for loc, holder, kind in wanted:
         name, repo = holder.revision, holder.hub
-        if COMMIT_SHA.match(name or ""):
+        if hub.COMMIT_SHA.match(name or ""):
             continue
-        commit = cached_ref(kind, repo, name)
+        commit = hub.cached_ref(kind, repo, name)
         where = ".".join(str(part) for part in loc)
         if commit is not None:
             holder.revision = commit  # the key, the lock and the stages all see the commit from here on
@@ -215,24 +183,3 @@ def pin_revisions(recipe: Recipe, found: Findings) -> None:
                              f"the step's cache key would not; pin the commit: e.g. the sha shown on the hub's commit page "
                              f"({page}), or run `{fetch}` once, which records the commit in the local HF cache where "
                              "planning reads it"))
-
-
-def cached_ref(kind: str, repo: str, name: str) -> str | None:
-    """The commit the local HF cache's refs/NAME records for a model or dataset repo (huggingface_hub's layout:
-    `$HF_HUB_CACHE/{kind}s--ORG--NAME/refs/NAME`), or None."""
-    refs = hub_cache_root() / f"{kind}s--{repo.replace('/', '--')}" / "refs"
-    try:
-        ref = (refs / name).resolve()
-        if refs.resolve() not in ref.parents or not ref.is_file():  # `../..` must not read outside refs/
-            return None
-        commit = ref.read_text(encoding="utf-8").strip()
-    except (OSError, ValueError, UnicodeDecodeError):  # a name the OS refuses (NUL byte, too long), unreadable
-        return None
-    return commit if COMMIT_SHA.match(commit) else None
-
-
-def hub_cache_root() -> Path:
-    """huggingface_hub's cache folder, read from the environment now (its constants are fixed at import)."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-    root = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    return Path(os.path.expanduser(os.path.expandvars(root)))

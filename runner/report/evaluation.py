@@ -10,6 +10,7 @@ from typing import Any
 from runner.names import CAUSAL_LM
 from runner.report.formatting import DASH, metric, num, pct, signed_metric, signed_pct
 from runner.report.render import Block, Callout, Cell, Heading, Image, Para, Table
+from runner.stages.shared import MACRO_F1
 
 Rows = list[list[str | Cell]]
 
@@ -103,7 +104,8 @@ def _classifier_set(s: dict[str, Any], names: dict[str, str], artifacts: list[st
     base = scores.get("base", {}).get("accuracy")
     rows: Rows = [[names[a], metric(scores[a].get("accuracy")), _delta(scores[a].get("accuracy"), base, a),
                    metric(scores[a].get("macro_f1")), _origin(a, reused)] for a in artifacts]
-    blocks: list[Block] = [Table(["artifact", "accuracy", "vs base", "macro-F1", "score"], rows)]
+    blocks: list[Block] = [Table(["artifact", "accuracy", "vs base", "macro-F1", "score"], rows,
+                                 caption=f"macro-F1: {MACRO_F1}")]
     labels = next((scores[a].get("labels") for a in artifacts if scores[a].get("labels")), None) or list(
         next((scores[a]["per_class"] for a in artifacts if scores[a].get("per_class")), {}))
     if labels:

@@ -18,6 +18,7 @@ from runner.recipe.sections import Data, Model, ModelInit
 from runner.stages import StageError
 from runner.stages.data import rows as data_rows
 from runner.stages.data.chat import ChatFormat
+from runner.stages.shared import init_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -159,44 +160,15 @@ def build_model(
 ) -> PreTrainedModel:
     """A model with seeded random weights whose config follows `init` and the tokenizer's vocabulary and special ids."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        DistilBertConfig,
-        LlamaConfig,
-        PretrainedConfig,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     labels: dict[str, Any] = {}
     if names is not None:
         labels = {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-    config: PretrainedConfig
-    if init.architecture == "distilbert":
-        config = DistilBertConfig(
-            vocab_size=len(tokenizer),
-            dim=init.hidden_size,
-            hidden_dim=init.intermediate_size,
-            n_layers=init.num_layers,
-            n_heads=init.num_heads,
-            max_position_embeddings=init.max_position_embeddings,
-            pad_token_id=tokenizer.pad_token_id,
-            **labels,
-        )
-    else:
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=init.hidden_size,
-            intermediate_size=init.intermediate_size,
-            num_hidden_layers=init.num_layers,
-            num_attention_heads=init.num_heads,
-            num_key_value_heads=init.num_heads,
-            max_position_embeddings=init.max_position_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-            **labels,
-        )
+    tokens = {"pad_token_id": tokenizer.pad_token_id}
+    if init.architecture != "distilbert":
+        tokens |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = init_config(init, len(tokenizer), **tokens, **labels)
     auto = AutoModelForSequenceClassification if task == CLASSIFIER else AutoModelForCausalLM
     torch.manual_seed(seed)  # the weights are the only randomness here: same seed, byte-identical safetensors
     return auto.from_config(config)

@@ -14,26 +14,25 @@ from typing import Any
 import numpy as np
 
 from runner.stages.compare import Runner, batches, log_softmax
-from runner.stages.shared import perplexity
+from runner.stages.shared import macro_f1, perplexity
 
 
 def classifier_metrics(true: list[str], predicted: list[str], labels: list[str]) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/support and the confusion matrix over `labels` (in id order).
 
-    A class absent from both the truth and the predictions has precision and recall 0 (zero_division=0), and counts in
-    macro-F1 as 0 only if it is among `labels`: so `labels` are the model's labels, and a set that lacks one says so."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    A class absent from both the truth and the predictions has precision and recall 0 (zero_division=0) and no part in
+    macro-F1 (runner.stages.shared.macro_f1); `labels` are the model's labels, so a set that lacks one says so."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     unknown = sorted(set(true) - set(labels))
     if unknown:
         raise ValueError(f"labels {unknown} are not among the model's labels {labels}")
-    present = [label for label in labels if label in set(true) | set(predicted)]
     precision, recall, _, support = precision_recall_fscore_support(
         true, predicted, labels=labels, zero_division=0
     )
     return {
         "accuracy": float(accuracy_score(true, predicted)),
-        "macro_f1": float(f1_score(true, predicted, labels=present, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(true, predicted),
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "support": int(s)}
             for label, p, r, s in zip(labels, precision, recall, support, strict=True)

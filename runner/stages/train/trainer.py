@@ -21,6 +21,7 @@ from transformers import (
 
 from runner.names import CLASSIFIER
 from runner.recipe.sections import Model
+from runner.stages.shared import macro_f1
 from runner.stages.train import regularize
 from runner.stages.train.checkpoints import CHECKPOINTS
 from runner.stages.train.guard import GUARD_STEPS, GUARD_STEPS_FP16, GradientGuard
@@ -183,16 +184,11 @@ def ddp_backend(train: TrainConfig) -> str:
 
 
 def classifier_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro F1 (sklearn's definition: the mean F1 over every label in the truth or the predictions)."""
+    """Accuracy and macro-F1 (runner.stages.shared.macro_f1, the definition evaluate and the report use)."""
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted = np.argmax(logits, axis=-1)
     truth = np.asarray(prediction.label_ids)
-    f1 = []
-    for label in np.union1d(truth, predicted):
-        tp = np.sum((predicted == label) & (truth == label))
-        wrong = np.sum((predicted == label) != (truth == label))  # false positives + false negatives
-        f1.append(2 * tp / (2 * tp + wrong))
-    return {"accuracy": float(np.mean(predicted == truth)), "f1": float(np.mean(f1))}
+    return {"accuracy": float(np.mean(predicted == truth)), "f1": macro_f1(truth.tolist(), predicted.tolist())}
 
 
 class LogAtCheckpoints(TrainerCallback):
