@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,40 @@ def test_every_stage_entry_point_says_what_it_raises(kind):
     preconditions without reading the module."""
     run = importlib.import_module(stages.STAGES[kind].module).run
     assert "Raises:" in (run.__doc__ or "") and "StageError" in run.__doc__
+
+
+def readme_layout(readme: str) -> set[str]:
+    """The paths the README's layout tree names: each line `  name   description` under `## Project layout`, its depth
+    given by two spaces of indentation per level (`folder/` lines open a level)."""
+    section = readme.split("## Project layout", 1)[1]
+    block = section.split("```", 2)[1]
+    paths, stack = set(), []
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S*)", line)
+        depth = len(match.group(1)) // 2
+        if not match or not re.fullmatch(r"[\w.]+/?", match.group(2)) or depth > len(stack):
+            continue  # a description's continuation line (indented past any name's level)
+        stack[depth:] = [match.group(2).rstrip("/")]
+        paths.add("/".join(stack))
+    return paths
+
+
+def test_the_readme_layout_names_every_module_in_runner_and_nothing_else():
+    """A newcomer finds code by the README's tree: every module of runner/ is in it (package __init__ files aside,
+    which are listed where they hold a stage's run()), and every file it names exists."""
+    listed = readme_layout((REPO / "README.md").read_text())
+    tracked = subprocess.run(["git", "ls-files", "runner"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    modules = {path for path in tracked.split() if path.endswith(".py") and not path.endswith("__init__.py")}
+    folders = {str(Path(path).parent) for path in tracked.split()}
+    assert modules - listed == set(), "modules missing from the README's layout"
+    named = {path for path in listed if path.startswith("runner/") and path.endswith(".py")}
+    assert {path for path in named if not (REPO / path).is_file()} == set(), "the README's layout names missing files"
+    assert {path for path in listed if path.startswith("runner/") and "." not in Path(path).name} - folders == set()
+
+
+def test_the_layout_check_sees_a_module_the_readme_does_not_name(tmp_path):
+    readme = "## Project layout\n\n```\nrunner/\n  cli.py     the CLI\n  stages/    stages\n    train/\n" \
+             "      job.py   the job\n```\n"
+    assert readme_layout(readme) == {"runner", "runner/cli.py", "runner/stages", "runner/stages/train",
+                                     "runner/stages/train/job.py"}
+

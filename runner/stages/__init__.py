@@ -1,27 +1,36 @@
-"""The stages of the pipeline, one module each: model, data, train, export, quantize, evaluate, serve.
+"""The stages of the pipeline: model, data, train, export, quantize, evaluate, serve. A stage with one job is one module
+(`model.py`, `export.py`, `quantize.py`); a stage with parts is a folder (`data/`, `train/`, `evaluate/`, `serve/`)
+whose `__init__.py` holds its `run()` and whose other modules are its parts, named by job.
 
-Every stage module has one entry point:
+Every stage has one entry point:
 
     def run(config: dict, inputs: dict[str, Path], out: Path) -> dict
 
 - `config` is the step's configuration exactly as it went into the step's cache key: `{"model": ..., "<stage>": ...,
   "seed": ...}` in JSON form (local paths already absolute). A stage re-reads its section with the Pydantic model from
   runner.recipe.sections. It never reads another stage's section.
-- `inputs` maps each upstream step's kind to that step's committed output folder (read-only).
+- `inputs` maps each upstream step's kind to that step's committed output folder (read-only); a stage whose StageSpec
+  has `memo` also gets a cache-owned folder at `inputs["memo"]` for sub-results it memoizes across keys.
 - `out` is an empty folder the stage fills (for resumable stages it may hold the previous attempt's checkpoints).
 - The return value is a small JSON-able dict of metrics; it lands in the manifest, run.json and the report.
 
-A stage never touches the cache, never chooses paths outside `out`, and logs through `logging.getLogger(__name__)`
-(the executor sends that to the step's log file). A problem the user can fix raises `StageError` (a
-runner.errors.RunnerError) with a clear message; each `run()` docstring lists under `Raises:` when it does.
+A stage never touches the store (runner/store/) or the planner (runner/plan.py): tests/test_structure.py fails on such
+an import, and on any import of a stage from the store. It never chooses paths outside `out`, and logs through
+`logging.getLogger(__name__)` (the executor sends that to the step's log file). A problem the user can fix raises
+`StageError` (a runner.errors.RunnerError) with a clear message; each `run()` docstring lists under `Raises:` when it does.
 
-A stage module is the step's entry point; what it needs that is long or shared lives beside it, named by job:
-- shared by several stages: `model.py`'s load_model / load_tokenizer (every base model and tokenizer is loaded there),
-  `data_rows.py` (the recipe's rows before tokenization: data, model and evaluate read them alike), `compare.py` (two
-  models run on the same samples: the export, quantize and evaluate gates), `shared.py` (labels.json, the
-  bitsandbytes config, the head names LoRA trains fully);
-- one stage's parts: `train_*.py` (train), `data_chat.py`, `packing.py`, `regularize.py`, `evaluate_*.py`,
-  `probe.py`, `serve_gates.py`. A part never imports its stage module (tests/test_structure.py fails on any cycle).
+Where things live:
+- shared by several stages: `pretrained.py` (every base model and tokenizer is loaded there), `data/rows.py` (the
+  recipe's rows before tokenization: data, model and evaluate read them alike), `merge.py` (the trained model as one
+  full-precision model: export, quantize and evaluate load it there), `compare.py` (two models run on the same samples:
+  the export, quantize and evaluate gates), `shared.py` (labels.json, the bitsandbytes config, the head names LoRA
+  trains fully, perplexity, macro-F1, the model.init config);
+- one stage's parts, in its folder: `train/` (job, build, trainer, guard, checkpoints, results, the launchers -
+  torchrun.py and worker.py - and regularize, packing; the Ray launcher and the preference objectives go here too),
+  `data/chat.py`, `evaluate/` (sets, artifacts, scores, linear_probe, lm_eval), `serve/gates.py`. A part never imports
+  its stage's `__init__` (tests/test_structure.py fails on any cycle).
+- beside the stages: the store (local cache; the remote store goes to runner/store/remote.py) and the planner, which
+  call the stages, never the other way round.
 
 Output folders, by stage (what downstream stages rely on):
 - model (only for `model.init`): `model/` - a saved model and tokenizer (save_pretrained).
