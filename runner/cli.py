@@ -19,7 +19,7 @@ from rich.table import Table
 from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.problems import relative
-from runner.stages import record_patterns
+from runner.stages import STAGES, record_patterns
 from runner.store.local import ARTIFACT, RECORD, Cache, output_role, tree_size
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
@@ -84,7 +84,7 @@ def _load(args: argparse.Namespace) -> Loaded:
 
 
 def _cache(args: argparse.Namespace) -> Cache:
-    return Cache(Path(args.cache_dir) if getattr(args, "cache_dir", None) else None)
+    return Cache(Path(args.cache_dir) if getattr(args, "cache_dir", None) else None, kinds=tuple(STAGES))
 
 
 def _plan(loaded: Loaded, cache: Cache):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runner.cli import main
+from runner.stages import STAGES
 from runner.store.local import Cache, node_work_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +177,7 @@ def test_cache_ls_and_gc(project, capsys):
 
 
 def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_folders(tmp_path):
-    cache = Cache(tmp_path)
+    cache = Cache(tmp_path, kinds=tuple(STAGES))  # as the CLI builds it: the store learns the stage names from its caller
     key = "0123456789abcdef01234567"
     assert cache.parse(cache.entry_path("train", key)) == ("train", key)
     assert cache.parse(cache.work_path("quantize", key)) == ("quantize", key)

@@ -139,8 +139,11 @@ class Entry:
 
 
 class Cache:
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, kinds: tuple[str, ...] | None = None):
+        """`kinds`: the stage names (runner.stages.STAGES) the caller knows; parse() and gc then treat a folder named
+        after anything else as not the cache's. The store itself knows no stages; None accepts any stage-like name."""
         self.root = Path(root or default_root()).resolve()
+        self.kinds = kinds
         self.memo = HashMemo(self.root / "hash-memo.json")
 
     # store paths: built here and parsed here, nowhere else
@@ -163,7 +166,8 @@ class Cache:
             (kind, key), pattern = rel[1].rsplit("-", 1), WORK_KEY_PATTERN
         else:
             raise ValueError(f"{path} is not an entry or work folder of the cache at {self.root}")
-        if not KIND_PATTERN.fullmatch(kind) or not pattern.fullmatch(key):
+        known = kind in self.kinds if self.kinds is not None else KIND_PATTERN.fullmatch(kind)
+        if not known or not pattern.fullmatch(key):
             raise ValueError(f"{path}: {kind!r} is not a stage name or {key!r} not a step key")
         return kind, key
 
