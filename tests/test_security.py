@@ -225,7 +225,7 @@ def test_load_model_and_tokenizer_hand_the_guards_to_from_pretrained(tmp_path: P
 # model the code itself just built; every other call must say trust_remote_code explicitly.
 OWN_OUTPUTS = {
     ("runner/hardware/hwcheck.py", "check_qlora"),
-    ("runner/stages/export.py", "merge_adapter_into_base"),
+    ("runner/stages/merge.py", "merge_adapter_into_base"),
     ("runner/stages/export.py", "validate_onnx"),
     ("runner/stages/export.py", "greedy_match"),
     ("runner/stages/export.py", "save_merged"),
