@@ -20,6 +20,7 @@ from runner.errors import RunnerError
 from runner.recipe import Loaded, RecipeError, find_recipe, load_recipe
 from runner.recipe.problems import relative
 from runner.stages import STAGES, record_patterns
+from runner.store import gc
 from runner.store.local import ARTIFACT, RECORD, Cache, output_role, tree_size
 
 # Rich wraps at 80 columns when output is not a terminal (CI logs, pipes); plans and tables read better wider.
@@ -357,21 +358,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
                     out.print(f"    {line}", markup=False)
         out.print(f"{len(cache.entries()) + bad} entries checked, {bad} corrupt")
         return 1 if bad else 0
-    # gc: keep what the given recipes (default: none named = every recipe's last run) still need
-    keep = {item["key"] for index in (cache.root / "index").glob("*.json") for item in _json(index).values()}
-    removed = cache.gc(keep, dry_run=args.dry_run)
+    # gc: keep what locks, recent runs and each recipe's last run still need (runner/store/gc.py says why)
+    if args.keep_days < 0:
+        raise UsageError(f"--keep-days {args.keep_days:g}: a number of days, 0 or more")
+    locks = sorted(Path("recipes").glob("*.lock")) + [Path(p) for p in args.lock]
+    resumable = {kind for kind, spec in STAGES.items() if spec.resumable}
+    planned = gc.plan(cache, locks=locks, runs_dir=Path(args.runs_dir), resumable=resumable, keep_days=args.keep_days,
+                      work=args.work)
+    if not args.dry_run:
+        gc.collect(cache, planned)
     verb = "would remove" if args.dry_run else "removed"
-    for path in removed:
-        out.print(f"{verb} {relative(path)}")
-    out.print(f"{verb} {len(removed)} folder(s); kept {len(keep)} entries still named by a recipe's last run")
+    for doomed in planned.remove:
+        out.print(f"{verb} {relative(doomed.path)} ({_human(doomed.size)}, {doomed.why})", markup=False)
+    out.print(f"{verb} {len(planned.remove)} folder(s), {'would free' if args.dry_run else 'freed'} "
+              f"{_human(planned.freed)}", markup=False)
+    for reason, count in sorted(planned.kept.items()):
+        out.print(f"kept {count}: {reason}", markup=False)
     return 0
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _human(size: float) -> str:
@@ -427,7 +430,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="Inspect and maintain the step cache.")
     p.add_argument("action", choices=["ls", "verify", "gc"])
     p.add_argument("--cache-dir", help="cache folder (default: $RECIPE_CACHE or ./.recipe-cache)")
-    p.add_argument("--dry-run", action="store_true", help="gc: list what would be removed")
+    p.add_argument("--dry-run", action="store_true", help="gc: list what would be removed and the space it frees")
+    p.add_argument("--keep-days", type=float, default=gc.DEFAULT_KEEP_DAYS, metavar="N",
+                   help="gc: keep entries committed or used by a run in the last N days (default: %(default)g)")
+    p.add_argument("--lock", action="append", default=[], metavar="FILE",
+                   help="gc: also keep the entries this lock file names (recipes/*.lock always count)")
+    p.add_argument("--runs-dir", default="runs", help="gc: where run records are (default: ./runs)")
+    p.add_argument("--work", action="store_true",
+                   help="gc: also remove resumable work folders (a killed train's checkpoints)")
     p.set_defaults(func=cmd_cache)
     return parser
 

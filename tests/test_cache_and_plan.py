@@ -18,6 +18,7 @@ import pytest
 
 from runner.cli import main
 from runner.stages import STAGES
+from runner.store import gc
 from runner.store.local import Cache, node_work_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,13 +168,77 @@ def test_lock_refuses_before_a_run(project, capsys):
     assert "not run yet" in capsys.readouterr().err
 
 
-def test_cache_ls_and_gc(project, capsys):
+def test_cache_ls_lists_every_run_s_entries(project, capsys):
     main(["run", "core.yaml"])
     main(["run", "core.yaml", "train.epochs=2"])
     assert main(["cache", "ls"]) == 0
     assert capsys.readouterr().out.count("train") >= 2
+
+
+def test_gc_after_an_override_run_and_a_killed_train_keeps_both(project, capsys):
+    """The override run is not its recipe's last run (the index forgets it), and the killed train left checkpoints that
+    the next run resumes from: gc keeps both by default, and lets them go only when told (--keep-days 0, --work)."""
+    assert main(["run", "core.yaml", "train.epochs=2"]) == 0
+    override_train = next((project / ".recipe-cache/entries/train").iterdir())
+    assert main(["run", "core.yaml"]) == 0  # the recipe's last run: the index now names these steps
+    killed = cli(project, "run", "core.yaml", "train.epochs=3", FAKE_STAGE_SLOW="train", FAKE_STAGE_SLEEP="60")
+    wait_for(lambda: list(project.glob(".recipe-cache/work/train-*/outputs/part1.txt")))
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    checkpoints = next(project.glob(".recipe-cache/work/train-*"))
+    capsys.readouterr()
     assert main(["cache", "gc"]) == 0
-    assert len(list((project / ".recipe-cache/entries/train").iterdir())) == 1  # only the last run's key is kept
+    said = capsys.readouterr().out
+    assert override_train.is_dir() and (checkpoints / "outputs/part1.txt").is_file(), said
+    assert "kept 1: resumable work folder" in said and "removed 0 folder(s)" in said
+    # without the window, the override run's entries go (the index names the last full run's steps, not these)...
+    assert main(["cache", "gc", "--keep-days", "0", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert f"would remove {override_train.relative_to(project)}" in said and override_train.is_dir()
+    assert "would remove 4 folder(s), would free" in said  # train, export, quantize, serve of the override run
+    # ...unless a lock names them
+    assert main(["lock", "core.yaml", "train.epochs=2"]) == 0
+    assert main(["cache", "gc", "--keep-days", "0", "--lock", "core.lock"]) == 0
+    assert "kept 6: named by a lock file" in capsys.readouterr().out and override_train.is_dir()
+    assert main(["cache", "gc", "--keep-days", "0", "--work"]) == 0
+    said = capsys.readouterr().out
+    assert not override_train.exists() and not checkpoints.exists(), said
+    assert main(["cache", "gc", "--lock", "missing.lock"]) == 2
+    assert "--lock missing.lock: no such lock file" in capsys.readouterr().err
+
+
+def test_gc_keeps_what_recent_runs_used_and_what_recipes_lock_files_name(project, capsys):
+    main(["run", "core.yaml"])
+    main(["run", "core.yaml", "train.epochs=2"])
+    entries = project / ".recipe-cache/entries/train"
+    first, second = sorted(entries.iterdir(), key=lambda p: p.stat().st_mtime)
+    week_ago = time.time() - 8 * gc.DAY
+    for manifest in (project / ".recipe-cache/entries").glob("*/*/manifest.json"):  # committed a week ago...
+        data = json.loads(manifest.read_text())
+        data["started"] = "2020-01-01T00:00:00+00:00"
+        manifest.write_text(json.dumps(data))
+    records = sorted((project / "runs/core").glob("2*/run.json"))
+    os.utime(records[0], (week_ago, week_ago))  # ...the first run too; the override run is recent
+    cache = Cache(project / ".recipe-cache")
+    planned = gc.plan(cache, locks=[], runs_dir=project / "runs", resumable={"train"}, keep_days=7)
+    assert first in [d.path for d in planned.remove] and second not in [d.path for d in planned.remove]
+    os.utime(records[1], (week_ago, week_ago))  # both runs old: only the index's last run is kept
+    planned = gc.plan(cache, locks=[], runs_dir=project / "runs", resumable={"train"}, keep_days=7)
+    assert {d.path.parent.name for d in planned.remove} == {"train", "export", "quantize", "serve"}
+    assert second not in [d.path for d in planned.remove]
+    (project / "recipes").mkdir()  # recipes/*.lock count without being named
+    main(["lock", "core.yaml"])
+    (project / "core.lock").rename(project / "recipes/core.lock")
+    (project / "recipes/broken.lock").write_text("{not json")
+    capsys.readouterr()
+    assert main(["cache", "gc", "--dry-run"]) == 2  # an unreadable lock stops gc before it removes anything
+    assert "recipes/broken.lock: not a lock file gc can read" in capsys.readouterr().err
+    (project / "recipes/broken.lock").unlink()
+    main(["run", "core.yaml", "train.epochs=3"])  # now the first run is no recipe's last run, but its lock names it
+    for record in (project / "runs/core").glob("2*/run.json"):
+        os.utime(record, (week_ago, week_ago))
+    assert main(["cache", "gc", "--keep-days", "0.5"]) == 0
+    assert first.is_dir() and not second.exists()
 
 
 def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_folders(tmp_path):
@@ -187,18 +252,27 @@ def test_cache_paths_are_built_and_parsed_in_one_place_and_gc_leaves_foreign_fol
             cache.parse(stranger)
     (tmp_path / "work" / "my-notes").mkdir(parents=True)  # not the cache's: gc must not delete it
     stale = cache.workdir("train", key, keep=False)
-    assert cache.gc(keep=set()) == [stale.parent] and (tmp_path / "work" / "my-notes").is_dir()
+    planned = gc.plan(cache, locks=[], runs_dir=tmp_path / "runs", resumable={"train"})
+    assert [d.path for d in planned.remove] == [stale.parent]
+    assert (tmp_path / "work" / "my-notes").is_dir()
 
 
-def test_gc_collects_the_work_folders_of_other_nodes_unless_their_node_holds_them(tmp_path):
+def test_gc_collects_the_work_folders_of_other_nodes_when_asked_unless_their_node_holds_them(tmp_path):
     cache = Cache(tmp_path)
     key = "0123456789abcdef01234567"
     node_1, node_2 = node_work_key(key, 1), node_work_key(key, 2)
     assert node_work_key(key, 0) == key and cache.parse(cache.work_path("train", node_1)) == ("train", node_1)
     left_by_node_1 = cache.workdir("train", node_1, keep=True).parent  # a killed run's checkpoints
     held_by_node_2 = cache.workdir("train", node_2, keep=True).parent
+    for folder in (left_by_node_1, held_by_node_2):
+        (folder / "outputs/checkpoint-2").mkdir()
+        (folder / "outputs/checkpoint-2/model.safetensors").write_bytes(b"0" * 100)
     with cache.lock(node_2):
-        assert cache.gc(keep=set()) == [left_by_node_1]
+        kept = gc.plan(cache, locks=[], runs_dir=tmp_path / "runs", resumable={"train"})
+        assert kept.remove == [] and kept.kept == {"resumable work folder (`--work` removes it)": 2}
+        planned = gc.plan(cache, locks=[], runs_dir=tmp_path / "runs", resumable={"train"}, work=True)
+        assert [(d.path, d.size) for d in planned.remove] == [(left_by_node_1, 100)]
+        gc.collect(cache, planned)
     assert not left_by_node_1.exists() and held_by_node_2.is_dir()
 
 
@@ -208,7 +282,10 @@ def test_cache_ls_and_gc_still_see_entries_of_a_stage_this_version_does_not_know
     foreign.mkdir(parents=True)
     (foreign / "manifest.json").write_text("{}")
     assert [(e.kind, e.key) for e in cache.entries()] == [("distill", foreign.name)]
-    assert cache.gc(keep=set()) == [foreign] and not foreign.exists()
+    planned = gc.plan(cache, locks=[], runs_dir=tmp_path / "runs", resumable={"train"}, keep_days=0)
+    assert [d.path for d in planned.remove] == [foreign]
+    gc.collect(cache, planned)
+    assert not foreign.exists()
 
 
 def test_a_relative_path_into_the_cache_parses_like_the_absolute_one(tmp_path, monkeypatch):

@@ -309,27 +309,6 @@ class Cache:
             index[kind] = {"key": key, "material": material}
             atomic_write(path, json.dumps(index, indent=2, sort_keys=True))
 
-    # housekeeping
-
-    def gc(self, keep: set[str], dry_run: bool = False) -> list[Path]:
-        """Remove entries whose key is not in `keep`, quarantined entries, and work folders no one holds a lock on."""
-        doomed = [e.path for e in self.entries() if e.key not in keep]
-        doomed += sorted((self.root / "quarantine").glob("*"))
-        for work in sorted((self.root / "work").glob("*")):
-            try:
-                _, key = self.parse(work)
-            except ValueError:  # not a step's folder: not the cache's to delete
-                continue
-            try:
-                with self.lock(key, timeout=0):
-                    doomed.append(work)
-            except TimeoutError:
-                continue  # a running step holds it
-        if not dry_run:
-            for path in doomed:
-                shutil.rmtree(path, ignore_errors=True)
-        return doomed
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
