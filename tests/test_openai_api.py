@@ -146,6 +146,72 @@ def test_models_and_openai_shaped_errors(server):
         assert client.get("/ready").status_code == 200  # nothing above hurt the server
 
 
+# Each OpenAI request field this server does not implement, set to a value that would change the answer.
+ASKS_FOR_MORE = [
+    ("/v1/completions", {"logit_bias": {"50": 100}}), ("/v1/completions", {"frequency_penalty": 1.5}),
+    ("/v1/completions", {"presence_penalty": -0.5}), ("/v1/completions", {"best_of": 3}),
+    ("/v1/completions", {"echo": True}), ("/v1/completions", {"suffix": " the end"}),
+    ("/v1/completions", {"logprobs": 0}), ("/v1/completions", {"n": 2}),
+    ("/v1/chat/completions", {"logprobs": True}), ("/v1/chat/completions", {"top_logprobs": 2}),
+    ("/v1/chat/completions", {"logit_bias": {"50": -100}}),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("/v1/chat/completions", {"tool_choice": "required"}), ("/v1/chat/completions", {"parallel_tool_calls": False}),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}), ("/v1/chat/completions", {"function_call": "auto"}),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}), ("/v1/chat/completions", {"audio": {"voice": "x"}}),
+    ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}), ("/v1/chat/completions", {"verbosity": "low"}),
+    ("/v1/chat/completions", {"web_search_options": {}}), ("/v1/chat/completions", {"store": True}),
+    ("/v1/chat/completions", {"service_tier": "priority"}),
+]
+
+
+@pytest.mark.parametrize("route,field", ASKS_FOR_MORE, ids=[f"{r.split('/')[-1]}-{next(iter(f))}" for r, f in ASKS_FOR_MORE])
+def test_every_openai_field_the_server_does_not_implement_is_refused_by_name(server, route, field):
+    process, _ = server
+    base = {"prompt": "the film was"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    with process.client() as client:
+        response = client.post(route, json={**base, "max_tokens": 4, **field})
+    name = next(iter(field))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == name and f"{name}" in error["message"] and error["code"] == "unsupported"
+
+
+def test_fields_that_ask_for_nothing_more_are_answered_as_without_them(server):
+    """The defaults of the refused fields, the caller's own identifiers and max_completion_tokens change nothing."""
+    process, _ = server
+    plain = {"prompt": "the film was", "max_tokens": 6, "temperature": 0}
+    off = {"logit_bias": {}, "frequency_penalty": 0.0, "presence_penalty": 0, "best_of": 1, "echo": False,
+           "suffix": None, "n": 1, "logprobs": None, "user": "u-1", "stream_options": {"include_usage": True},
+           "service_tier": "auto", "store": False, "metadata": {"run": "a"}}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    with process.client() as client:
+        expected = client.post("/v1/completions", json=plain).json()["choices"][0]["text"]
+        answered = client.post("/v1/completions", json={**plain, **off})
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["text"] == expected
+        by_old_name = client.post("/v1/chat/completions", json={**chat, "max_tokens": 5}).json()
+        by_new_name = client.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 5,
+                                                                   "response_format": {"type": "text"},
+                                                                   "tool_choice": "none", "logprobs": False}).json()
+        assert by_new_name["choices"][0]["message"] == by_old_name["choices"][0]["message"]
+        assert by_new_name["usage"]["completion_tokens"] <= 5
+        disagree = client.post("/v1/chat/completions", json={**chat, "max_tokens": 5, "max_completion_tokens": 6})
+        assert disagree.status_code == 400 and disagree.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_an_unknown_field_is_refused_by_name_not_ignored(server):
+    process, _ = server
+    with process.client() as client:
+        misspelt = client.post("/v1/completions", json={"prompt": "hi", "max_token": 4})
+        assert misspelt.status_code == 400
+        assert misspelt.json()["error"]["param"] == "max_token"
+        assert "Unrecognized request argument supplied: max_token" in misspelt.json()["error"]["message"]
+        named = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi", "name": "bo"}]})
+        assert named.status_code == 400 and named.json()["error"]["param"] == "messages.0.name"
+
+
 def test_sampling_with_a_seed_is_repeatable(server):
     process, _ = server
     request = {"prompt": "the film was", "max_tokens": 8, "temperature": 1.0, "seed": 7}

@@ -86,6 +86,9 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
         if request.url.path.startswith("/v1/"):  # OpenAI clients expect 400 and an `error` object
             first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
             param = ".".join(str(p) for p in first["loc"][1:]) or None
+            if first.get("type") == "extra_forbidden":  # as OpenAI words it: the field is named, nothing is ignored
+                message = f"Unrecognized request argument supplied: {param}"
+                return JSONResponse(openai.OpenAIError(400, message, param).body(), status_code=400)
             return JSONResponse(openai.OpenAIError(400, f"{param}: {first['msg']}", param).body(), status_code=400)
         return JSONResponse({"detail": detail}, status_code=422)
 
@@ -169,7 +172,8 @@ def create_app(artifact_dir: Path, settings: ServerSettings | None = None) -> Fa
             openai.refuse_unsupported(request)
             stops = openai.stop_strings(request)
             prompt_ids = await asyncio.to_thread(openai.prompt_ids_for, model, request, chat_template)
-            max_tokens = openai.resolve_max_tokens(model, len(prompt_ids), request.max_tokens, settings.max_new_tokens)
+            max_tokens = openai.resolve_max_tokens(model, len(prompt_ids), openai.max_tokens_of(request),
+                                                     settings.max_new_tokens)
             cancel = threading.Event()
             if request.stream:
                 events = openai.stream(model, request, prompt_ids, max_tokens, stops, cancel)

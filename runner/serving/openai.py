@@ -3,7 +3,8 @@
 The request and response shapes follow the OpenAI API that vLLM, TGI, llama.cpp's server and Ollama expose, so existing
 clients work unchanged: `usage` and `finish_reason` ("stop" at eos or a stop string, "length" at max_tokens), server-sent
 events ending with `data: [DONE]` when `stream` is true, and errors as `{"error": {"message", "type", "param", "code"}}`
-with status 400 for what this server does not do (`n` > 1, `logprobs`, `tools`).
+with status 400 for what this server does not do (`n` > 1, `logprobs`, `logit_bias`, penalties, `tools`: every OpenAI
+request field is either implemented, harmless, or refused by name; see UNSUPPORTED).
 
 Streaming and non-streaming answers come from one function (`completion_events`), so a streamed text is the
 non-streamed text cut into pieces. Chat messages are rendered by runner.chat, the renderer the data step trains with
@@ -36,25 +37,80 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-# Unknown fields are ignored, as OpenAI's own server and vLLM do (clients send `user`, `model`, penalties...); the
-# fields below that would change the answer and are not implemented are refused instead of silently ignored.
-LENIENT = ConfigDict(extra="ignore")
+# Every field of OpenAI's completions and chat completions requests is declared here, and no other is accepted: a field
+# that would change the answer and is not implemented is refused with a 400 naming it (a client that sent `logit_bias`
+# must not get the unbiased text as if it had been applied), and an unknown field is refused like OpenAI refuses one
+# ("Unrecognized request argument"), so a misspelt option is never silently dropped.
+STRICT_FIELDS = ConfigDict(extra="forbid")
+
+# Not implemented: each field, with the values that mean "off" (accepted, since they ask for nothing).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),  # one choice per request: send separate requests
+    "best_of": (1,),
+    "logprobs": (False,),  # completions: an int (0 already returns the sampled tokens' logprobs); chat: a bool
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "echo": (False,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),  # json_object / json_schema would need constrained decoding
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (),  # only meaningful with tools
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "store": (False,),  # nothing is stored: a client that asks for it must not think it was
+    "service_tier": ("auto", "default"),
+}
 
 
 class _Sampling(BaseModel):
-    model_config = LENIENT
-    model: str | None = None
+    model_config = STRICT_FIELDS
+    model: str | None = Field(None, description="Accepted and not checked: this server serves one model.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default 16).")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings at which generation stops.")
     seed: int | None = Field(None, ge=0, description="Seed for sampling; equal seeds give equal samples.")
     stream: bool = False
-    n: int = 1
+    # Accepted because they cannot change the answer: identifiers for the caller's own bookkeeping, and the streaming
+    # usage option (the last streamed chunk always carries `usage`).
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    metadata: dict[str, str] | None = None
+    stream_options: dict[str, bool] | None = None
+    # Refused unless off (UNSUPPORTED): declared so that the 400 names the field and says why.
+    n: Any = None
+    best_of: Any = None
     logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    echo: Any = None
+    suffix: Any = None
+    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    store: Any = None
+    service_tier: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -62,21 +118,34 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = LENIENT
+    model_config = STRICT_FIELDS  # `name`, `tool_calls`, content parts: not rendered, so refused
     role: Literal["system", "user", "assistant"]
     content: str
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="The chat name of max_tokens.")
 
 
 def refuse_unsupported(request: _Sampling) -> None:
-    if request.n != 1:
-        raise OpenAIError(400, "n > 1 is not supported by this server: send separate requests", "n", "unsupported")
-    for field in ("logprobs", "tools", "tool_choice", "functions"):
-        if getattr(request, field) not in (None, False, [], "none"):
-            raise OpenAIError(400, f"`{field}` is not supported by this server", field, "unsupported")
+    """A 400 naming the first field that asks for something this server does not do."""
+    for field, off in UNSUPPORTED.items():
+        value = getattr(request, field)
+        if value is None or any(value == o and isinstance(value, bool) == isinstance(o, bool) for o in off):
+            continue  # off (0.0 counts as 0; but `logprobs: 0` asks for the sampled tokens' logprobs, unlike false)
+        if field == "n":
+            raise OpenAIError(400, "n > 1 is not supported by this server: send separate requests", "n", "unsupported")
+        raise OpenAIError(400, f"`{field}` is not supported by this server (it would change the answer, so it is "
+                          "refused rather than ignored)", field, "unsupported")
+
+
+def max_tokens_of(request: _Sampling) -> int | None:
+    """max_tokens, or chat's max_completion_tokens (the same limit under its newer name)."""
+    newer = getattr(request, "max_completion_tokens", None)
+    if newer is not None and request.max_tokens is not None and newer != request.max_tokens:
+        raise OpenAIError(400, "max_tokens and max_completion_tokens disagree: send one", "max_completion_tokens")
+    return newer if newer is not None else request.max_tokens
 
 
 def stop_strings(request: _Sampling) -> list[str]:
