@@ -217,6 +217,48 @@ def test_optimized_graph_is_validated(tiny_classifier_dir, classifier_inputs, tm
     assert not (tmp_path / "onnx" / "_optimized").exists()
 
 
+def test_a_classifier_past_the_external_data_threshold_exports_quantizes_and_serves(
+        tiny_classifier_dir, classifier_inputs, tmp_path, monkeypatch):
+    """Past 2 GB a protobuf cannot hold the weights: the export keeps them in model.onnx.data (the dynamo exporter's
+    name) through metadata stripping and ORT's offline optimization, and quantize and the server read that layout.
+    The threshold is set to 0 so a tiny model takes the path a 0.5B-parameter fp32 classifier takes."""
+    import onnx
+
+    from runner.serving.settings import ServerSettings
+    from runner.stages import export, quantize
+    from runner.stages.serve import ServerProcess
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    report = export.run(classifier_config(tiny_classifier_dir, optimization_level=1, validation_samples=16),
+                        classifier_inputs, tmp_path / "export")
+    onnx_dir = tmp_path / "export" / "onnx"
+    assert report["external_data"] and report["validation"]["passed"]
+    assert export.external_data_files(onnx_dir / "model.onnx") == ["model.onnx.data"]
+    graph_bytes, data_bytes = (onnx_dir / "model.onnx").stat().st_size, (onnx_dir / "model.onnx.data").stat().st_size
+    assert data_bytes > graph_bytes and report["size_bytes"] == graph_bytes + data_bytes
+    nodes = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph.node
+    assert not [e.key for n in nodes for e in n.metadata_props if e.key.startswith(export.DROPPED_METADATA)]
+
+    config = {"model": {"path": str(tiny_classifier_dir), "task": "sequence-classification"},
+              "quantize": {"method": "onnx-dynamic-int8", "eval_samples": 16}, "seed": 0}
+    quantized = quantize.run(config, {"export": tmp_path / "export", "data": classifier_inputs["data"]}, tmp_path / "q")
+    assert quantized["size_after_bytes"] < quantized["size_before_bytes"]
+    q_dir = tmp_path / "q" / "onnx"
+    assert export.external_data_files(q_dir / "model.onnx") == ["model.onnx.data"]
+
+    process = ServerProcess(q_dir, ServerSettings(), tmp_path / "server.log")
+    try:
+        process.wait_ready(60)
+        with process.client() as client:
+            info = client.get("/info").json()
+            answer = client.post("/predict", json={"texts": ["a wonderful film", "an awful film"]})
+    finally:
+        process.stop()
+    assert answer.status_code == 200, answer.text
+    assert {p["label"] for p in answer.json()["predictions"]} <= {"positive", "negative"}
+    assert info["sha256"] != ""
+
+
 def test_safetensors_merged(tiny_llama_dir, llama_inputs, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
+# Weights go to one external-data file beside the graph (ONNX_NAME + ".data", the name the dynamo exporter, onnxruntime's
+# quantizer and onnxruntime-genai's builder all write) from this many bytes of parameters: a protobuf holds at most
+# 2 GB, and the graph is rewritten twice after export (metadata stripped, optionally optimized), so the margin is wide.
+EXTERNAL_DATA_BYTES = 1 << 30
+EXTERNAL_DATA_NAME = ONNX_NAME + ".data"
 GREEDY_PROMPTS = 4  # few prompts, few tokens: enough to catch a broken KV cache, cheap on a 7B model on CPU
 GREEDY_NEW_TOKENS = 8
 ORT_LEVELS = {0: "ORT_DISABLE_ALL", 1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTENDED", 99: "ORT_ENABLE_ALL"}
@@ -115,7 +120,8 @@ def export_encoder(model: PreTrainedModel, tokenizer: Any | None, cfg: Export, o
         )
     if program is None:  # only without dynamo; here it always returns the program
         raise StageError("torch.onnx.export returned no program")
-    program.save(str(onnx_dir / ONNX_NAME))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    program.save(str(onnx_dir / ONNX_NAME), external_data=weights >= EXTERNAL_DATA_BYTES)
     strip_metadata(onnx_dir / ONNX_NAME)
     if tokenizer is not None:  # the trained tokenizer, not whatever the base's name_or_path points at
         tokenizer.save_pretrained(onnx_dir)
@@ -133,10 +139,11 @@ def export_encoder(model: PreTrainedModel, tokenizer: Any | None, cfg: Export, o
 
 def strip_metadata(onnx_path: Path) -> None:
     """Drop the exporter's per-node debugging metadata (see DROPPED_METADATA) so the same model gives the same bytes
-    wherever it was exported from."""
+    wherever it was exported from. Only the graph is read and rewritten: external weights stay where they are (loading
+    them into the protobuf would break past 2 GB)."""
     import onnx
 
-    proto = onnx.load(str(onnx_path))
+    proto = onnx.load(str(onnx_path), load_external_data=False)
     for graph in [proto.graph, *(f for f in proto.functions)]:
         for node in graph.node:
             keep = [e for e in node.metadata_props if not e.key.startswith(DROPPED_METADATA)]
@@ -160,14 +167,25 @@ def optimize_graph(onnx_path: Path, level: int) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     options.optimized_model_filepath = str(tmp / ONNX_NAME)
-    external = (onnx_path.parent / "model.onnx_data").is_file()
-    if external:  # a graph over 2 GB must keep its weights outside the protobuf
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx_data")
+    if external_data_files(onnx_path):  # then the rewritten graph keeps its weights outside the protobuf too
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_NAME)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    for old in external_data_files(onnx_path):  # replaced by what the optimizer wrote (or folded into the graph)
+        (onnx_path.parent / old).unlink()
     for produced in tmp.iterdir():
         shutil.move(str(produced), onnx_path.parent / produced.name)
     tmp.rmdir()
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """The external-data files the graph's initializers point at (names relative to its folder), read from the graph
+    itself rather than guessed: exporters differ (`model.onnx.data`, `model.onnx_data`, one file per tensor)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return sorted({entry.value for tensor in graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+                   for entry in tensor.external_data if entry.key == "location"})
 
 
 def copy_labels(data_dir: Path, onnx_dir: Path) -> None:
