@@ -81,15 +81,20 @@ def test_signed_7bit_weights_are_quantized_as_asked(tiny_classifier_dir, classif
     assert report["metric_drop"] <= 0.01
 
 
-@pytest.mark.parametrize(("bits", "algorithm"), [(8, "default"), (4, "k_quant")])
-def test_weight_only_llama(bits, algorithm, tiny_llama_dir, llama_inputs, llama_export, tmp_path):
+# Gates at what the tiny random Llama measured (2 cores, 2026-12-07) with a margin: int8 weights, eval loss +0.017%,
+# greedy 4/4 prompts, top-1 0.986 of tokens; int4 k_quant, loss -0.23%, top-1 0.880, greedy 0/4 (a random model's
+# greedy tokens sit at near ties, which int4 rounding flips at token 7 or 8; the greedy gate's failing case is below).
+@pytest.mark.parametrize(("bits", "algorithm", "max_drop", "min_greedy", "min_top1"),
+                         [(8, "default", 0.005, 1.0, 0.95), (4, "k_quant", 0.02, 0.0, 0.8)])
+def test_weight_only_llama(bits, algorithm, max_drop, min_greedy, min_top1, tiny_llama_dir, llama_inputs, llama_export,
+                           tmp_path):
     import onnx
 
     from runner.stages import quantize
 
     config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-weight-only", bits=bits, algorithm=algorithm,
-                             block_size=32, eval_samples=16, greedy_prompts=4, greedy_tokens=8, max_metric_drop=10,
-                             min_greedy_agreement=0)
+                             block_size=32, eval_samples=16, greedy_prompts=4, greedy_tokens=8, max_metric_drop=max_drop,
+                             min_greedy_agreement=min_greedy)
     report = quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
     assert (report["bits"], report["algorithm"], report["block_size"]) == (bits, algorithm, 32)
     assert report["builder_options"]["algo_config"] == algorithm and report["metric"] == "loss"
@@ -97,8 +102,25 @@ def test_weight_only_llama(bits, algorithm, tiny_llama_dir, llama_inputs, llama_
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in nbits)
-    assert report["greedy"]["prompts"] == 4 and 0 <= report["greedy"]["agreement"] <= 1
+    # a broken quantization (scales off, weights scrambled) leaves about 1/1000 of top-1 tokens of a 1000-token vocabulary
+    assert report["greedy"]["prompts"] == 4 and report["comparison"]["top1_agreement"] >= min_top1
     assert {"genai_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "onnx").iterdir()}
+
+
+@pytest.mark.parametrize(("agreed", "prompts", "minimum", "fails"),
+                         [(3, 4, 1.0, True), (4, 4, 1.0, False), (3, 4, 0.75, False), (2, 4, 0.75, True), (0, 8, 0.1, True)])
+def test_greedy_gate(agreed, prompts, minimum, fails):
+    """Fewer prompts keeping their greedy tokens than `min_greedy_agreement` asks fails the step; as many passes."""
+    from runner.stages import StageError
+    from runner.stages.quantize import check_greedy
+
+    report = {"method": "onnx-weight-only", "bits": 4,
+              "greedy": {"prompts": prompts, "agreed": agreed, "agreement": agreed / prompts, "rows": []}}
+    if fails:
+        with pytest.raises(StageError, match=f"agreement {agreed / prompts:.2f} < min_greedy_agreement {minimum}"):
+            check_greedy(report, minimum)
+    else:
+        check_greedy(report, minimum)
 
 
 def test_greedy_gate_fails_exactly_when_agreement_is_below_the_minimum(tiny_llama_dir, llama_inputs, llama_export,
@@ -108,8 +130,8 @@ def test_greedy_gate_fails_exactly_when_agreement_is_below_the_minimum(tiny_llam
     from runner.stages import StageError, quantize
 
     config = quantize_config(tiny_llama_dir, "causal-lm", method="onnx-weight-only", bits=4, block_size=256,
-                             eval_samples=8, greedy_prompts=4, greedy_tokens=8, max_metric_drop=10,
-                             min_greedy_agreement=1.0)
+                             eval_samples=8, greedy_prompts=4, greedy_tokens=8, max_metric_drop=0.02,
+                             min_greedy_agreement=1.0)  # measured here: 0/4 prompts kept, loss -0.09%: the gate fails
     try:
         quantize.run(config, onnx_inputs(llama_inputs, llama_export[0]), tmp_path)
         failed = ""
@@ -134,17 +156,13 @@ def test_weight_only_drop_is_relative_and_may_exceed_one():
 def test_static_int8_classifier(tiny_classifier_dir, classifier_inputs, classifier_export, tmp_path):
     from runner.stages import quantize
 
-    config = quantize_config(
-        tiny_classifier_dir,
-        "sequence-classification",
-        method="onnx-static-int8",
-        calibration_samples=16,
-        eval_samples=24,
-        max_metric_drop=1.0,
-    )
+    # measured (2026-12-07): accuracy unchanged, top-1 equal on 24/24, largest logit change 1.8e-4 at scale 9.6e-3;
+    # the gate allows one flip of 24 (other CPUs' int8 kernels round differently)
+    config = quantize_config(tiny_classifier_dir, "sequence-classification", method="onnx-static-int8",
+                             calibration_samples=16, eval_samples=24, max_metric_drop=0.05)
     report = quantize.run(config, onnx_inputs(classifier_inputs, classifier_export[0]), tmp_path)
     assert report["size_after_bytes"] < report["size_before_bytes"]
-    assert report["comparison"]["top1_agreement"] >= 0.5
+    assert report["comparison"]["top1_agreement"] >= 23 / 24
 
 
 def test_drop_gate_fails_exactly_when_the_drop_exceeds_the_limit(tiny_llama_dir, llama_inputs, llama_export, tmp_path):
@@ -188,7 +206,8 @@ def test_bnb_lora_llama_on_cpu(method, tiny_llama_dir, llama_inputs, tmp_path):
 
     from runner.stages import quantize
 
-    config = quantize_config(tiny_llama_dir, "causal-lm", method=method, eval_samples=8, max_metric_drop=0.5)
+    # measured (2026-12-07): eval loss -0.004% (8-bit), +0.09% (4-bit); the gate at 1%
+    config = quantize_config(tiny_llama_dir, "causal-lm", method=method, eval_samples=8, max_metric_drop=0.01)
     report = quantize.run(config, {"train": llama_inputs["train"], "data": llama_inputs["data"]}, tmp_path)
     assert report["merge"]["merged"] and report["size_after_bytes"] < report["size_before_bytes"]
     assert not (tmp_path / "_merged").exists() and (tmp_path / "model" / "tokenizer.json").is_file()
@@ -200,10 +219,12 @@ def test_bnb_lora_llama_on_cpu(method, tiny_llama_dir, llama_inputs, tmp_path):
 def test_bnb_8bit_classifier_full(tiny_classifier_dir, classifier_inputs, tmp_path):
     from runner.stages import quantize
 
+    # measured (2026-12-07): accuracy unchanged, top-1 equal on 24/24; the gate allows one flip of 24
     config = quantize_config(
-        tiny_classifier_dir, "sequence-classification", method="bnb-8bit", eval_samples=24, max_metric_drop=1.0
+        tiny_classifier_dir, "sequence-classification", method="bnb-8bit", eval_samples=24, max_metric_drop=0.05
     )
     report = quantize.run(config, classifier_inputs, tmp_path)
+    assert report["comparison"]["top1_agreement"] >= 23 / 24
     assert report["merge"] == {"merged": False} and (tmp_path / "model" / "labels.json").is_file()
     assert report["size_after_bytes"] < report["size_before_bytes"]
 
