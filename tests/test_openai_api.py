@@ -212,6 +212,33 @@ def test_an_unknown_field_is_refused_by_name_not_ignored(server):
         assert named.status_code == 400 and named.json()["error"]["param"] == "messages.0.name"
 
 
+def test_the_official_openai_client_gets_answers_and_a_named_refusal(server):
+    """What a user's code does: the `openai` package against this server. Its answers equal the raw route's, streamed
+    or not, and an unimplemented option raises the client's BadRequestError naming the field, not a silent answer."""
+    import openai as openai_client
+
+    process, _ = server
+    client = openai_client.OpenAI(base_url=f"{process.base_url}/v1", api_key=process.api_key, max_retries=0)
+    with process.client() as raw:
+        expected = raw.post("/v1/completions", json={"prompt": "the film was", "max_tokens": 6, "temperature": 0}).json()
+    answer = client.completions.create(model="any", prompt="the film was", max_tokens=6, temperature=0)
+    assert answer.choices[0].text == expected["choices"][0]["text"] and answer.usage.completion_tokens <= 6
+    streamed = client.completions.create(model="any", prompt="the film was", max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == answer.choices[0].text
+    chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=5, temperature=0, user="u-1")
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    for create, kwargs, field in [
+        (client.completions.create, {"prompt": "the film was", "logit_bias": {"50": 100}}, "logit_bias"),
+        (client.completions.create, {"prompt": "the film was", "presence_penalty": 1.0}, "presence_penalty"),
+        (client.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}],
+                                          "response_format": {"type": "json_object"}}, "response_format"),
+    ]:
+        with pytest.raises(openai_client.BadRequestError) as refused:
+            create(model="any", max_tokens=4, **kwargs)
+        assert refused.value.status_code == 400 and refused.value.param == field and field in refused.value.message
+
+
 def test_sampling_with_a_seed_is_repeatable(server):
     process, _ = server
     request = {"prompt": "the film was", "max_tokens": 8, "temperature": 1.0, "seed": 7}
