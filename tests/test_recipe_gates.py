@@ -43,7 +43,7 @@ def test_every_gate_a_shipped_recipe_sets_says_what_was_measured(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_no_shipped_gate_passes_whatever_the_model_does(recipe):
-    from runner.recipe.models import OnnxWeightOnly
+    from runner.recipe.sections import OnnxWeightOnly
 
     raw = yaml.safe_load(recipe.read_text())
     quantize = raw.get("quantize") or {}
