@@ -81,7 +81,7 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
     path: the folder's config.json. init: built from the init fields as the model step builds it."""
     model = recipe.model
     if model.init is not None:
-        return init_config(recipe.model.init, recipe.model.init.vocab_size), "built from model.init"
+        return init_config(model.init, model.init.vocab_size), "built from model.init"
     from transformers import AutoConfig
 
     if model.path is not None or model.package is not None:
