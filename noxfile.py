@@ -160,7 +160,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """P1-P6, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
+    """P1-P6 and P10, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
     install_env(session, "cpu", dev=True)
     out = "bench/results"
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
@@ -171,6 +171,9 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/onnx_latency.py", f"{out}/p4.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/serve_throughput.py", "--json", f"{out}/p5.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/memory_estimate.py", f"{out}/p6.json", env=env, success_codes=[0, 1])
+    # P10: the remote cache against a real S3 server (SeaweedFS on loopback); `nox -s bench -- --smoke` for seconds
+    smoke = ["--smoke"] if "--smoke" in session.posargs else []
+    session.run("python", "bench/remote_cache.py", *smoke, "--json", f"{out}/p10.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/summary.py", out, env=env)
 
 

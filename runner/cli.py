@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runner.errors import RunnerError
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[red]{n} problem{'s' if n != 1 else ''}[/red]")
         return 2
     except RunnerError as exc:  # UsageError, StageError, ProfileError, ...: one message, no traceback
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, however long
         return 2
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow]: finished steps stay cached; run again to continue")
@@ -94,6 +95,19 @@ def _plan(loaded: Loaded, cache: Cache):
     return build_plan(loaded, cache.memo)
 
 
+def _remote(args: argparse.Namespace, required: bool = False):
+    """The remote a command uses: --remote URL, else $RECIPE_REMOTE (never part of a key: it says where results are
+    kept, not what they are)."""
+    from runner.store.remote import Remote, remote_url
+
+    url = remote_url(getattr(args, "remote", None) or None)
+    if url is None:
+        if required:
+            raise UsageError("no remote: pass --remote URL (s3://bucket/prefix, file:///path, ...) or set RECIPE_REMOTE")
+        return None
+    return Remote(url, getattr(args, "jobs", None))
+
+
 def _check_step_names(names: list[str], steps) -> None:
     known = [s.kind for s in steps]
     for name in names:
@@ -115,21 +129,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from runner.cli_remote import plan_sources
     from runner.plan import plan_status
 
     loaded = _load(args)
     cache = _cache(args)
     rows = plan_status(_plan(loaded, cache), cache, loaded.recipe.name)
+    remote_has = plan_sources(_remote(args), rows)
     if args.json:
         out.print_json(json.dumps([
-            {"step": s.kind, "key": s.key, "depends": s.depends, "cached": c, "why": why} for s, c, why in rows
+            {"step": s.kind, "key": s.key, "depends": s.depends, "cached": c, "pull": remote_has.get(s.kind, False),
+             "why": why} for s, c, why in rows
         ]))
         return 0
     table = Table(title=f"plan for {loaded.recipe.name}", title_justify="left")
     for column in ("step", "key", "needs", "status", "why"):
         table.add_column(column, overflow="fold")
     for step, cached, why in rows:
-        status = "[green]cached[/green]" if cached else "[yellow]will run[/yellow]"
+        status = "[green]cached[/green]" if cached else "[blue]pull[/blue]" if remote_has.get(step.kind) \
+            else "[yellow]will run[/yellow]"
         table.add_row(step.kind, step.key[:12], ", ".join(step.depends) or "-", status, "\n".join(why))
     out.print(table)
     return 0
@@ -156,22 +174,93 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = lock_path(loaded)
         if not path.is_file():
             raise UsageError(f"--locked: no lock file {relative(path)}; create it with `recipe lock {args.recipe}`")
-        differences = lock_differences(read_lock(path), loaded, steps)
+        document = read_lock(path)
+        differences = lock_differences(document, loaded, steps)
         if differences:
             err.print(f"[red]refusing to run:[/red] {loaded.recipe.name} resolves differently from {relative(path)}:")
             for line in differences:
                 err.print(f"  {line}", markup=False, soft_wrap=True)
             return 1
+    remote = _remote_use(args)
+    if args.locked and remote is not None and remote.pull:
+        _adopt_locked(document, steps, cache, remote.remote)
+        # a pulled entry must carry the very bytes the lock pins (where the key is the lock's own)
+        remote.expect = {s.kind: document.steps[s.kind].artifacts for s in steps if document.steps[s.kind].key == s.key}
     if loaded.warnings and not args.dry_run:
         _check_online(loaded)
     if args.dry_run:
-        for step, cached, why in plan_status(steps, cache, loaded.recipe.name):
-            state = "cached" if cached and step.kind not in args.force else "would run"
+        from runner.cli_remote import plan_sources
+
+        rows = plan_status(steps, cache, loaded.recipe.name)
+        remote_has = plan_sources(remote.remote if remote and remote.pull else None, rows)
+        for step, cached, why in rows:
+            forced = step.kind in args.force
+            state = "cached" if cached and not forced else "would pull" if remote_has.get(step.kind) and not forced \
+                else "would run"
             out.print(f"{step.kind:9} {step.key[:12]}  {state}  {'; '.join(why)}", markup=False)
         return 0
-    result = execute(loaded, steps, cache, Path(args.runs_dir), set(args.force), args.until, _progress)
+    result = execute(loaded, steps, cache, Path(args.runs_dir), set(args.force), args.until, _progress, remote)
     _summary(result)
+    if remote is not None and remote.push_failed:
+        err.print("[red]push failed[/red] for some steps (see the warnings above): the run itself succeeded")
+        return 1
     return 0 if result.ok else 1
+
+
+def _adopt_locked(document, steps, cache: Cache, remote) -> None:  # noqa: ANN001 - a Lock, Steps, a Remote or None
+    """--locked --pull (and verify): a step whose key differs from the lock's by platform facts alone (the lock passed)
+    takes the lock's entry when this cache (or the remote) holds it, and later steps are keyed on it
+    (runner.plan.adopt): what a GPU trained is used on a CPU machine instead of training again."""
+    from runner.plan import adopt
+    from runner.store.remote import RemoteError
+
+    for step in steps:
+        locked = document.steps.get(step.kind)
+        if locked is None or locked.key == step.key or cache.entry(step.kind, step.key):
+            continue
+        try:
+            held = cache.entry(step.kind, locked.key) is not None or (
+                remote is not None and remote.manifest(step.kind, locked.key) is not None)
+        except RemoteError as exc:
+            err.print(f"[yellow]warning:[/yellow] {escape(str(exc))}", soft_wrap=True)
+            return
+        if held:
+            changed = adopt(steps, step.kind, locked.key, locked.material)
+            platform = ", ".join(f"{k} {v}" for k, v in locked.platform.model_dump().items() if v)
+            out.print(f"{step.kind}: using the lock's entry {locked.key[:12]} (made on {platform}); keyed on it: "
+                      f"{', '.join(changed)}", markup=False, soft_wrap=True)
+
+
+def _remote_use(args: argparse.Namespace, expect: dict[str, dict[str, str]] | None = None):
+    """--pull / --push: the remote checked once, up front. An unusable remote only warns: the run goes on locally."""
+    if not (args.pull or args.push):
+        return None
+    from runner.cli_remote import TransferBar
+    from runner.execute import RemoteUse
+    from runner.store.remote import RemoteError
+
+    remote = _remote(args, required=True)
+    try:
+        remote.check(create=args.push)
+    except RemoteError as exc:
+        err.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; running locally without it", soft_wrap=True)
+        use = RemoteUse(remote, False, False)
+        use.push_failed = args.push  # the user asked for a push that cannot happen: the exit code says so
+        return use
+
+    def notice(line: str) -> None:
+        _stop_spinner()
+        err.print(f"[yellow]warning:[/yellow] {escape(line)}", soft_wrap=True)
+
+    return RemoteUse(remote, args.pull, args.push, expect, notice, TransferBar(before=_stop_spinner))
+
+
+def _stop_spinner() -> None:
+    global _status
+    if _status is not None:
+        _status.stop()
+        _status = None
+        out.print("", end="")
 
 
 _status = None
@@ -187,12 +276,12 @@ def _progress(event: str, result, step) -> None:
         else:
             out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
         return
-    if _status is not None:
-        _status.stop()
-        _status = None
+    if _status is not None or out.is_terminal:
+        _stop_spinner()
         out.print(f"[bold]{step.kind}[/bold] {step.key[:12]} ...", end=" ")
-    colour = {"cached": "green", "ran": "cyan", "failed": "red"}.get(result.status, "white")
-    out.print(f"[{colour}]{result.status}[/{colour}] ({result.seconds:.1f}s)")
+    colour = {"cached": "green", "pulled": "blue", "ran": "cyan", "failed": "red"}.get(result.status, "white")
+    pushed = f"; {result.remote}" if result.remote and result.status != "pulled" else ""
+    out.print(f"[{colour}]{result.status}[/{colour}] ({result.seconds:.1f}s){escape(pushed)}")
     if result.error:
         err.print(f"  {result.error}", markup=False, soft_wrap=True)
 
@@ -204,9 +293,11 @@ def _summary(result) -> None:
 
     ran = sum(s.status == "ran" for s in result.steps)
     cached = sum(s.status == "cached" for s in result.steps)
+    pulled = sum(s.status == "pulled" for s in result.steps)
     failed = [s.kind for s in result.steps if s.status == "failed"]
     state = "[green]succeeded[/green]" if result.ok else f"[red]failed[/red] at {', '.join(failed) or 'a step'}"
-    out.print(f"{result.recipe} {state}: {ran} ran, {cached} cached. Run folder: {relative(result.run_dir)}")
+    counts = f"{ran} ran, {cached} cached" + (f", {pulled} pulled" if pulled else "")
+    out.print(f"{result.recipe} {state}: {counts}. Run folder: {relative(result.run_dir)}")
     for line in headline_lines(collect(result)):
         style = "red" if "over budget" in line else "green" if "within budget" in line else None
         out.print(f"  {line}", markup=False, style=style, soft_wrap=True)
@@ -216,8 +307,6 @@ def _summary(result) -> None:
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from runner.lockfile import build_lock, lock_path, write_lock
 
     loaded = _load(args)
@@ -242,8 +331,6 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 1 on an unexpected difference; differences the platform explains alone pass, with a warning."""
-    from rich.markup import escape
-
     from runner.hardware.platform_facts import describe
     from runner.lockfile import lock_path, platform_changes, read_lock, verify_outputs
 
@@ -253,10 +340,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"no lock file {relative(path)}; create it with `recipe lock {args.recipe}`")
     document = read_lock(path)  # a bad lock is a LockError: one line, exit 2
+    if args.remote is not None:  # the lock against the remote's manifests, not this machine's files
+        from runner.cli_remote import verify as verify_remote
+
+        return verify_remote(_remote(args, required=True), document.steps, relative(path))
     changes = platform_changes(document.platform.model_dump(), describe())
     if changes:
         out.print(f"this machine is not the lock's: {escape('; '.join(changes))}", soft_wrap=True)
-    result = verify_outputs(document, _plan(loaded, cache), cache)
+    steps = _plan(loaded, cache)
+    _adopt_locked(document, steps, cache, None)  # entries pulled from the lock's machine are verified as they are
+    result = verify_outputs(document, steps, cache)
     for difference in result.unexpected:
         out.print(f"[red]differs[/red] {escape(difference.line)}", soft_wrap=True)
     reasons: dict[tuple[str, str], list[str]] = {}
@@ -329,8 +422,33 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from runner.cli_remote import push
+
+    loaded = _load(args)
+    cache = _cache(args)
+    steps = _plan(loaded, cache)
+    if args.step:
+        _check_step_names([args.step], steps)
+    return push(_remote(args, required=True), cache, steps, args.step)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from runner.cli_remote import pull
+
+    loaded = _load(args)
+    cache = _cache(args)
+    return pull(_remote(args, required=True), cache, _plan(loaded, cache))
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     cache = _cache(args)
+    if args.remote is not None and args.action != "ls":
+        raise UsageError(f"`recipe cache {args.action}` works on the local cache; only `cache ls` takes --remote")
+    if args.action == "ls" and args.remote is not None:
+        from runner.cli_remote import list_entries
+
+        return list_entries(_remote(args, required=True))
     if args.action == "ls":
         table = Table(title=f"cache {relative(cache.root)}", title_justify="left")
         for column in ("step", "key", "size", "artifacts", "records", "seconds", "created"):
@@ -401,8 +519,18 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     recipe_command("validate", cmd_validate, "Check a recipe; list every problem with file:line:col.")
+    def remote_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        if optional:  # a switch that may name the URL: `--remote` alone uses $RECIPE_REMOTE
+            p.add_argument("--remote", nargs="?", const="", default=None, metavar="URL",
+                           help="use the remote cache (URL, or $RECIPE_REMOTE when none is given)")
+        else:
+            p.add_argument("--remote", metavar="URL", help="remote cache: s3://bucket/prefix, gs://, az://, hf://, "
+                           "file:///path (default: $RECIPE_REMOTE)")
+        p.add_argument("--jobs", type=int, metavar="N", help="files transferred at once (default: 2 x CPUs, 4..16)")
+
     p = recipe_command("plan", cmd_plan, "Show the steps, their cache keys, and why each stale step will run.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    remote_options(p)
     p = recipe_command("run", cmd_run, "Run a recipe: cached steps are skipped; a run folder records everything.")
     p.add_argument("--force", action="append", default=[], metavar="STEP", help="re-run this step even if cached")
     p.add_argument("--until", metavar="STEP", help="stop after this step")
@@ -411,8 +539,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run folders go (default: ./runs)")
     p.add_argument("--container", action="store_true",
                    help="run inside the CUDA container (docker or podman; prints the command where neither runs)")
+    p.add_argument("--pull", action="store_true", help="pull a step missing here from the remote before running it")
+    p.add_argument("--push", action="store_true", help="push each step to the remote once it is committed")
+    remote_options(p)
     recipe_command("lock", cmd_lock, "Write NAME.lock beside the recipe: keys, package versions, output hashes.")
-    recipe_command("verify", cmd_verify, "Compare this machine's outputs with NAME.lock, file by file.")
+    p = recipe_command("verify", cmd_verify, "Compare this machine's outputs (or the remote's, --remote) with NAME.lock.")
+    remote_options(p, optional=True)
+    p = recipe_command("push", cmd_push, "Upload the plan's committed steps to the remote cache.")
+    p.add_argument("--step", metavar="KIND", help="push only this step")
+    remote_options(p)
+    p = recipe_command("pull", cmd_pull, "Download the plan's steps the remote holds: verified, then committed here.")
+    remote_options(p)
 
     p = recipe_command("serve", cmd_serve, "Serve a run folder's or a recipe's ONNX model with FastAPI + ONNX Runtime.")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
@@ -438,6 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="gc: where run records are (default: ./runs)")
     p.add_argument("--work", action="store_true",
                    help="gc: also remove resumable work folders (a killed train's checkpoints)")
+    remote_options(p, optional=True)
     p.set_defaults(func=cmd_cache)
     return parser
 

@@ -1,5 +1,9 @@
 """Executing a plan: skip what is cached, run the rest in order, commit each success, leave a run folder behind.
 
+With a remote (runner.store.remote), a step missing locally is pulled before it would run (`--pull`: verified, then
+committed like any entry; a refused or unreachable remote only means the step runs here), and each committed step is
+pushed (`--push`). A remote problem never fails a step: it is told through `notice` and recorded in run.json.
+
 A run folder `runs/<recipe>/<timestamp>/` holds the resolved recipe, `run.json` (keys, statuses, timings, metrics,
 output folders) and one log per step. A failing step stops the run; every step that succeeded before it stays cached.
 """
@@ -30,11 +34,50 @@ from runner.report.build import write_report
 from runner.run_record import RunResult, StepResult
 from runner.stages import StageError
 from runner.store.local import Cache, Entry, node_work_key
+from runner.store.remote import Progress as TransferProgress
+from runner.store.remote import Remote, RemoteError
 
 log = logging.getLogger("runner")
 
 
 Progress = Callable[[str, StepResult | None, Step], None]  # ("start" | "done", result, step)
+
+
+class RemoteUse:
+    """What a run does with a remote: pull missing steps, push committed ones. `expect`: the lock's artifact hashes per
+    step kind (`--locked`), which a pulled entry must match; `notice` tells the user (the CLI prints)."""
+
+    def __init__(self, remote: Remote, pull: bool, push: bool, expect: dict[str, dict[str, str]] | None = None,
+                 notice: Callable[[str], None] = log.warning, transfer: TransferProgress | None = None):
+        self.remote, self.pull, self.push = remote, pull, push
+        self.expect, self.notice, self.transfer = expect or {}, notice, transfer
+        self.push_failed = False
+        self.unreachable = False  # after one failed pull the others would fail alike: run locally without asking
+
+    def fetch(self, step: Step, cache: Cache) -> Entry | None:
+        if not self.pull or self.unreachable:
+            return None
+        try:
+            pulled = self.remote.pull(cache, step.kind, step.key, self.expect.get(step.kind), self.transfer)
+        except RemoteError as exc:
+            self.unreachable = True
+            self.notice(f"{exc}; running locally")
+            return None
+        if pulled.refused:
+            lines = "; ".join(pulled.refused[:5]) + (f" (+{len(pulled.refused) - 5} more)" if len(pulled.refused) > 5 else "")
+            self.notice(f"refused the remote entry of {step.kind} {step.key[:12]}: {lines}; running it locally")
+        return pulled.entry
+
+    def send(self, step: Step, cache: Cache, entry: Entry) -> str:
+        try:
+            pushed = self.remote.push(cache, entry, self.transfer)
+        except RemoteError as exc:
+            self.push_failed = True
+            self.notice(f"push of {step.kind} failed: {exc}")
+            return f"push failed: {exc}"
+        for line in pushed.findings:
+            self.notice(f"reproducibility finding (same key, different bytes): {line}")
+        return f"{pushed.status} ({pushed.uploaded} object(s) uploaded)"
 
 
 def execute(
@@ -45,6 +88,7 @@ def execute(
     force: set[str] = frozenset(),  # type: ignore[assignment]
     until: str | None = None,
     progress: Progress | None = None,
+    remote: RemoteUse | None = None,
 ) -> RunResult:
     name = loaded.recipe.name
     run_dir = new_run_dir(runs_root, name)
@@ -60,8 +104,10 @@ def execute(
             continue
         if progress:
             progress("start", None, step)
-        step_result = _run_step(step, cache, entries, run_dir, name, step.kind in force)
-        step_result.reasons = [] if step_result.status == "cached" else statuses[step.kind][1]
+        step_result = _run_step(step, cache, entries, run_dir, name, step.kind in force, remote)
+        step_result.reasons = [] if step_result.status in ("cached", "pulled") else statuses[step.kind][1]
+        if remote is not None and remote.push and step_result.status in ("cached", "ran"):
+            step_result.remote = remote.send(step, cache, entries[step.kind])
         result.steps.append(step_result)
         if progress:
             progress("done", step_result, step)
@@ -73,11 +119,19 @@ def execute(
     return result
 
 
-def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path, recipe: str, force: bool) -> StepResult:
+def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path, recipe: str, force: bool,
+              remote: RemoteUse | None = None) -> StepResult:
     if not force and (hit := cache.lookup(step.kind, step.key)):
         entries[step.kind] = hit
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}), outputs=str(hit.outputs))
+    if not force and remote is not None:
+        started = time.time()
+        if pulled := remote.fetch(step, cache):
+            entries[step.kind] = pulled
+            cache.remember(recipe, step.kind, step.key, step.material)
+            return StepResult(step.kind, step.key, "pulled", round(time.time() - started, 3),
+                              pulled.manifest.get("metrics", {}), str(pulled.outputs), remote=f"pulled from {remote.remote.url}")
     try:
         rank = node_rank(step)
     except stages.StageError as exc:

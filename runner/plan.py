@@ -96,12 +96,39 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
         if step.kind == "evaluate":
             # Each (set, artifact) score is memoized under the artifact's key (runner.stages.evaluate), so the stage
             # learns the keys; they are already in the material as `upstream` (base: the model section's own key).
-            base_key = keys.get("model") or key_of({"model": step.material["config"]["model"]})
-            step.config["artifact_keys"] = {
-                kind: base_key if kind == "base" else keys[kind] for kind in step.config.pop("scored_models")
-            }
+            _artifact_keys(step, keys, step.config.pop("scored_models"))
     memo.save()
     return steps
+
+
+def _artifact_keys(step: Step, keys: dict[str, str], scored: list[str]) -> None:
+    base_key = keys.get("model") or key_of({"model": step.material["config"]["model"]})
+    step.config["artifact_keys"] = {kind: base_key if kind == "base" else keys[kind] for kind in scored}
+
+
+def adopt(steps: list[Step], kind: str, key: str, material: dict[str, Any]) -> list[str]:
+    """Take another machine's entry for step `kind` (from a lock: the same recipe, a key that differs by platform facts
+    alone, such as the GPUs a train used): the step gets that entry's key and material, and every later step is keyed
+    on it, since its upstream key is part of its material. Returns the steps whose keys changed.
+
+    This is how a CPU machine uses what a GPU trained (`recipe run --locked --pull`): each key still says exactly what
+    its entry was made from."""
+    keys: dict[str, str] = {}
+    changed = []
+    for step in steps:
+        if step.kind == kind:
+            step.key, step.material = key, dict(material)
+            changed.append(step.kind)
+        else:
+            upstream = {dep: keys[dep] for dep in step.depends}
+            if upstream != step.material.get("upstream"):
+                step.material = {**step.material, "upstream": upstream}
+                step.key = key_of(step.material)
+                changed.append(step.kind)
+                if step.kind == "evaluate":
+                    _artifact_keys(step, keys, list(step.config["artifact_keys"]))
+        keys[step.kind] = step.key
+    return changed
 
 
 def key_of(material: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """Secrets out of every byte the runner writes to a log: the values of the token variables and anything shaped like a
-Hugging Face token (`hf_` and 20+ letters or digits) become `***`.
+secret become `***`: a Hugging Face token (`hf_` and 20+ letters or digits), an AWS access key id (`AKIA`/`ASIA`... and
+16 capitals or digits), the password in a URL (`s3://user:PASSWORD@host`), and the signature, credential or token
+parameters of a signed URL (`?X-Amz-Signature=...`, an Azure SAS `sig=...`).
 
     redact(text)                 a message (a step's error in run.json, a log record)
     RedactedFile(path)           a pipe whose bytes reach `path` redacted: give its `fd` to a child process as stdout and
@@ -24,12 +26,32 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # Environment variables whose values are secrets: a library error may quote them (some HTTP errors quote headers).
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "RECIPE_API_KEY", "RUNNER_SERVE_API_KEY")
-_TOKEN = r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"
-TOKEN_PATTERN, TOKEN_PATTERN_TEXT = re.compile(_TOKEN.encode()), re.compile(_TOKEN)
+# The object stores' too: a remote cache's credentials come from the store's standard chain (runner.store.remote).
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "RECIPE_API_KEY", "RUNNER_SERVE_API_KEY",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AZURE_STORAGE_KEY",
+                    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+                    "AZURE_CLIENT_SECRET")
+# Shapes, each with what it keeps (group 1) before the mask: a token alone, or the name that says what follows.
+_SHAPES = (
+    r"()(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}",
+    r"()(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|AIDA|AROA|AGPA|ANPA|ANVA|APKA|ASCA|AIPA)[A-Z0-9]{16}(?![A-Z0-9])",
+    r"([a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)",  # the password of scheme://user:password@host
+    r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|sig|token|access_token"
+    r"|x-goog-signature|x-goog-credential)=)[^&\s\"'<>]+",
+)
 MASK = b"***"
 # Bytes held back when a line grows without ending (a progress bar): more than any secret, so none is ever cut in two.
 HOLD = 4096
+# Applied one after another: a key id inside a URL's user part goes too.
+TOKEN_PATTERNS = [(re.compile(shape), re.compile(shape.encode())) for shape in _SHAPES]
+
+
+def _keep(match: re.Match) -> str:
+    return (match.group(1) or "") + "***"
+
+
+def _keep_bytes(match: re.Match) -> bytes:
+    return (match.group(1) or b"") + MASK
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[bytes]:
@@ -41,13 +63,17 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[bytes]:
 def redact_bytes(data: bytes, values: list[bytes]) -> bytes:
     for value in values:
         data = data.replace(value, MASK)
-    return TOKEN_PATTERN.sub(MASK, data)
+    for _, pattern in TOKEN_PATTERNS:
+        data = pattern.sub(_keep_bytes, data)
+    return data
 
 
 def redact(text: str) -> str:
     for value in secret_values():
         text = text.replace(value.decode("utf-8", "surrogateescape"), "***")
-    return TOKEN_PATTERN_TEXT.sub("***", text)
+    for pattern, _ in TOKEN_PATTERNS:
+        text = pattern.sub(_keep, text)
+    return text
 
 
 class LineRedactor:

@@ -10,19 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STEP_STATUSES = ("cached", "ran", "failed", "skipped")
+STEP_STATUSES = ("cached", "pulled", "ran", "failed", "skipped")
 
 
 @dataclass
 class StepResult:
     kind: str
     key: str
-    status: str  # cached | ran | failed | skipped
+    status: str  # cached | pulled (from a remote, verified) | ran | failed | skipped
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     outputs: str | None = None
     error: str | None = None
     reasons: list[str] = field(default_factory=list)
+    remote: str | None = None  # what the remote did for this step: pulled, pushed, refused, failed (one line)
 
 
 @dataclass
@@ -33,4 +34,4 @@ class RunResult:
 
     @property
     def ok(self) -> bool:
-        return all(step.status in ("cached", "ran", "skipped") for step in self.steps)
+        return all(step.status in ("cached", "pulled", "ran", "skipped") for step in self.steps)

@@ -130,7 +130,8 @@ def plan(cache: Cache, *, locks: list[Path], runs_dir: Path, resumable: set[str]
                 result.remove.append(Doomed(entry.path, tree_size(entry.path), "entry"))
     for folder in sorted((cache.root / "quarantine").glob("*")):
         result.remove.append(Doomed(folder, tree_size(folder), "quarantined"))
-    for folder in sorted((cache.root / "work").glob("*")):
+    # a pull folder (runner.store.remote) is a work folder too: verified files a next pull reuses
+    for folder in sorted([*(cache.root / "work").glob("*"), *(cache.root / "pull").glob("*")]):
         try:
             kind, key = cache.parse(folder)
         except ValueError:  # not a step's folder: not the cache's to delete

@@ -6,6 +6,8 @@ Layout under the cache root (only this module knows it):
     entries/<kind>/<key>/manifest.json  written last, before the atomic rename that commits the entry; each output
                                         with its sha256, size and role (artifact or record, see output_role), and
                                         the platform the entry was produced on (runner.hardware.platform_facts.describe)
+    pull/<kind>-<key>/outputs/          an entry being pulled from a remote (runner.store.remote): only verified
+                                        files are renamed in, so an interrupted pull resumes without re-downloading
     work/<kind>-<key>/outputs/          a step in progress (kept between attempts for resumable stages); nodes
                                         above 0 of a multi-node train step use <key>.node<N> (node_work_key)
     memo/<kind>/<key>.json              sub-results a stage memoizes across step keys (evaluate: one score per
@@ -154,6 +156,12 @@ class Cache:
     def work_path(self, kind: str, key: str) -> Path:
         return self.root / "work" / f"{kind}-{key}"
 
+    def pull_dir(self, kind: str, key: str) -> Path:
+        """The folder a pull from a remote fills (call under the key's lock); kept between attempts."""
+        path = self.root / "pull" / f"{kind}-{key}" / "outputs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def parse(self, path: Path) -> tuple[str, str]:
         """(kind, key) of an entry folder or a work folder of this cache; ValueError for any other path.
 
@@ -162,7 +170,7 @@ class Cache:
         rel = path.relative_to(self.root).parts if path.is_relative_to(self.root) else ()
         if len(rel) == 3 and rel[0] == "entries":
             kind, key, pattern = rel[1], rel[2], KEY_PATTERN
-        elif len(rel) == 2 and rel[0] == "work" and "-" in rel[1]:
+        elif len(rel) == 2 and rel[0] in ("work", "pull") and "-" in rel[1]:
             (kind, key), pattern = rel[1].rsplit("-", 1), WORK_KEY_PATTERN
         else:
             raise ValueError(f"{path} is not an entry or work folder of the cache at {self.root}")
@@ -266,14 +274,20 @@ class Cache:
         (work / "outputs").mkdir(parents=True, exist_ok=True)
         return work / "outputs"
 
-    def commit(self, kind: str, key: str, outputs: Path, manifest: dict[str, Any], records: tuple[str, ...] = ()) -> Entry:
-        """Record output hashes, write the manifest, then rename the work folder into place in one atomic step."""
+    def commit(self, kind: str, key: str, outputs: Path, manifest: dict[str, Any], records: tuple[str, ...] = (),
+               known: dict[str, str] | None = None, roles: dict[str, str] | None = None) -> Entry:
+        """Record output hashes, write the manifest, then rename the work folder into place in one atomic step.
+
+        `known`: sha256 of files the caller has just verified (a pull), not read again; `roles`: the roles a pulled
+        manifest gave its files (the producer's word, kept)."""
         work = outputs.parent
         files = sorted(p for p in outputs.rglob("*") if p.is_file())
+        known, roles = known or {}, roles or {}
         described = {}
         for p in files:
             rel = p.relative_to(outputs).as_posix()
-            described[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size, "role": output_role(rel, records=records)}
+            described[rel] = {"sha256": known.get(rel) or sha256_file(p), "size": p.stat().st_size,
+                              "role": roles.get(rel) or output_role(rel, records=records)}
         manifest = {"platform": platform_facts.describe(), **manifest, "outputs": described}
         atomic_write(work / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         final = self.entry_path(kind, key)

@@ -1,0 +1,181 @@
+"""P10: the remote cache against a real S3 server (SeaweedFS `weed mini` on loopback), side by side in one run.
+
+    python bench/remote_cache.py [--recipe quickstart] [--large-mb 2048] [--json bench/results/p10.json]
+    python bench/remote_cache.py --smoke        (seconds: the test recipe with the test-only stages, a 32 MB file)
+
+Three figures:
+- transfer: `recipe push` + `recipe pull` of a run's entries vs a plain s3fs put + get of the same files (same
+  server, same bytes, s3fs's own batching); ratio = plain / ours, target >= 0.8 (hashing, existence checks and
+  manifests cost at most 20%);
+- pulled run: `recipe run --pull` into an empty cache vs the cold run, in wall time; target <= 0.05;
+- memory: the RSS a process gains while it pulls one large file (default 2 GB); target < 200 MB.
+The quickstart runs with the test suite's reduced overrides (tests/test_end_to_end.py QUICK) unless --overrides says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+from common import save  # noqa: E402
+
+from tests import seaweed  # noqa: E402
+
+QUICK = ["data.select=1200", "train.epochs=1", "train.learning_rate=1e-4"]
+
+
+def recipe_cli(smoke: bool) -> list[str]:
+    # --smoke: the test-only stages (tests/fake_stages.py) behind the same CLI; real stages otherwise
+    return [sys.executable, "-m", "tests.fake_stages" if smoke else "runner.cli"]
+
+
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def entry_files(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "entries").rglob("*") if p.is_file() and "outputs" in p.parts)
+
+
+PULL_ONE = """
+import resource, sys, time
+from pathlib import Path
+from runner.store.local import Cache
+from runner.store.remote import Remote
+url, root, key = sys.argv[1:]
+remote, cache = Remote(url), Cache(Path(root))
+remote.manifest("train", key)  # connections and imports warm before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+pulled = remote.pull(cache, "train", key)
+seconds = time.perf_counter() - start
+assert pulled.entry is not None, pulled.refused
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before * 1024, after * 1024, seconds)
+"""
+
+
+def large_file_rss(url: str, env: dict[str, str], tmp: Path, megabytes: int) -> dict[str, float]:
+    """Push one file of `megabytes` (random bytes), then pull it in a fresh process: its peak RSS growth."""
+    from runner.store.local import Cache
+    from runner.store.remote import Remote
+
+    cache = Cache(tmp / "large-source")
+    key = os.urandom(12).hex()
+    out = cache.workdir("train", key, keep=False)
+    with open(out / "weights.bin", "wb") as handle:
+        for _ in range(megabytes):
+            handle.write(os.urandom(1 << 20))
+    cache.commit("train", key, out, {"kind": "train", "key": key, "metrics": {}})
+    start = time.perf_counter()
+    Remote(url).push(cache, cache.entry("train", key))
+    push_s = time.perf_counter() - start
+    shutil.rmtree(tmp / "large-source")  # the disk holds the server's copy and the pulled one, not a third
+    done = subprocess.run([sys.executable, "-c", PULL_ONE, url, str(tmp / "large-target"), key], env=env,
+                          capture_output=True, text=True, check=True)
+    before, after, pull_s = (float(x) for x in done.stdout.split())
+    shutil.rmtree(tmp / "large-target")
+    return {"file_mb": megabytes, "rss_before_mb": before / 2**20, "rss_peak_mb": after / 2**20,
+            "rss_growth_mb": (after - before) / 2**20, "push_s": push_s, "pull_s": pull_s,
+            "pull_mb_s": megabytes / pull_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quickstart")
+    parser.add_argument("--overrides", nargs="*", default=QUICK)
+    parser.add_argument("--large-mb", type=int, default=2048)
+    parser.add_argument("--smoke", action="store_true", help="the test recipe and test-only stages, a 32 MB file")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.smoke:
+        args.recipe, args.overrides, args.large_mb = str(ROOT / "tests/recipes/core.yaml"), [], 32
+    with tempfile.TemporaryDirectory(prefix="bench-remote-") as name:
+        tmp = Path(name)
+        server = seaweed.start(tmp / "seaweed")
+        try:
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, **server.env, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+            os.environ.update(server.env)
+            result = measure(args, env, tmp, server)
+        finally:
+            server.stop()
+    report(result)
+    save(args.json, {"P10": result})
+    return 0 if result["met"] else 1
+
+
+def measure(args: argparse.Namespace, env: dict[str, str], tmp: Path, server: seaweed.Seaweed) -> dict:
+    import fsspec
+
+    cli = recipe_cli(args.smoke)
+    recipe = [args.recipe, *args.overrides]
+    url = f"s3://{seaweed.BUCKET}/bench"
+
+    def cache_args(name: str) -> list[str]:
+        return ["--cache-dir", str(tmp / name)]
+
+    runs = ["--runs-dir", str(tmp / "runs")]
+    cold_s = timed([*cli, "run", *recipe, *cache_args("a"), *runs], env, ROOT)
+    push_s = timed([*cli, "push", *recipe, "--remote", url, *cache_args("a")], env, ROOT)
+    pull_s = timed([*cli, "pull", *recipe, "--remote", url, *cache_args("b")], env, ROOT)
+    pulled_run_s = timed([*cli, "run", *recipe, "--pull", "--remote", url, *cache_args("c"), *runs], env, ROOT)
+    # the same files by plain s3fs, in fresh processes too (imports and connections counted alike)
+    files = entry_files(tmp / "a")
+    listing = tmp / "files.txt"
+    listing.write_text("\n".join(str(p) for p in files))
+    plain = ("import sys, fsspec, time\nfrom pathlib import Path\nfs = fsspec.filesystem('s3', skip_instance_cache=True,"
+             " config_kwargs={'request_checksum_calculation': 'when_required', "
+             "'response_checksum_validation': 'when_required'})\nfiles = Path(sys.argv[2]).read_text().split('\\n')\n"
+             "remote = [f'{sys.argv[3]}/{i}' for i in range(len(files))]\n"
+             "if sys.argv[1] == 'put':\n    fs.put(files, remote)\nelse:\n"
+             "    fs.get(remote, [f'{sys.argv[4]}/{i}' for i in range(len(files))])\n")
+    plain_put_s = timed([sys.executable, "-c", plain, "put", str(listing), f"{seaweed.BUCKET}/plain"], env, ROOT)
+    (tmp / "plain-get").mkdir()
+    plain_get_s = timed([sys.executable, "-c", plain, "get", str(listing), f"{seaweed.BUCKET}/plain",
+                         str(tmp / "plain-get")], env, ROOT)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    objects = fs.find(f"{seaweed.BUCKET}/bench/objects")
+    total = sum(p.stat().st_size for p in files)
+    transfer_ratio = (plain_put_s + plain_get_s) / (push_s + pull_s)
+    pulled_ratio = pulled_run_s / cold_s
+    memory = large_file_rss(f"s3://{seaweed.BUCKET}/bench-large", env, tmp, args.large_mb)
+    met = transfer_ratio >= 0.8 and pulled_ratio <= 0.05 and memory["rss_growth_mb"] < 200
+    return {
+        "recipe": " ".join(recipe), "smoke": args.smoke, "entry_files": len(files), "objects": len(objects),
+        "bytes": total, "cold_run_s": cold_s, "push_s": push_s, "pull_s": pull_s, "plain_put_s": plain_put_s,
+        "plain_get_s": plain_get_s, "transfer_ratio": transfer_ratio, "pulled_run_s": pulled_run_s,
+        "pulled_run_ratio": pulled_ratio, "large_file": memory,
+        "targets": {"transfer_ratio": ">= 0.8", "pulled_run_ratio": "<= 0.05", "rss_growth_mb": "< 200"}, "met": met,
+    }
+
+
+def report(r: dict) -> None:
+    mb = r["bytes"] / 2**20
+    large = r["large_file"]
+    print(f"P10 remote cache ({r['recipe']}: {r['entry_files']} files, {mb:.1f} MB, {r['objects']} objects)")
+    print("| figure | ours | plain / cold | ratio | target |\n|---|---|---|---|---|")
+    print(f"| push + pull vs s3fs put + get | {r['push_s']:.2f} + {r['pull_s']:.2f} s | "
+          f"{r['plain_put_s']:.2f} + {r['plain_get_s']:.2f} s | {r['transfer_ratio']:.3f} | >= 0.8 |")
+    print(f"| pulled run vs cold run | {r['pulled_run_s']:.2f} s | {r['cold_run_s']:.1f} s | "
+          f"{r['pulled_run_ratio']:.4f} | <= 0.05 |")
+    print(f"| RSS growth pulling {large['file_mb']} MB | {large['rss_growth_mb']:.1f} MB | - | - | < 200 MB "
+          f"(pull {large['pull_mb_s']:.0f} MB/s) |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
