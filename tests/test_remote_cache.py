@@ -375,6 +375,23 @@ def test_a_file_remote_round_trip_and_a_repeated_pull_downloads_nothing(tmp_path
     assert not list((tmp_path / "remote").rglob("*.tmp"))
 
 
+def test_with_locked_a_pulled_entry_must_carry_the_locks_bytes(clones, tmp_path, monkeypatch, capsys):
+    a, b = clones
+    url = f"file://{tmp_path / 'remote'}"
+    assert in_clone(a, monkeypatch, "run", "core.yaml", "--push", "--remote", url) == 0
+    assert in_clone(a, monkeypatch, "lock", "core.yaml") == 0
+    lock = json.loads((a / "core.lock").read_text())
+    pinned = lock["steps"]["export"]["artifacts"]["result.txt"]
+    lock["steps"]["export"]["artifacts"]["result.txt"] = "0" * 64  # the lock pins other bytes than the remote holds
+    (b / "core.lock").write_text(json.dumps(lock))
+    capsys.readouterr()
+    assert in_clone(b, monkeypatch, "run", "core.yaml", "--locked", "--pull", "--remote", url) == 0
+    statuses = {s["kind"]: s["status"] for s in run_json(b)["steps"]}
+    assert statuses == {**{kind: "pulled" for kind in STEPS}, "export": "ran"}
+    warning = " ".join(capsys.readouterr().err.split())
+    assert f"result.txt: sha256 {pinned} on the remote, {'0' * 64} in the lock" in warning
+
+
 def test_a_manifest_naming_a_path_outside_the_entry_is_refused(tmp_path):
     remote = Remote(f"file://{tmp_path / 'remote'}")
     key = "a" * 24
