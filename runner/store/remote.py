@@ -369,7 +369,7 @@ class Remote:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
-            kwargs = {"chunksize": PART_BYTES // 2, "max_concurrency": PARTS_IN_FLIGHT} \
+            kwargs = {"chunksize": PART_BYTES, "max_concurrency": PARTS_IN_FLIGHT} \
                 if self.protocol in ("s3", "s3a") else {}
             self.fs.get_file(self.object_path(meta["sha256"]), str(tmp), callback=_Callback(progress), **kwargs)
             if self.local:
