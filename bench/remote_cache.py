@@ -1,7 +1,7 @@
 """P10: the remote cache against a real S3 server (SeaweedFS `weed mini` on loopback), side by side in one run.
 
     python bench/remote_cache.py [--recipe quickstart] [--large-mb 2048] [--json bench/results/p10.json]
-    python bench/remote_cache.py --smoke        (seconds: the test recipe with the test-only stages, a 32 MB file)
+    python bench/remote_cache.py --smoke        (a minute: the test recipe with the test-only stages, a 32 MB file)
 
 Three figures:
 - transfer: push + pull of a run's entries (runner.store.remote, in this process) vs a plain s3fs put + get of the
@@ -16,6 +16,7 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -51,21 +52,27 @@ def entry_files(cache: Path) -> list[Path]:
     return sorted(p for p in (cache / "entries").rglob("*") if p.is_file() and "outputs" in p.parts)
 
 
+# The peak RSS of this process's own memory (VmHWM): getrusage's ru_maxrss would start at the forking parent's peak,
+# which Linux carries across exec.
 PULL_ONE = """
-import resource, sys, time
+import sys, time
 from pathlib import Path
 from runner.store.local import Cache
 from runner.store.remote import Remote
+
+def peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
 url, root, key = sys.argv[1:]
 remote, cache = Remote(url), Cache(Path(root))
 remote.manifest("train", key)  # connections and imports warm before the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 start = time.perf_counter()
 pulled = remote.pull(cache, "train", key)
 seconds = time.perf_counter() - start
 assert pulled.entry is not None, pulled.refused
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before * 1024, after * 1024, seconds)
+print(before, peak(), seconds)
 """
 
 
@@ -103,7 +110,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.smoke:
-        args.recipe, args.overrides, args.large_mb = str(ROOT / "tests/recipes/core.yaml"), [], 32
+        args.recipe, args.overrides, args.large_mb = "core", [], 32
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as name:
         tmp = Path(name)
         server = seaweed.start(tmp / "seaweed")
@@ -128,8 +135,18 @@ def measure(args: argparse.Namespace, env: dict[str, str], tmp: Path, server: se
     cli = recipe_cli(args.smoke)
     recipe = [args.recipe, *args.overrides]
     url = f"s3://{seaweed.BUCKET}/bench"
+    # two clones (copies of recipes/ at two paths), each with its own cache: A runs cold, B pulls
+    clone_a, clone_b = tmp / "A", tmp / "B"
+    for clone in (clone_a, clone_b):
+        if args.smoke:
+            (clone / "recipes").mkdir(parents=True)
+            for name in ("core.yaml", "reviews.csv"):
+                shutil.copy(ROOT / "tests/recipes" / name, clone / "recipes" / name)
+        else:
+            shutil.copytree(ROOT / "recipes", clone / "recipes", ignore=shutil.ignore_patterns("*.lock"))
     runs = ["--runs-dir", str(tmp / "runs")]
-    cold_s = timed([*cli, "run", *recipe, "--cache-dir", str(tmp / "a"), *runs], env, ROOT)
+    cold_s = timed([*cli, "run", *recipe, "--cache-dir", str(tmp / "a"), *runs], env, clone_a)
+    timed([*cli, "lock", *recipe, "--cache-dir", str(tmp / "a")], env, clone_a)
     # Transfers timed in this process, imports and planning left out on both sides: ours (every entry of the run,
     # pushed, then pulled into an empty cache) against plain s3fs put + get of the same files (its own batching)
     source = Cache(tmp / "a")
@@ -156,20 +173,27 @@ def measure(args: argparse.Namespace, env: dict[str, str], tmp: Path, server: se
         assert remote.pull(target, entry.kind, entry.key).entry is not None
     pull_s = time.perf_counter() - start
     # the commands as a user types them (planning included), and a run that pulls everything
-    cli_pull_s = timed([*cli, "pull", *recipe, "--remote", url, "--cache-dir", str(tmp / "d")], env, ROOT)
+    cli_pull_s = timed([*cli, "pull", *recipe, "--remote", url, "--cache-dir", str(tmp / "d")], env, clone_b)
     pulled_run_s = timed([*cli, "run", *recipe, "--pull", "--remote", url, "--cache-dir", str(tmp / "c"), *runs], env,
-                         ROOT)
+                         clone_b)
+    pulled = json.loads((tmp / "runs" / Path(args.recipe).stem / "latest" / "run.json").read_text())
+    lock = f"recipes/{Path(args.recipe).stem}.lock"
+    shutil.copy(clone_a / lock, clone_b / lock)
+    verify = subprocess.run([*cli, "verify", *recipe, "--cache-dir", str(tmp / "c")], cwd=clone_b, env=env,
+                            capture_output=True, text=True)
     objects = plain.find(f"{seaweed.BUCKET}/bench/objects")
     total = sum(p.stat().st_size for p in files)
     transfer_ratio = (plain_put_s + plain_get_s) / (push_s + pull_s)
     pulled_ratio = pulled_run_s / cold_s
     memory = large_file_rss(f"s3://{seaweed.BUCKET}/bench-large", env, tmp, args.large_mb)
-    met = transfer_ratio >= 0.8 and pulled_ratio <= 0.05 and memory["rss_growth_mb"] < 200
+    met = transfer_ratio >= 0.8 and pulled_ratio <= 0.05 and memory["rss_growth_mb"] < 200 and verify.returncode == 0
     return {
         "recipe": " ".join(recipe), "smoke": args.smoke, "entries": len(entries), "entry_files": len(files),
         "objects": len(objects), "bytes": total, "cold_run_s": cold_s, "push_s": push_s, "pull_s": pull_s,
         "plain_put_s": plain_put_s, "plain_get_s": plain_get_s, "transfer_ratio": transfer_ratio,
         "cli_pull_s": cli_pull_s, "pulled_run_s": pulled_run_s, "pulled_run_ratio": pulled_ratio, "large_file": memory,
+        "pulled_run_statuses": [step["status"] for step in pulled["steps"]], "verify_exit": verify.returncode,
+        "verify_summary": verify.stdout.strip().splitlines()[-1:],
         "targets": {"transfer_ratio": ">= 0.8", "pulled_run_ratio": "<= 0.05", "rss_growth_mb": "< 200"}, "met": met,
     }
 
@@ -186,6 +210,8 @@ def report(r: dict) -> None:
     print(f"| RSS growth pulling {large['file_mb']} MB | {large['rss_growth_mb']:.1f} MB (peak {large['rss_peak_mb']:.0f} "
           f"MB) | - | - | < 200 MB (pull {large['pull_mb_s']:.0f} MB/s) |")
     print(f"`recipe pull` as typed (planning included): {r['cli_pull_s']:.1f} s")
+    print(f"clone B's pulled run: {', '.join(r['pulled_run_statuses'])}; `recipe verify` with clone A's lock: exit "
+          f"{r['verify_exit']} ({' '.join(r['verify_summary'])})")
 
 
 if __name__ == "__main__":

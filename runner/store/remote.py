@@ -369,7 +369,9 @@ class Remote:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
-            kwargs = {"chunksize": PART_BYTES, "max_concurrency": PARTS_IN_FLIGHT} \
+            # ranges of 8 MiB: each part is held whole (and buffered again by aiohttp) until written; 16 MiB parts
+            # measured 202 MB of extra RSS pulling a 2 GB file
+            kwargs = {"chunksize": PART_BYTES // 2, "max_concurrency": PARTS_IN_FLIGHT} \
                 if self.protocol in ("s3", "s3a") else {}
             self.fs.get_file(self.object_path(meta["sha256"]), str(tmp), callback=_Callback(progress), **kwargs)
             if self.local:
