@@ -143,6 +143,8 @@ def _check_online(loaded: Loaded) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address  # Ray's own variable, read by the Ray launcher (and by ray.init)
     from runner.execute import execute
     from runner.plan import plan_status
 
@@ -411,6 +413,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run folders go (default: ./runs)")
     p.add_argument("--container", action="store_true",
                    help="run inside the CUDA container (docker or podman; prints the command where neither runs)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster for `train.distributed.launcher: ray` (default: $RAY_ADDRESS, else a local one)")
     recipe_command("lock", cmd_lock, "Write NAME.lock beside the recipe: keys, package versions, output hashes.")
     recipe_command("verify", cmd_verify, "Compare this machine's outputs with NAME.lock, file by file.")
 

@@ -254,9 +254,43 @@ class Quantization(Strict):
     )
 
 
-class Distributed(Strict):
-    """Launch the train step with torchrun (DDP, or FSDP through accelerate)."""
+class RayLaunch(Strict):
+    """Where and how the Ray launcher runs (`distributed.launcher: ray`). None of it can change the trained result, so
+    none of it enters cache keys."""
 
+    address: str | None = Field(
+        None, description="The Ray cluster to join (`ray.init(address=...)`, e.g. `10.0.0.1:6379`). Unset: the "
+        "`RAY_ADDRESS` environment variable (`recipe run --ray-address` sets it), else `auto` (a cluster started on "
+        "this machine with `ray start --head`)."
+    )
+    storage_path: str | None = Field(
+        None, description="Ray Train's storage_path: where the workers' checkpoints are kept for a restart. Unset: the "
+        "step's own folder in the cache. With workers on several machines it must be a folder every machine shares "
+        "(the cache itself must then be shared too)."
+    )
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        2, description="Ray Train's FailureConfig.max_failures: restarts of the worker group (from its last checkpoint) "
+        "after a worker dies; -1 = no limit, 0 = none."
+    )
+    cpus_per_worker: PositiveFloat = Field(1, description="CPUs Ray reserves for each worker.")
+    gpus_per_worker: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="GPUs Ray reserves for each worker (nccl between them). Unset: 1 when the cluster has GPUs, "
+        "0 when it has none, as a step on one machine trains on CUDA whenever a GPU is visible."
+    )
+
+
+class Distributed(Strict):
+    """Launch the train step on several processes: torchrun (DDP, or FSDP through accelerate), or Ray Train workers."""
+
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="`torchrun`: processes started here (multi-node: run the recipe on each machine). "
+        "`ray`: nnodes x nproc_per_node Ray Train workers on a Ray cluster, placed by Ray, restarted from their last "
+        "checkpoint when one dies (needs envs/ray.txt; `nox -s recipe` installs it). Every worker runs the same train "
+        "code a torchrun process runs, so the result, and the cache key, is the same for the same world size.",
+        json_schema_extra=NEUTRAL,
+    )
+    ray: RayLaunch = Field(default_factory=RayLaunch, description="Ray settings (launcher: ray).",
+                           json_schema_extra=NEUTRAL)
     nproc_per_node: PositiveInt = Field(2, description="Processes on this machine (usually one per GPU).")
     nnodes: PositiveInt = Field(1, description="Machines taking part (multi-node: run the same recipe on each).")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend (gloo on CPU).")
@@ -292,7 +326,7 @@ class TrainCommon(Strict):
     min_batch_size: PositiveInt = Field(
         1, description="Floor for the out-of-memory retry, which halves the batch and doubles accumulation."
     )
-    distributed: Distributed | None = Field(None, description="Run on several processes with torchrun.")
+    distributed: Distributed | None = Field(None, description="Run on several processes (torchrun or Ray Train).")
     liger: bool = Field(
         False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; transformers "
         "`use_liger_kernel`): less memory and faster steps on CUDA. Refused on CPU."
