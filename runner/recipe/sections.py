@@ -258,6 +258,9 @@ class RayLaunch(Strict):
     """Where and how the Ray launcher runs (`distributed.launcher: ray`). None of it can change the trained result, so
     none of it enters cache keys."""
 
+    # the marker on the model itself: the schema gives the `ray` field a $ref, which the key walker follows
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra=NEUTRAL)
+
     address: str | None = Field(
         None, description="The Ray cluster to join (`ray.init(address=...)`, e.g. `10.0.0.1:6379`). Unset: the "
         "`RAY_ADDRESS` environment variable (`recipe run --ray-address` sets it), else `auto` (a cluster started on "
@@ -289,8 +292,7 @@ class Distributed(Strict):
         "code a torchrun process runs, so the result, and the cache key, is the same for the same world size.",
         json_schema_extra=NEUTRAL,
     )
-    ray: RayLaunch = Field(default_factory=RayLaunch, description="Ray settings (launcher: ray).",
-                           json_schema_extra=NEUTRAL)
+    ray: RayLaunch = Field(default_factory=RayLaunch, description="Ray settings (launcher: ray).")
     nproc_per_node: PositiveInt = Field(2, description="Processes on this machine (usually one per GPU).")
     nnodes: PositiveInt = Field(1, description="Machines taking part (multi-node: run the same recipe on each).")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend (gloo on CPU).")
