@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from runner.recipe.models import Distributed, Lora, LoraTrain, Model, RayLaunch
+from runner.recipe.sections import Distributed, Lora, LoraTrain, Model, RayLaunch
 from tests.conftest import sentiment_rows
 
 REPO = Path(__file__).resolve().parent.parent

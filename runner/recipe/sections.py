@@ -255,43 +255,27 @@ class Quantization(Strict):
 
 
 class RayLaunch(Strict):
-    """Where and how the Ray launcher runs (`distributed.launcher: ray`). None of it can change the trained result, so
-    none of it enters cache keys."""
+    """Where the Ray launcher runs (`launcher: ray`). None of it changes the result: no cache key holds it."""
 
-    # the marker on the model itself: the schema gives the `ray` field a $ref, which the key walker follows
-    model_config = ConfigDict(**Strict.model_config, json_schema_extra=NEUTRAL)
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra=NEUTRAL)  # on the model: `ray` is a $ref
 
-    address: str | None = Field(
-        None, description="The Ray cluster to join (`ray.init(address=...)`, e.g. `10.0.0.1:6379`). Unset: the "
-        "`RAY_ADDRESS` environment variable (`recipe run --ray-address` sets it), else `auto` (a cluster started on "
-        "this machine with `ray start --head`)."
-    )
-    storage_path: str | None = Field(
-        None, description="Ray Train's storage_path: where the workers' checkpoints are kept for a restart. Unset: the "
-        "step's own folder in the cache. With workers on several machines it must be a folder every machine shares "
-        "(the cache itself must then be shared too)."
-    )
+    address: str | None = Field(None, description="Cluster to join (`host:6379`). Unset: `RAY_ADDRESS` (`recipe run "
+                                "--ray-address` sets it), else `auto`, a `ray start --head` on this machine.")
+    storage_path: str | None = Field(None, description="Ray's storage_path for the checkpoints a restart resumes from. "
+                                     "Unset: the step's folder; across machines, a folder all of them share.")
     max_failures: Annotated[int, Field(ge=-1)] = Field(
-        2, description="Ray Train's FailureConfig.max_failures: restarts of the worker group (from its last checkpoint) "
-        "after a worker dies; -1 = no limit, 0 = none."
-    )
+        2, description="Restarts of the workers from their last checkpoint after one dies (-1: no limit).")
     cpus_per_worker: PositiveFloat = Field(1, description="CPUs Ray reserves for each worker.")
     gpus_per_worker: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="GPUs Ray reserves for each worker (nccl between them). Unset: 1 when the cluster has GPUs, "
-        "0 when it has none, as a step on one machine trains on CUDA whenever a GPU is visible."
-    )
+        None, description="GPUs per worker. Unset: 1 on a cluster with GPUs, 0 on one without.")
 
 
 class Distributed(Strict):
     """Launch the train step on several processes: torchrun (DDP, or FSDP through accelerate), or Ray Train workers."""
 
     launcher: Literal["torchrun", "ray"] = Field(
-        "torchrun", description="`torchrun`: processes started here (multi-node: run the recipe on each machine). "
-        "`ray`: nnodes x nproc_per_node Ray Train workers on a Ray cluster, placed by Ray, restarted from their last "
-        "checkpoint when one dies (needs envs/ray.txt; `nox -s recipe` installs it). Every worker runs the same train "
-        "code a torchrun process runs, so the result, and the cache key, is the same for the same world size.",
-        json_schema_extra=NEUTRAL,
-    )
+        "torchrun", description="`torchrun` here, or `ray`: nnodes x nproc_per_node Ray Train workers running the same "
+        "code (same result and key), restarted from a checkpoint when one dies (envs/ray.txt).", json_schema_extra=NEUTRAL)
     ray: RayLaunch = Field(default_factory=RayLaunch, description="Ray settings (launcher: ray).")
     nproc_per_node: PositiveInt = Field(2, description="Processes on this machine (usually one per GPU).")
     nnodes: PositiveInt = Field(1, description="Machines taking part (multi-node: run the same recipe on each).")

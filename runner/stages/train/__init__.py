@@ -17,11 +17,15 @@ save_on_each_node), so each machine can resume on its own; TensorBoard events ar
 share one cache (NFS): each then works in a folder and under a lock of its own, and node 0's copy becomes the entry
 (runner/execute.py); with a cache per machine, every node commits its own copy.
 
+With `distributed.launcher: ray` the workers are Ray Train workers on a Ray cluster instead (train/ray.py): each runs
+train_here as a torchrun process would, Ray restarts them from their last reported checkpoint when one dies, and this
+process (the driver) gets the outputs in the out folder, which every worker must reach (one machine, or a shared cache).
+
 This module holds the entry point (`run`), the hardware refusals (check_hardware) and one attempt in this process
 (train_here) with the out-of-memory retry around it (smaller_batch). The parts it puts together, one job each:
 train_job (the Job and OutOfMemory), train_model (the model, LoRA), train_trainer (Trainer, collators, arguments),
 train_guard (the gradient guard), train_checkpoints (resume points), train_results (metrics, saved outputs, loss.png)
-and train_torchrun (several processes; train_worker is the worker's entry point).
+train_torchrun (several processes; train_worker is the worker's entry point) and train/ray.py (Ray Train workers).
 """
 
 from __future__ import annotations
