@@ -178,18 +178,25 @@ def run_name(job: Job) -> str:
 
 
 def describe_failure(exc: BaseException, folder: Path, max_failures: int) -> str:
-    """One line: which worker failed last, on which node, and why."""
+    """One line: which worker failed, on which node, and why. A worker whose process died is named before the others,
+    which only saw their peer vanish from the process group."""
+    import ray.exceptions
+
     failures = getattr(exc, "worker_failures", None) or {}
     retries = "no restart" if max_failures == 0 else f"{max_failures} restart(s)" if max_failures > 0 else "restarts"
     if not failures:
-        reason = str(exc).strip().splitlines()
-        return f"the Ray train run failed after {retries}: {reason[-1] if reason else type(exc).__name__}"
-    rank, error = sorted(failures.items())[0]
-    node = _node_of(folder, rank)
+        reason = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return f"the Ray train run failed after {retries}: {reason[-1].strip() if reason else type(exc).__name__}"
+    # a dead worker comes back wrapped (Ray Train's WorkerHealthCheckFailedError around the RayActorError)
+    causes = {rank: getattr(error, "health_check_failure", error) for rank, error in failures.items()}
+    died = [rank for rank, cause in causes.items() if isinstance(cause, ray.exceptions.RayActorError)]
+    rank = min(died or causes)
+    error = causes[rank]
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    why = next((line for line in lines if "died" in line or "killed" in line.lower()), lines[0] if lines else "")
+    why = next((line for line in lines if "died" in line or "killed" in line.lower()), lines[-1] if lines else "")
+    why = why if len(why) <= 160 else why[:157] + "..."
     return (f"the Ray train run failed after {retries} (train.distributed.ray.max_failures: {max_failures}): worker "
-            f"rank {rank}{node} - {type(error).__name__}: {why}")
+            f"rank {rank}{_node_of(folder, rank)} - {type(error).__name__}: {why}")
 
 
 def _node_of(folder: Path, rank: int) -> str:
