@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -179,17 +180,37 @@ def _kill_rank_after_checkpoint(cluster: ray_cluster.Cluster, job: Path, rank: i
     return {**_result(job), "killed_pid": pid}
 
 
+@pytest.fixture(scope="module")
+def torchrun_resumed(tiny_llama_dir, causal_data, tmp_path_factory) -> dict[str, Any]:
+    """torchrun's two processes killed once their checkpoint at step 8 is written, then run again: the step's own
+    resume, which a Ray restart must reproduce. (A resumed 2-process run is not bit-equal to an uninterrupted one: the
+    losses after the resume differ by up to ~1e-3 relative, with torchrun as with Ray.)"""
+    job = _job(tmp_path_factory.mktemp("torchrun-resumed"), tiny_llama_dir, causal_data, "torchrun", save_steps=8)
+    out = Path(json.loads(job.read_text())["out"])
+    first = subprocess.Popen([sys.executable, str(JOB_SCRIPT), str(job)], env=_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "checkpoint-8" / "trainer_state.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "torchrun ended before its checkpoint at step 8"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the process group this fixture started: torchrun and its two workers
+    first.wait()
+    result = _run_with_torchrun(job)
+    assert result["metrics"]["resumed_from_step"] == 8
+    return result
+
+
 def test_a_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(cluster, tiny_llama_dir, causal_data,
-                                                                       torchrun_reference, tmp_path):
-    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray")
-    result = _kill_rank_after_checkpoint(cluster, job, rank=1, step=4)
+                                                                       torchrun_resumed, tmp_path):
+    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray", save_steps=8)
+    result = _kill_rank_after_checkpoint(cluster, job, rank=1, step=8)
     assert "error" not in result, result["error"]
     metrics = result["metrics"]
     assert metrics["steps"] == 24 and metrics["world_size"] == 2
-    assert metrics["resumed_from_step"] in range(4, 24, 4)  # Ray's last checkpoint before the kill
-    # the resumed run trains what an uninterrupted one trains: optimizer, scheduler and RNG states came back too
-    assert losses(result) == pytest.approx(losses(torchrun_reference), rel=1e-4)
-    assert metrics["eval_loss"] == pytest.approx(torchrun_reference["metrics"]["eval_loss"], rel=1e-4)
+    assert metrics["resumed_from_step"] == 8  # Ray's last checkpoint before the kill (the next is 8 steps later)
+    # the restarted workers go on as the step's own resume does: weights, optimizer, scheduler and RNG states came back
+    assert losses(result) == pytest.approx(losses(torchrun_resumed), rel=1e-4)
+    assert metrics["eval_loss"] == pytest.approx(torchrun_resumed["metrics"]["eval_loss"], rel=1e-4)
 
 
 def test_past_max_failures_one_line_says_which_worker_died_where(cluster, tiny_llama_dir, causal_data, tmp_path):
@@ -198,5 +219,5 @@ def test_past_max_failures_one_line_says_which_worker_died_where(cluster, tiny_l
     error = result["error"]
     assert "\n" not in error
     assert error.startswith("the Ray train run failed after no restart (train.distributed.ray.max_failures: 0): "
-                            f"worker rank 1 on node 127.0.0.1 (")
+                            "worker rank 1 on node 127.0.0.1 (")
     assert f"pid {result['killed_pid']})" in error

@@ -55,7 +55,8 @@ def launch_ray(job: Job, attempt: Attempt) -> dict[str, Any]:
         import ray
     except ImportError:
         raise StageError("`train.distributed.launcher: ray` needs Ray Train, which is not installed here: "
-                         "`pip install -r envs/ray.txt -c envs/cpu.txt` (`nox -s recipe` installs it for such recipes)")
+                         "`pip install -r envs/ray.txt -c envs/cpu.txt` (`nox -s recipe` installs it for such recipes)"
+                         ) from None
     dist = job.train.distributed
     assert dist is not None
     address = dist.ray.address or os.environ.get("RAY_ADDRESS") or "auto"
@@ -102,13 +103,14 @@ def connect(address: str) -> None:
             socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
         except OSError as exc:
             raise StageError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
-                             "`ray start --head`, or set RAY_ADDRESS / `recipe run --ray-address` to its address")
+                             "`ray start --head`, or set RAY_ADDRESS / `recipe run --ray-address` to its address"
+                             ) from None
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": worker_env()})
     except ConnectionError as exc:
         raise StageError(f"cannot join the Ray cluster at {address!r}: {str(exc).splitlines()[0]} "
-                         "(start one with `ray start --head`, or set RAY_ADDRESS / `recipe run --ray-address`)")
+                         "(start one with `ray start --head`, or set RAY_ADDRESS / `recipe run --ray-address`)") from None
 
 
 def worker_env() -> dict[str, str]:
@@ -160,10 +162,10 @@ def _fit(job: Job, attempt: Attempt, storage: Path, gpus: int) -> None:
     except Exception as exc:  # ray.train.TrainingFailedError, after Ray's restarts
         failure = worker_failure(job.out / LAUNCH)
         if failure == "oom":
-            raise OutOfMemory("a Ray worker ran out of accelerator memory")
+            raise OutOfMemory("a Ray worker ran out of accelerator memory") from None
         if failure:
-            raise StageError(failure)
-        raise StageError(describe_failure(exc, job.out / LAUNCH, dist.ray.max_failures))
+            raise StageError(failure) from None
+        raise StageError(describe_failure(exc, job.out / LAUNCH, dist.ray.max_failures)) from None
     failure = worker_failure(job.out / LAUNCH)  # reported, then Ray's restart stopped at once (see worker_main)
     if failure == "oom":
         raise OutOfMemory("a Ray worker ran out of accelerator memory")
