@@ -68,7 +68,8 @@ def launch_ray(job: Job, attempt: Attempt) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         (job.out / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this attempt's result
-        storage = Path(dist.ray.storage_path) if dist.ray.storage_path else job.out / RAY_STORAGE
+        # a path or a URI Ray's storage understands (s3://...), passed as written; by default the step's own folder
+        storage = dist.ray.storage_path or str(job.out / RAY_STORAGE)
         _fit(job, attempt, storage, gpus)
     finally:
         ray.shutdown()
@@ -137,7 +138,7 @@ def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _fit(job: Job, attempt: Attempt, storage: Path, gpus: int) -> None:
+def _fit(job: Job, attempt: Attempt, storage: str, gpus: int) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -152,7 +153,7 @@ def _fit(job: Job, attempt: Attempt, storage: Path, gpus: int) -> None:
             resources_per_worker={"CPU": dist.ray.cpus_per_worker, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(
             # a fixed name: a rerun of the same step (same out folder) goes on from the same storage
-            name=run_name(job), storage_path=str(storage),
+            name=run_name(job), storage_path=storage,
             failure_config=FailureConfig(max_failures=dist.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # as Trainer's save_total_limit
         ),
