@@ -107,7 +107,7 @@ def recipe_uses_ray(recipe_arg: str, overrides: list[str]) -> bool:
         if path is None:
             break
         text = path.read_text()
-        match = re.search(r"^\s+launcher:\s*['\"]?(\w+)", text, re.MULTILINE)
+        match = re.search(r"^[^#\n]*\blauncher:\s*['\"]?(\w+)", text, re.MULTILINE)  # block or {flow} style
         if match:
             return match.group(1) == "ray"
         parent = re.search(r"^extends:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
