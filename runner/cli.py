@@ -161,6 +161,8 @@ def _check_online(loaded: Loaded) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address  # Ray's own variable, read by the Ray launcher (and by ray.init)
     from runner.execute import execute
     from runner.plan import plan_status
 
@@ -542,6 +544,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pull", action="store_true", help="pull a step missing here from the remote before running it")
     p.add_argument("--push", action="store_true", help="push each step to the remote once it is committed")
     remote_options(p)
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="the Ray cluster for `train.distributed.launcher: ray` (default: $RAY_ADDRESS, else a local one)")
     recipe_command("lock", cmd_lock, "Write NAME.lock beside the recipe: keys, package versions, output hashes.")
     p = recipe_command("verify", cmd_verify, "Compare this machine's outputs (or the remote's, --remote) with NAME.lock.")
     remote_options(p, optional=True)

@@ -59,7 +59,7 @@ ALL = sorted(p.stem for p in ENVS.glob("*.txt") if p.stem != "models")  # models
 
 
 def test_every_env_file_has_its_source_and_the_expected_set():
-    assert ALL == ["cpu", "cuda13", "dev"]  # no cuda12: onnxruntime-genai-cuda 0.18 needs a CUDA 13 onnxruntime-gpu
+    assert ALL == ["cpu", "cuda13", "dev", "ray"]  # no cuda12: onnxruntime-genai-cuda 0.18 needs a CUDA 13 onnxruntime-gpu
     for name in ALL:
         assert (ENVS / f"{name}.in").is_file()
 
@@ -84,8 +84,8 @@ def test_all_files_were_made_by_the_same_resolver_run_settings():
 def test_file_honours_the_pins_of_its_in_file(name):
     found = pins(name)
     for package, version in top_level(name).items():
-        if name == "dev" and package not in found:
-            continue  # dev.txt leaves out what cpu.txt pins
+        if name in ("dev", "ray") and package not in found:
+            continue  # dev.txt and ray.txt leave out what cpu.txt pins
         assert package in found, f"envs/{name}.in pins {package} but envs/{name}.txt does not"
         assert found[package] == Version(version), f"envs/{name}.txt: {package} {found[package]}, the .in says {version}"
 
@@ -152,6 +152,19 @@ def test_dev_file_adds_only_tools_on_top_of_the_cpu_file():
         for requirement in requirements(extra):
             package = canonicalize_name(requirement.name)
             assert requirement.specifier.contains(dev[package]), f"dev.txt: {package} outside pyproject's {requirement}"
+
+
+def test_ray_file_adds_ray_train_on_top_of_the_cpu_file_and_the_cuda_one():
+    """envs/ray.txt is installed with `-c` the runtime file (nox: recipes with `launcher: ray`, and the tests): it must
+    not repeat a runtime pin, and what it adds must be no CUDA build, so it layers on cuda13.txt alike."""
+    ray, cpu, cuda = pins("ray"), pins("cpu"), pins("cuda13")
+    assert not set(ray) & set(cpu), f"ray.txt repeats runtime pins: {sorted(set(ray) & set(cpu))}"
+    assert not set(ray) & set(cuda), f"ray.txt repeats cuda13 pins: {sorted(set(ray) & set(cuda))}"
+    assert not [p for p in ray if VARIANT_SPECIFIC.match(p)]
+    assert "on-top-of: cpu.txt" in (ENVS / "ray.in").read_text()
+    for requirement in requirements("ray"):
+        package = canonicalize_name(requirement.name)
+        assert requirement.specifier.contains(ray[package]), f"ray.txt: {package} outside pyproject's {requirement}"
 
 
 def test_model_packages_are_pinned_exactly_with_their_wheel_hash():

@@ -77,3 +77,18 @@ def test_the_language_model_recipe_keeps_its_cache_keys(tmp_path):
     path = tmp_path / "golden_lm.yaml"
     path.write_text(LM)
     assert keys(path) == LM_KEYS
+
+
+def test_the_launcher_enters_no_cache_key():
+    """Ray and torchrun with the same world size run the same training: one key, so either finds the other's result.
+    The launcher changes the key only through what changes results (world size, effective batch)."""
+    recipe = REPO / "recipes" / "tiny_llama_lora.yaml"
+    common = ["train.distributed.nproc_per_node=2", "train.distributed.backend=gloo"]
+
+    def train_key(*overrides: str) -> str:
+        return next(s.key for s in build_plan(load_recipe(recipe, [*common, *overrides])) if s.kind == "train")
+
+    torchrun = train_key()
+    assert torchrun == "e066529b724d721d90ce30df"  # written from main before the launcher existed
+    assert train_key("train.distributed.launcher=ray", "train.distributed.ray.max_failures=5") == torchrun
+    assert train_key("train.distributed.launcher=ray", "train.distributed.nproc_per_node=3") != torchrun  # world size

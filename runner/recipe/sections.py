@@ -254,9 +254,29 @@ class Quantization(Strict):
     )
 
 
-class Distributed(Strict):
-    """Launch the train step with torchrun (DDP, or FSDP through accelerate)."""
+class RayLaunch(Strict):
+    """Where the Ray launcher runs (`launcher: ray`). None of it changes the result: no cache key holds it."""
 
+    model_config = ConfigDict(**Strict.model_config, json_schema_extra=NEUTRAL)  # on the model: `ray` is a $ref
+
+    address: str | None = Field(None, description="Cluster to join (`host:6379`). Unset: `RAY_ADDRESS` (`recipe run "
+                                "--ray-address` sets it), else `auto`, a `ray start --head` on this machine.")
+    storage_path: str | None = Field(None, description="Ray's storage_path for the checkpoints a restart resumes from. "
+                                     "Unset: the step's folder; across machines, a folder all of them share.")
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        2, description="Restarts of the workers from their last checkpoint after one dies (-1: no limit).")
+    cpus_per_worker: PositiveFloat = Field(1, description="CPUs Ray reserves for each worker.")
+    gpus_per_worker: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="GPUs per worker. Unset: 1 on a cluster with GPUs, 0 on one without.")
+
+
+class Distributed(Strict):
+    """Launch the train step on several processes: torchrun (DDP, or FSDP through accelerate), or Ray Train workers."""
+
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="`torchrun` here, or `ray`: nnodes x nproc_per_node Ray Train workers running the same "
+        "code (same result and key), restarted from a checkpoint when one dies (envs/ray.txt).", json_schema_extra=NEUTRAL)
+    ray: RayLaunch = Field(default_factory=RayLaunch, description="Ray settings (launcher: ray).")
     nproc_per_node: PositiveInt = Field(2, description="Processes on this machine (usually one per GPU).")
     nnodes: PositiveInt = Field(1, description="Machines taking part (multi-node: run the same recipe on each).")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend (gloo on CPU).")
@@ -292,7 +312,7 @@ class TrainCommon(Strict):
     min_batch_size: PositiveInt = Field(
         1, description="Floor for the out-of-memory retry, which halves the batch and doubles accumulation."
     )
-    distributed: Distributed | None = Field(None, description="Run on several processes with torchrun.")
+    distributed: Distributed | None = Field(None, description="Run on several processes (torchrun or Ray Train).")
     liger: bool = Field(
         False, description="Liger kernels (fused RMSNorm, RoPE, SwiGLU, cross-entropy; transformers "
         "`use_liger_kernel`): less memory and faster steps on CUDA. Refused on CPU."

@@ -17,11 +17,15 @@ save_on_each_node), so each machine can resume on its own; TensorBoard events ar
 share one cache (NFS): each then works in a folder and under a lock of its own, and node 0's copy becomes the entry
 (runner/execute.py); with a cache per machine, every node commits its own copy.
 
+With `distributed.launcher: ray` the workers are Ray Train workers on a Ray cluster instead (train/ray.py): each runs
+train_here as a torchrun process would, Ray restarts them from their last reported checkpoint when one dies, and this
+process (the driver) gets the outputs in the out folder, which every worker must reach (one machine, or a shared cache).
+
 This module holds the entry point (`run`), the hardware refusals (check_hardware) and one attempt in this process
 (train_here) with the out-of-memory retry around it (smaller_batch). The parts it puts together, one job each:
 train_job (the Job and OutOfMemory), train_model (the model, LoRA), train_trainer (Trainer, collators, arguments),
 train_guard (the gradient guard), train_checkpoints (resume points), train_results (metrics, saved outputs, loss.png)
-and train_torchrun (several processes; train_worker is the worker's entry point).
+train_torchrun (several processes; train_worker is the worker's entry point) and train/ray.py (Ray Train workers).
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import importlib.util
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from runner.recipe.sections import Model, QloraTrain
 from runner.stages import (
@@ -49,6 +55,7 @@ from runner.stages.train import regularize
 from runner.stages.train.build import build_model, parameter_counts
 from runner.stages.train.checkpoints import CHECKPOINTS, checkpoint_step, drop_incomplete_checkpoints, resume_point
 from runner.stages.train.job import Job, OutOfMemory, TrainConfig
+from runner.stages.train.ray import launch_ray
 from runner.stages.train.results import final_eval, loss_metrics, save_outputs
 from runner.stages.train.torchrun import launch_distributed
 from runner.stages.train.trainer import ddp_backend, make_trainer
@@ -79,7 +86,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     job = Job.parse(config, inputs, out)
     check_hardware(job.train, job.model)
     drop_incomplete_checkpoints(job.out / CHECKPOINTS)
-    attempt = launch_distributed if job.train.distributed else train_here
+    attempt = launcher(job.train)
     while True:
         try:
             metrics = attempt(job)
@@ -89,6 +96,16 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
     # Checkpoints only serve a resume; the committed result keeps the final model alone.
     shutil.rmtree(job.out / CHECKPOINTS, ignore_errors=True)
     return metrics
+
+
+def launcher(train: TrainConfig) -> Callable[[Job], dict[str, Any]]:
+    """One attempt of the step: in this process, through torchrun, or on Ray Train workers. The Ray launcher is handed
+    train_here, the code each worker runs, rather than importing this module (which imports it)."""
+    if not train.distributed:
+        return train_here
+    if train.distributed.launcher == "ray":
+        return partial(launch_ray, attempt=train_here)
+    return launch_distributed
 
 
 def smaller_batch(job: Job, reason: str) -> Job:
@@ -164,9 +181,11 @@ def flash_attention_problem(cuda: bool) -> str | None:
 # --- one attempt in this process (also what every torchrun worker runs) ----------------------------------------------
 
 
-def train_here(job: Job) -> dict[str, Any]:
+def train_here(job: Job, callbacks: Sequence[TrainerCallback] = (), resume: Path | None = None) -> dict[str, Any]:
+    """One attempt in this process. A launcher may add Trainer callbacks (Ray's checkpoint reporting) and name the
+    checkpoint to resume from (Ray's); otherwise the newest complete one in `checkpoints/` is taken."""
     try:
-        return _train_once(job)
+        return _train_once(job, callbacks, resume)
     except torch.cuda.OutOfMemoryError as exc:
         reason = str(exc)
     # Outside the except block the traceback, and the frames holding the model, are gone, so the memory can be freed.
@@ -176,7 +195,7 @@ def train_here(job: Job) -> dict[str, Any]:
     raise OutOfMemory(reason)
 
 
-def _train_once(job: Job) -> dict[str, Any]:
+def _train_once(job: Job, callbacks: Sequence[TrainerCallback], resume: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     set_seed(job.seed)  # before the model is built: fresh heads and LoRA matrices start the same on every run
     labels = read_labels(job.inputs["data"])
@@ -189,11 +208,11 @@ def _train_once(job: Job) -> dict[str, Any]:
         tokenizer.chat_template = template
     model = build_model(job, labels, tokenizer)
     counts = parameter_counts(model)
-    trainer = make_trainer(job, model, tokenizer, splits)
+    trainer = make_trainer(job, model, tokenizer, splits, callbacks)
     # The starting point (chance for a fresh classifier head) for the metrics and the loss plot. Deterministic, and
     # every attempt runs it at the same point, so it cannot make a resumed run differ from an uninterrupted one.
     before = trainer.evaluate() if job.train.eval_before_training else {}
-    resume = resume_point(job.out / CHECKPOINTS)
+    resume = resume or resume_point(job.out / CHECKPOINTS)
     if resume is not None:
         log.info("resuming from %s (step %d)", resume, checkpoint_step(resume))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -6,6 +6,7 @@ callbacks (the gradient guard, LogAtCheckpoints).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,8 @@ def packed_collator(tokenizer: Any, model: Model) -> PackingCollator:
     return PackingCollator(tokenizer.pad_token_id, one_row=model.attn_implementation == "flash_attention_2")
 
 
-def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) -> Trainer:
+def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any,
+                 callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     classifier = job.model.task == CLASSIFIER
     padded = padded_collator(tokenizer, classifier)
     collator = packed_collator(tokenizer, job.model) if job.packing else padded
@@ -106,7 +108,7 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) 
     previous = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.out / "tensorboard")
     try:
-        trainer = _trainer(job, model, tokenizer, splits, collator, classifier)
+        trainer = _trainer(job, model, tokenizer, splits, collator, classifier, callbacks)
     finally:
         if previous is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
@@ -121,7 +123,7 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any) 
 
 
 def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, collator: Any,
-             classifier: bool) -> RngPreservingTrainer:
+             classifier: bool, callbacks: Sequence[TrainerCallback]) -> RngPreservingTrainer:
     return RngPreservingTrainer(
         model=model,
         args=training_arguments(job),
@@ -133,6 +135,7 @@ def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, coll
         callbacks=[
             GradientGuard(GUARD_STEPS_FP16 if job.train.precision == "fp16" else GUARD_STEPS),
             LogAtCheckpoints(),
+            *callbacks,
         ],
     )
 
@@ -163,7 +166,9 @@ def training_arguments(job: Job) -> TrainingArguments:
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,  # the newest may be half-written when the step is killed; the one before is still whole
-        save_on_each_node=bool(dist and dist.nnodes > 1),  # every machine resumes from, and commits, its own folder
+        # torchrun multi-node: every machine resumes from, and commits, its own folder. Ray's workers share one out folder
+        # (one machine, or a shared filesystem) and resume from Ray's checkpoint, so rank 0 alone writes.
+        save_on_each_node=bool(dist and dist.nnodes > 1 and dist.launcher == "torchrun"),
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
