@@ -71,6 +71,10 @@ def rows(results: Path) -> list[tuple[str, str, str, str]]:
         large = p10["large_file"]
         out.append((f"P10 remote: RSS growth pulling {large['file_mb']} MB", f"{large['rss_growth_mb']:.0f} MB",
                     "< 200 MB", str(large["rss_growth_mb"] < 200)))
+    p10_dpo = load("p10_dpo.json").get("P10")
+    if p10_dpo:
+        out.append(("P10 dpo overhead: runner / TRL by hand (median step)", f"{p10_dpo['ratio']:.3f}", "<= 1.03",
+                    str(p10_dpo["met"])))
     return out
 
 

@@ -21,6 +21,7 @@ from runner.hardware import platform_facts
 from runner.keys import canonical, package_version
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_method
 from runner.recipe import Loaded, Recipe, packages
+from runner.recipe.objectives import Preference
 from runner.recipe.schema import field_has
 from runner.store.local import Cache, HashMemo
 
@@ -47,13 +48,20 @@ def step_configs(recipe: Recipe) -> list[Step]:
         config = {"model": model, kind: section.model_dump(mode="json"), "seed": recipe.seed, **(extra or {})}
         steps.append(Step(kind, config, depends))
 
+    # train.objective other than sft: the data step reads preference rows (and the model step trains its tokenizer on
+    # them), evaluate scores preference accuracy or rewards. Passed only then, so SFT recipes keep their keys.
+    rows = data_rows_of(recipe.train)
     if init:
         # The built model's tokenizer is trained on the recipe's data, so the model step reads the data section too.
-        steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}, []))
-    add("data", recipe.data, base)
+        # (of the objective only which rows it reads: its tokenizer learns the texts before prompts are cut)
+        which = {"objective": rows["objective"]} if rows else {}
+        steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
+                                    **which}, []))
+    add("data", recipe.data, base, rows)
     # data.packing changes how train batches its examples (the data step's output is the same): passed only when on,
     # so the keys of recipes without it stay what they were
     add("train", recipe.train, ["data", *base], {"packing": True} if recipe.data.packing else None)
+    steps[-1].config["train"] = train_section(recipe.train)
     if recipe.export is not None:
         add("export", recipe.export, ["train", "data", *base])
     if recipe.quantize is not None:
@@ -66,13 +74,39 @@ def step_configs(recipe: Recipe) -> list[Step]:
         # forgot too much stops before anything is served)
         present = {"base": True, "train": True, "export": recipe.export is not None, "quantize": recipe.quantize is not None}
         scored = [kind for kind in recipe.evaluate.artifacts if present[kind]]
+        objective = {"objective": train_section(recipe.train)} if recipe.train.objective != "sft" else {}
         add("evaluate", recipe.evaluate, ["data", *[k for k in scored if k != "base"], *base],
-            {"scored_models": scored})
+            {"scored_models": scored, **objective})
     if recipe.serve is not None:
         onnx_quantized = recipe.quantize is not None and is_onnx_method(recipe.quantize.method)
         # data: the served classifier's accuracy is measured on the test split through the running server
         add("serve", recipe.serve, ["quantize" if onnx_quantized else "export", "data"])
     return steps
+
+
+OBJECTIVE_FIELDS = ("objective", "preference", "grpo")
+
+
+def train_section(train: Any) -> dict[str, Any]:
+    """The train config a step sees. With `objective: sft` the objective fields are left out: they did not exist
+    before preference tuning, and an SFT recipe's train key must stay what it was."""
+    dumped: dict[str, Any] = train.model_dump(mode="json")
+    if train.objective == "sft":
+        for name in OBJECTIVE_FIELDS:
+            dumped.pop(name)
+    return dumped
+
+
+def data_rows_of(train: Any) -> dict[str, Any]:
+    """What the data (and model) step must know of a preference objective: which rows to read, and the prompt budget
+    it cuts prompts to. Empty for sft."""
+    if train.objective == "sft":
+        return {}
+    rows: dict[str, Any] = {"objective": train.objective}
+    if train.objective != "grpo":
+        rows["max_prompt_length"] = (train.preference or Preference()).max_prompt_length
+        rows["max_identical_share"] = (train.preference or Preference()).max_identical_share
+    return rows
 
 
 def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
@@ -86,7 +120,7 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
             "version": spec.version,
             "config": normalize(step.config, (), memo),
             "upstream": {dep: keys[dep] for dep in step.depends},
-            "packages": {name: package_version(name) for name in spec.packages},
+            "packages": {name: package_version(name) for name in step_packages(step, spec.packages)},
         }
         facts = platform_material(step)
         if facts:  # only where the platform changes the result, so the other steps' keys stay what they were
@@ -129,6 +163,12 @@ def adopt(steps: list[Step], kind: str, key: str, material: dict[str, Any]) -> l
                     _artifact_keys(step, keys, list(step.config["artifact_keys"]))
         keys[step.kind] = step.key
     return changed
+
+
+def step_packages(step: Step, packages: tuple[str, ...]) -> tuple[str, ...]:
+    """The stage's packages, plus TRL for a train step with a preference objective (SFT never imports it)."""
+    objective = step.config["train"].get("objective", "sft") if step.kind == "train" else "sft"
+    return (*packages, "trl") if objective != "sft" else packages
 
 
 def key_of(material: dict[str, Any]) -> str:

@@ -88,7 +88,7 @@ class Estimate(BaseModel):
     lora_targets: list[str] = Field(description="Module names (last part) that get LoRA adapters.")
     parts: dict[str, int] = Field(
         description="weights, half_copies, gradients, optimizer, activations, loss, ddp, l2sp_reference (train.l2sp's "
-        "copy of the pretrained weights), runtime, allocator")
+        "copy of the pretrained weights), reference (a full fine-tune's frozen DPO/KTO reference), runtime, allocator")
     phases: dict[str, int] = Field(description="The two candidate peaks without the runtime: backward_start, optimizer_step.")
     peak_bytes: int = Field(description="One process: the larger phase plus the runtime and the allocator's share.")
     total_bytes: int = Field(description="All processes that share the memory checked (CPU: peak * processes).")
@@ -125,6 +125,15 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
     # out here); and its penalty's gradient reaches every weight first thing in the backward pass (runner/stages/
     # regularize.py), so the gradients are alive through the whole of it, as with accumulation.
     parts["l2sp_reference"] = 4 * shape.total_params if train.l2sp else 0
+    # preference objectives (runner/stages/train/preference.py): pairwise ones run chosen and rejected in one batch, so
+    # twice the tokens; a full fine-tune's DPO/KTO holds a frozen copy of the weights as its reference (LoRA disables
+    # the adapter instead, precompute_ref_log_probs holds none)
+    if train.objective in ("dpo", "orpo", "simpo"):
+        parts["activations"] *= 2
+        parts["loss"] *= 2
+    pref = train.preference
+    holds_copy = train.method == "full" and train.objective in ("dpo", "kto") and not (pref and pref.precompute_ref_log_probs)
+    parts["reference"] = parts["weights"] if holds_copy else 0
     parts["runtime"] = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_BASELINE_BYTES
     parts["allocator"] = _allocator_bytes(parts, device)
     phases = _phases(parts, train.gradient_accumulation > 1 or bool(train.l2sp))
@@ -228,7 +237,8 @@ def _allocator_bytes(parts: dict[str, int], device: Device) -> int:
 
 def _phases(parts: dict[str, int], accumulating: bool) -> dict[str, int]:
     """The two moments that can be the peak (see the module docstring), without the runtime."""
-    persistent = parts["weights"] + parts["optimizer"] + parts["ddp"] + parts.get("l2sp_reference", 0)
+    persistent = (parts["weights"] + parts["optimizer"] + parts["ddp"] + parts.get("l2sp_reference", 0)
+                  + parts.get("reference", 0))
     kept_gradients = parts["gradients"] if accumulating else 0  # accumulation keeps them between micro-batches (L2-SP too)
     return {
         "backward_start": persistent + parts["half_copies"] + parts["activations"] + parts["loss"] + kept_gradients,

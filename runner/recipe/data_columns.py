@@ -18,6 +18,7 @@ from typing import Any
 from runner.names import CLASSIFIER
 from runner.recipe.document import Recipe
 from runner.recipe.problems import relative
+from runner.recipe.rules import OBJECTIVE_COLUMNS
 from runner.recipe.sections import FileSource
 
 Loc = tuple[str | int, ...]
@@ -53,8 +54,10 @@ def check(recipe: Recipe) -> list[tuple[Loc, str]]:
             if column not in renamed:
                 shown = ", ".join(columns) or "none"
                 rename = f" (after data.columns renames: {', '.join(renamed)})" if renamed != columns else ""
-                found.append((("data", field), f"column {column!r} is not in {relative(path)} ({_describe(at)}); its "
-                              f"columns are: {shown}{rename}; set data.{field} or rename with data.columns"))
+                loc = tuple(field.split(".")) if "." in field else ("data", field)
+                fix = f"set data.{field} or rename" if "." not in field else "rename"
+                found.append((loc, f"column {column!r} is not in {relative(path)} ({_describe(at)}); its "
+                              f"columns are: {shown}{rename}; {fix} with data.columns"))
     return found
 
 
@@ -66,6 +69,12 @@ def _needed(recipe: Recipe) -> list[tuple[str, str]]:
     """(the field that names it, column) for every column the data step reads."""
     data = recipe.data
     needed: list[tuple[str, str]] = []
+    objective = recipe.train.objective if recipe.train is not None else "sft"
+    if objective != "sft":  # preference rows are read by their columns (runner.stages.data.preference)
+        needed += [("train.objective", column) for column in OBJECTIVE_COLUMNS[objective]]
+        if objective == "grpo" and recipe.train.grpo is not None:
+            needed += [("train.grpo.rewards", r.column) for r in recipe.train.grpo.rewards if r.column is not None]
+        return needed
     if data.messages_column is not None:  # a chat recipe reads its conversations, nothing else
         needed.append(("messages_column", data.messages_column))
     elif data.template:

@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from runner.recipe import rules
-from runner.recipe.sections import NEUTRAL, Data, Evaluate, Export, Model, Quantize, Requires, Serve, Strict, Train
+from runner.recipe.sections import NEUTRAL, Data, Evaluate, Export, Model, Quantize, Requires, Serve, Train
+from runner.recipe.strict import Strict
 
 RULES_ERROR = "recipe_rules"
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from runner.names import CAUSAL_LM, CLASSIFIER, is_onnx_method
+from runner.recipe import objectives as o
 from runner.recipe import sections as m
 
 Loc = tuple[str | int, ...]
@@ -123,9 +124,7 @@ def data_messages(data: Section) -> Found:
     """A chat recipe's conversations are rendered by their template, not by `template`; its loss is already on the
     assistant turns only, so `mask_prompt`/`response_template` have nothing to act on."""
     if data["messages_column"] is None:
-        if data["chat_template"] is not None:
-            yield data.at("chat_template"), "`chat_template` renders `messages_column` conversations: set `messages_column`"
-        return
+        return  # `chat_template` alone: rule chat_template_use
     for name in ("template", "response_template"):
         if data[name] is not None:
             yield data.at(name), f"give either `{name}` or `messages_column` (conversations are rendered by the chat template)"
@@ -138,6 +137,14 @@ def data_messages(data: Section) -> Found:
         problem = template_problem(data["chat_template"])
         if problem:
             yield data.at("chat_template"), problem
+
+
+def chat_template_use(recipe: Section) -> Found:
+    """`chat_template` renders conversations: a `messages_column` (sft) or preference rows written as messages."""
+    data = recipe.section("data", m.Data)
+    if data.present() and data["messages_column"] is None and data["chat_template"] is not None:
+        if _train(recipe)["objective"] == "sft":
+            yield data.at("chat_template"), "`chat_template` renders `messages_column` conversations: set `messages_column`"
 
 
 def chat_recipe(recipe: Section) -> Found:
@@ -219,6 +226,8 @@ def probes_fit_task(recipe: Section) -> Found:
 
 def causal_lm_template(recipe: Section) -> Found:
     model, data = recipe.section("model", m.Model), recipe.section("data", m.Data)
+    if _train(recipe)["objective"] != "sft":
+        return  # preference rows are read by their columns (prompt/chosen/rejected ...), not through a template
     if model["task"] == CAUSAL_LM and data.present() and data["template"] is None and data["messages_column"] is None:
         yield data.at("template"), ("a causal-lm recipe needs `data.template` to turn rows into text, or "
                                     "`data.messages_column` for chat conversations")
@@ -336,6 +345,104 @@ def eval_lm_eval_task(recipe: Section) -> Found:
         yield evaluate.at("lm_eval"), "`lm_eval` runs lm-evaluation-harness tasks on a causal-lm model"
 
 
+# --- preference objectives (train.objective, train.preference, train.grpo) -----------------------------------------------
+
+# the columns each objective reads (after data.columns renames); grpo also reads its rewards' columns
+OBJECTIVE_COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
+                     "simpo": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion", "label"),
+                     "grpo": ("prompt",)}
+
+
+def train_objective(train: Section) -> Found:
+    objective = train["objective"]
+    if train.given("preference") and objective not in o.PREFERENCE_OBJECTIVES:
+        yield train.at("preference"), (f"`preference` sets dpo/orpo/kto/simpo; `objective: {objective}` does not read "
+                                       "it: remove it or change the objective")
+    if train.given("grpo") and objective != "grpo":
+        yield train.at("grpo"), f"`grpo` sets `objective: grpo`; this recipe's objective is {objective}"
+    if objective == "grpo" and not train.given("grpo"):
+        yield train.at("objective"), "`objective: grpo` needs a `grpo` block with at least one reward"
+    if objective == "sft":
+        return
+    if train.given("distributed"):
+        yield train.at("distributed"), (f"`objective: {objective}` runs in one process here; torchrun/FSDP launching of "
+                                        "TRL's trainers is not supported yet: remove `distributed`")
+    if train.given("l2sp"):
+        yield train.at("l2sp"), f"`l2sp` is an sft regularizer; `objective: {objective}` is anchored by its reference"
+    if objective == "grpo" and train.given("grpo"):
+        generations = train.section("grpo", o.Grpo)["num_generations"]
+        if train["batch_size"] % generations:
+            yield train.at("batch_size"), (f"GRPO's completions per step (`batch_size` {train['batch_size']}) must be a "
+                                           f"multiple of `grpo.num_generations` ({generations})")
+
+
+def grpo_reward(reward: Section) -> Found:
+    kinds = [name for name in ("name", "function") if reward.given(name)]
+    if len(kinds) != 1:
+        yield reward.loc, "a reward has exactly one of `name` (built in) or `function` (`module:function`)"
+        return
+    name = reward["name"]
+    needs = {"exact_match": "column", "numeric_match": "column", "regex": "pattern", "length_penalty": "max_chars"}
+    if name in needs and not reward.given(needs[name]):
+        yield reward.at("name"), f"the `{name}` reward needs `{needs[name]}`"
+    for option in ("column", "pattern", "max_chars"):
+        if reward.given(option) and needs.get(name) != option:
+            yield reward.at(option), f"`{option}` does not apply to this reward"
+
+
+def grpo_code(grpo: Section) -> Found:
+    if grpo["allow_code"]:
+        return
+    for reward in grpo.items("rewards", o.Reward):
+        if reward.given("function"):
+            yield reward.at("function"), ("a `function` reward runs Python code named by the recipe: set "
+                                          "`grpo.allow_code: true` if you trust it (a recipe is data unless it says so)")
+
+
+def objective_data(recipe: Section) -> Found:
+    """Preference rows are read by their columns: the sft-only ways of building text do not apply."""
+    objective = _train(recipe)["objective"]
+    if objective == "sft":
+        return
+    if recipe.section("model", m.Model)["task"] != CAUSAL_LM:
+        yield _train(recipe).at("objective"), f"`objective: {objective}` tunes a causal-lm model"
+    data = recipe.section("data", m.Data)
+    for name in ("template", "response_template", "messages_column"):
+        if data.given(name):
+            yield data.at(name), (f"`objective: {objective}` reads the columns {', '.join(OBJECTIVE_COLUMNS[objective])} "
+                                  f"(text, or messages rendered with the chat template), not `{name}`")
+    for name in ("mask_prompt", "packing"):
+        if data[name]:
+            yield data.at(name), f"`{name}` is for sft; `objective: {objective}` learns only the completion already"
+
+
+def objective_inline_rows(recipe: Section) -> Found:
+    """Inline rows of a preference recipe: the columns it reads are there, and chosen differs from rejected."""
+    train = _train(recipe)
+    objective = train["objective"]
+    if objective == "sft":
+        return
+    data = recipe.section("data", m.Data)
+    renames = data["columns"]
+    limit = train.section("preference", o.Preference)["max_identical_share"] if train.given("preference") else 0.01
+    for source in _sources(recipe):
+        rows = source["rows"]
+        if not isinstance(rows, dict):
+            continue
+        named = {renames.get(name, name): values for name, values in rows.items()}
+        missing = [c for c in OBJECTIVE_COLUMNS[objective] if c not in named]
+        if missing:
+            yield source.at("rows"), (f"`objective: {objective}` reads the column(s) {', '.join(missing)}, which these "
+                                      f"rows lack (they have {', '.join(named) or 'none'}); rename with data.columns")
+        elif "chosen" in named:
+            same = sum(a == b for a, b in zip(named["chosen"], named["rejected"], strict=False))
+            if same and same / max(len(named["chosen"]), 1) > limit:
+                column = next(name for name in rows if renames.get(name, name) == "chosen")
+                yield source.at("rows", column), (
+                    f"{same} of {len(named['chosen'])} rows have chosen equal to rejected (they teach nothing); more "
+                    f"than preference.max_identical_share ({limit}): fix the pairs")
+
+
 Rule = Callable[[Section], Found]
 TRAIN_CLASSES: dict[Any, type[BaseModel]] = {"full": m.FullTrain, "lora": m.LoraTrain, "qlora": m.QloraTrain}
 
@@ -360,12 +467,15 @@ def _lora(root: Section) -> list[Section]:
 # Each group of rules with the sections it reads (found lazily: finding one may Skip without stopping the others).
 SCOPES: list[tuple[list[Rule], Callable[[Section], list[Section]]]] = [
     ([onnx_quantize_needs_export, serve_needs_onnx, probes_fit_task, causal_lm_template, packing_causal_lm, lora_export_merges,
-      export_precision, quantize_fits_task, chat_recipe], lambda root: [root]),
+      export_precision, quantize_fits_task, chat_recipe, chat_template_use, objective_data, objective_inline_rows],
+     lambda root: [root]),
     ([model_source], lambda root: [root.section("model", m.Model)]),
     ([init_heads], lambda root: [root.section("model", m.Model).section("init", m.ModelInit)]),
     ([data_sources, data_prompt_mask, data_response_template, data_messages], lambda root: [root.section("data", m.Data)]),
     ([inline_columns], _sources),
-    ([train_eval_steps, train_min_batch, train_l2sp], lambda root: [_train(root)]),
+    ([train_eval_steps, train_min_batch, train_l2sp, train_objective], lambda root: [_train(root)]),
+    ([grpo_code], lambda root: [_train(root).section("grpo", o.Grpo)]),
+    ([grpo_reward], lambda root: _train(root).section("grpo", o.Grpo).items("rewards", o.Reward)),
     ([lora_targets], _lora),
     ([probe_kind], lambda root: root.section("serve", m.Serve).items("probes", m.Probe)),
     ([eval_sets_fit_task, eval_artifacts_exist, eval_lm_eval_task], lambda root: [root]),

@@ -19,29 +19,19 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 from pydantic.json_schema import JsonDict
 
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER
+from runner.recipe.objectives import Grpo, Objective, Preference
 from runner.recipe.packages import PACKAGE_PATTERN, package_folder
+from runner.recipe.strict import Fraction, PositiveFloat, PositiveInt, Strict
 
 NEUTRAL: JsonDict = {X_NEUTRAL: True}
 LOCAL_PATH: JsonDict = {X_LOCAL_PATH: True}
 PACKAGE_FOLDER: JsonDict = {X_PACKAGE_FOLDER: True}
 
 
-class Strict(BaseModel):
-    """Unknown keys are errors, and types are strict: a quoted "3" is not the integer 3, nor `yes` a boolean (the loader
-    reads YAML 1.2 scalars, so what the user wrote unquoted already has its type; an int is still a fine float)."""
-
-    # allow_inf_nan=False: `.inf` and `.nan` are YAML 1.2 floats, and `.inf` would pass every `> 0` bound (a drift limit of
-    # .inf turns a gate off without saying so)
-    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
-
-
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
 LocalPath = Annotated[str, Field(min_length=1, json_schema_extra=LOCAL_PATH)]
 PackageFolder = Annotated[str, Field(pattern=PACKAGE_PATTERN, json_schema_extra=PACKAGE_FOLDER)]
 
@@ -285,6 +275,14 @@ class Distributed(Strict):
 
 
 class TrainCommon(Strict):
+    objective: Objective = Field(
+        "sft", description="What is learned: `sft` (supervised, the default), or through TRL: `dpo`, `orpo`, `simpo` "
+        "(pairs `prompt`/`chosen`/`rejected`), `kto` (`prompt`/`completion`/boolean `label`), `grpo` (`prompt` and "
+        "the columns its rewards read). With `lora`/`qlora` the reference is the base with the adapter disabled (no "
+        "second copy); with `full` a frozen copy is held."
+    )
+    preference: Preference | None = Field(None, description="dpo/orpo/kto/simpo settings (defaults when left out).")
+    grpo: Grpo | None = Field(None, description="grpo settings (required with `objective: grpo`).")
     epochs: PositiveFloat = Field(3, description="Passes over the training set (ignored when `max_steps` is set).")
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: PositiveInt = Field(

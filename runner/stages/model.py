@@ -16,6 +16,7 @@ from runner import chat as chat_lib
 from runner.names import CAUSAL_LM, CLASSIFIER
 from runner.recipe.sections import Data, Model, ModelInit
 from runner.stages import StageError
+from runner.stages.data import preference as data_preference
 from runner.stages.data import rows as data_rows
 from runner.stages.data.chat import ChatFormat
 from runner.stages.shared import init_config
@@ -46,10 +47,14 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         raise StageError("a distilbert model cannot be a causal LM; use `architecture: llama` for `task: causal-lm`")
     seed = int(config["seed"])
 
-    chat = chat_format(config["data"], cfg.init)  # None unless the recipe trains on conversations
+    # None unless the recipe trains on conversations (sft: messages_column; an objective: rows of messages)
+    chat = chat_format(config["data"], cfg.init, preference="objective" in config)
     with data_rows.scratch_dir(out) as cache_dir:
         # the tokenizer learns from the train split only: a vocabulary fitted to test rows would leak them
-        rows = data_rows.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
+        if "objective" in config:  # preference rows (runner.stages.data.preference): prompts and completions
+            rows = data_preference.train_texts(config["data"], config["objective"], seed, cache_dir)
+        else:
+            rows = data_rows.train_split_rows(config["data"], seed, cfg.task, cache_dir, chat=chat)
         tokenizer = train_tokenizer(_texts(rows, chat), len(rows), cfg.init, chat)
         names = rows.features["labels"].names if cfg.task == CLASSIFIER else None
     if chat is not None:  # saved with the tokenizer: every later stage (and the server) renders with it
@@ -81,14 +86,14 @@ def _texts(rows: Any, chat: ChatFormat | None, batch_size: int = 1000) -> Iterat
 LLAMA_SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
-def chat_format(data_cfg: dict[str, Any], init: ModelInit) -> ChatFormat | None:
+def chat_format(data_cfg: dict[str, Any], init: ModelInit, preference: bool = False) -> ChatFormat | None:
     """For a `messages_column` recipe: the recipe's template and the special tokens the built tokenizer will have.
 
     A tokenizer trained here has no template of its own, so `data.chat_template` is required. Its end-of-turn marker
     (ChatML's <|im_end|>) becomes the eos token: generation, in export's gate and in the server, stops where a turn
     ends, as with SmolLM2 or Qwen, whose eos is <|im_end|> too."""
     data = Data.model_validate(data_cfg)
-    if data.messages_column is None:
+    if data.messages_column is None and not (preference and data.chat_template):
         return None
     if init.architecture != "llama":
         raise StageError("data.messages_column trains a causal LM: use `model.init.architecture: llama`")

@@ -14,7 +14,6 @@ Rows stay in memory after loading (`keep_in_memory`): fine-tuning sets are small
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from functools import partial
@@ -22,20 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-from datasets import (
-    Dataset,
-    DatasetDict,
-    DatasetInfo,
-    Features,
-)
-from datasets.table import InMemoryTable
+from datasets import Dataset, DatasetDict
 
 from runner.names import CLASSIFIER
 from runner.recipe.sections import Data, Model
 from runner.stages import StageError
 from runner.stages.data import chat as data_chat
-from runner.stages.data.rows import encode_labels, label_names, load_rows, scratch_dir, split_rows
+from runner.stages.data import preference as data_preference
+from runner.stages.data.rows import encode_labels, freeze, label_names, load_rows, scratch_dir, split_rows
 from runner.stages.pretrained import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,6 +51,8 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             without a label; only one label; a label outside `data.labels`; a template field that names no column;
             conversations that do not render (runner.stages.data.chat); too few rows for `test_size`.
     """
+    if "objective" in config:  # train.objective dpo/orpo/kto/simpo/grpo: rows by columns, saved as text for TRL
+        return data_preference.run(config, load_tokenizer(config["model"], inputs), out)
     task = Model.model_validate(config["model"]).task
     data = Data.model_validate(config["data"])
     seed = int(config["seed"])
@@ -202,16 +197,6 @@ def _stats(rows: Dataset, splits: DatasetDict, data: Data, names: list[str] | No
 
 
 def _freeze(split: Dataset) -> Dataset:
-    """The split in memory with the saved columns in contract order, fingerprinted by its content.
-
-    datasets derives fingerprints from cache-file paths and modification times, which differ between runs; a content
-    hash makes the saved folder (state.json included) byte-identical whenever the data is identical. Dropped here:
-    `n_tokens`, the untruncated lengths the stats were computed from."""
-    # one chunk per column: the chunk layout depends on how the rows were processed, and it would leak into the hash
-    table = split.flatten_indices(keep_in_memory=True).data.table.select(COLUMNS).combine_chunks()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    fingerprint = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
-    features = Features({name: split.features[name] for name in COLUMNS})
-    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=fingerprint)
+    """The split with the saved columns in contract order, fingerprinted by its content (data_rows.freeze). Dropped
+    here: `n_tokens`, the untruncated lengths the stats were computed from."""
+    return freeze(split, COLUMNS)

@@ -8,6 +8,7 @@ and the evaluate step (which reads its extra sets like data sources, `read_sourc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -24,12 +25,14 @@ from datasets import (
     ClassLabel,
     Dataset,
     DatasetDict,
+    DatasetInfo,
     Features,
     List,
     Value,
     concatenate_datasets,
     load_dataset,
 )
+from datasets.table import InMemoryTable
 
 from runner.names import CLASSIFIER
 from runner.recipe.sections import Data, FileSource, HubSource, InlineSource
@@ -414,3 +417,18 @@ def split_rows(rows: Dataset, data: Data, seed: int, stratify: bool) -> DatasetD
             f"cannot split {len(rows)} rows with test_size={data.test_size}{how}: {exc} "
             "(use more rows, another test_size, or `stratify: false`)"
         ) from exc
+
+
+def freeze(split: Dataset, columns: list[str]) -> Dataset:
+    """The split in memory with `columns` in that order, fingerprinted by its content.
+
+    datasets derives fingerprints from cache-file paths and modification times, which differ between runs; a content
+    hash makes the saved folder (state.json included) byte-identical whenever the data is identical."""
+    # one chunk per column: the chunk layout depends on how the rows were processed, and it would leak into the hash
+    table = split.flatten_indices(keep_in_memory=True).data.table.select(columns).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    fingerprint = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+    features = Features({name: split.features[name] for name in columns})
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=features), fingerprint=fingerprint)

@@ -78,6 +78,10 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
         from runner.stages.evaluate.lm_eval import run_lm_eval
 
         report["lm_eval"] = run_lm_eval(cfg.lm_eval, model_cfg, inputs, seed)
+    if "objective" in config and TUNED in keys:  # train.objective dpo/orpo/kto/simpo/grpo: base vs tuned, held out
+        from runner.stages.evaluate.preference import scores as preference_scores
+
+        report["preference"] = preference_scores(config["objective"], model_cfg, inputs, seed, cfg.max_rows)
     (out / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if task == CLASSIFIER:
         draw_confusions(report, out)
@@ -296,6 +300,10 @@ def summary(report: dict[str, Any], sets: list[ScoredSet]) -> dict[str, Any]:
     for row in report["forgetting"]["sets"]:
         metrics[f"forgetting.{row['name']}"] = row["change"]
     metrics["forgetting"] = report["forgetting"]["verdict"]
+    for kind in ("base", "train"):  # a preference objective's held-out figures
+        for name, value in report.get("preference", {}).get(kind, {}).items():
+            if isinstance(value, float):
+                metrics[f"{name}.{kind}"] = value
     return metrics
 
 

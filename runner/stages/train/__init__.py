@@ -55,6 +55,7 @@ from runner.stages.train import regularize
 from runner.stages.train.build import build_model, parameter_counts
 from runner.stages.train.checkpoints import CHECKPOINTS, checkpoint_step, drop_incomplete_checkpoints, resume_point
 from runner.stages.train.job import Job, OutOfMemory, TrainConfig
+from runner.stages.train.preference import train_objective
 from runner.stages.train.ray import launch_ray
 from runner.stages.train.results import final_eval, loss_metrics, save_outputs
 from runner.stages.train.torchrun import launch_distributed
@@ -185,6 +186,8 @@ def train_here(job: Job, callbacks: Sequence[TrainerCallback] = (), resume: Path
     """One attempt in this process. A launcher may add Trainer callbacks (Ray's checkpoint reporting) and name the
     checkpoint to resume from (Ray's); otherwise the newest complete one in `checkpoints/` is taken."""
     try:
+        if job.train.objective != "sft":  # dpo/orpo/kto/simpo/grpo through TRL's trainers (one process)
+            return train_objective(job)
         return _train_once(job, callbacks, resume)
     except torch.cuda.OutOfMemoryError as exc:
         reason = str(exc)

@@ -141,9 +141,14 @@ def _trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: Any, coll
 
 
 def training_arguments(job: Job) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(job))
+
+
+def training_kwargs(job: Job) -> dict[str, Any]:
+    """TrainingArguments' settings from the recipe; TRL's configs (train/preference.py) take the same on top of theirs."""
     t = job.train
     dist = t.distributed
-    return TrainingArguments(
+    return dict(
         output_dir=str(job.out / CHECKPOINTS),
         num_train_epochs=float(t.epochs),
         max_steps=t.max_steps or -1,
