@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic.json_schema import JsonDict
 
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER

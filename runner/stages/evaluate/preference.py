@@ -27,8 +27,7 @@ import numpy as np
 
 from runner.recipe.objectives import Grpo, Preference
 from runner.recipe.sections import Export, Model
-from runner.stages import compare
-from runner.stages import merge
+from runner.stages import compare, merge
 from runner.stages.pretrained import load_tokenizer
 
 log = logging.getLogger(__name__)
