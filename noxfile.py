@@ -6,7 +6,7 @@
     nox -s hwcheck                                                 on a GPU runner: doctor for every recipe + GPU smoke
     nox -s lock [-- cpu dev] [-- --check]                          re-resolve envs/*.txt from envs/*.in
     nox -s docker                                                  build Dockerfile.cuda where an engine answers
-    nox -s bench | faults | fuzz                                   benchmarks P1-P6, P10; kill -9 trials and stress; fuzzing
+    nox -s bench | faults | fuzz                                   benchmarks P1-P6, P10-P12; kill -9 trials and stress; fuzzing
     nox -s forgetting                                              forgetting with and without train.l2sp (bench/forgetting.py)
     nox -s real_lm                                                 a real 135M LM through a recipe, default gates; P9
 
@@ -184,7 +184,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """P1-P6 and P10, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
+    """P1-P6 and P10-P12, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
     install_env(session, "cpu", dev=True)
     out = "bench/results"
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
@@ -195,9 +195,9 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/onnx_latency.py", f"{out}/p4.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/serve_throughput.py", "--json", f"{out}/p5.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/memory_estimate.py", f"{out}/p6.json", env=env, success_codes=[0, 1])
-    # P10: the remote cache against a real S3 server (SeaweedFS on loopback); `nox -s bench -- --smoke` for seconds
+    # P12: the remote cache against a real S3 server (SeaweedFS on loopback); `nox -s bench -- --smoke` for seconds
     smoke = ["--smoke"] if "--smoke" in session.posargs else []
-    session.run("python", "bench/remote_cache.py", *smoke, "--json", f"{out}/p10.json", env=env, success_codes=[0, 1])
+    session.run("python", "bench/remote_cache.py", *smoke, "--json", f"{out}/p12.json", env=env, success_codes=[0, 1])
     # P10 dpo: a DPO step through the runner vs the same TRL script by hand (issue 24)
     session.run("python", "bench/dpo_overhead.py", *smoke, "--json", f"{out}/p10_dpo.json", env=env, success_codes=[0, 1])
     session.run("python", "bench/summary.py", out, env=env)

@@ -1,4 +1,4 @@
-"""P10: the remote cache against a real S3 server (SeaweedFS `weed mini` on loopback), side by side in one run.
+"""P12: the remote cache against a real S3 server (SeaweedFS `weed mini` on loopback), side by side in one run.
 
     python bench/remote_cache.py [--recipe quickstart] [--large-mb 2048] [--json bench/results/p10.json]
     python bench/remote_cache.py --smoke        (a minute: the test recipe with the test-only stages, a 32 MB file)
@@ -122,7 +122,7 @@ def main() -> int:
         finally:
             server.stop()
     report(result)
-    save(args.json, {"P10": result})
+    save(args.json, {"P12": result})
     return 0 if result["met"] else 1
 
 
@@ -201,7 +201,7 @@ def measure(args: argparse.Namespace, env: dict[str, str], tmp: Path, server: se
 def report(r: dict) -> None:
     mb = r["bytes"] / 2**20
     large = r["large_file"]
-    print(f"P10 remote cache ({r['recipe']}: {r['entry_files']} files, {mb:.1f} MB, {r['objects']} objects)")
+    print(f"P12 remote cache ({r['recipe']}: {r['entry_files']} files, {mb:.1f} MB, {r['objects']} objects)")
     print("| figure | ours | plain / cold | ratio | target |\n|---|---|---|---|---|")
     print(f"| push + pull vs s3fs put + get | {r['push_s']:.2f} + {r['pull_s']:.2f} s | "
           f"{r['plain_put_s']:.2f} + {r['plain_get_s']:.2f} s | {r['transfer_ratio']:.3f} | >= 0.8 |")

@@ -62,14 +62,14 @@ def rows(results: Path) -> list[tuple[str, str, str, str]]:
     if p8:
         out.append(("P8 packing / padded, non-pad tokens/s (ceiling C)", f"{p8['ratio']:.2f} (C {p8['ceiling']:.2f})",
                     ">= 0.9 x C", str(p8["met"])))
-    p10 = load("p10.json").get("P10", {})
-    if p10:
-        out.append(("P10 remote: s3fs put+get / push+pull", f"{p10['transfer_ratio']:.3f}", ">= 0.8",
-                    str(p10["transfer_ratio"] >= 0.8)))
-        out.append(("P10 remote: pulled run / cold run", f"{p10['pulled_run_ratio']:.4f}", "<= 0.05",
-                    str(p10["pulled_run_ratio"] <= 0.05)))
-        large = p10["large_file"]
-        out.append((f"P10 remote: RSS growth pulling {large['file_mb']} MB", f"{large['rss_growth_mb']:.0f} MB",
+    p12 = load("p12.json").get("P12", {})
+    if p12:
+        out.append(("P12 remote: s3fs put+get / push+pull", f"{p12['transfer_ratio']:.3f}", ">= 0.8",
+                    str(p12["transfer_ratio"] >= 0.8)))
+        out.append(("P12 remote: pulled run / cold run", f"{p12['pulled_run_ratio']:.4f}", "<= 0.05",
+                    str(p12["pulled_run_ratio"] <= 0.05)))
+        large = p12["large_file"]
+        out.append((f"P12 remote: RSS growth pulling {large['file_mb']} MB", f"{large['rss_growth_mb']:.0f} MB",
                     "< 200 MB", str(large["rss_growth_mb"] < 200)))
     p10_dpo = load("p10_dpo.json").get("P10")
     if p10_dpo:
