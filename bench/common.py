@@ -16,6 +16,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+# `--smoke`: every bench has a size that runs in seconds to a minute, so the test suite runs each one as a user would
+# (tests/test_conformance.py) and a renamed step breaks a test, not the bench. Smoke figures are not the README's figures.
+# The quickstart at its smallest size that still passes every gate it ships with (probes, accuracy, forgetting budget):
+QUICKSTART_SMOKE = ["data.select=600", "train.epochs=1", "train.batch_size=16", "train.learning_rate=2e-4",
+                    "export.validation_samples=40", "quantize.eval_samples=40", "serve.eval_samples=40",
+                    "serve.latency_requests=10"]
+
+
+def figure(name: str, what: str, value: float, target: str, met: bool | None, unit: str = "") -> str:
+    """The one line each bench prints for its figure: `FIGURE P3 validate / import torch = 0.190 (target <= 0.3: met)`.
+    Tests and readers look for this line, whatever tables the bench prints above it."""
+    verdict = "no target" if met is None else ("met" if met else "missed")
+    line = f"FIGURE {name} {what} = {value:.4g}{unit} (target {target}: {verdict})"
+    print(line, flush=True)
+    return line
+
+
 def machine_info() -> dict[str, object]:
     from runner.hardware.probe import cpu_model  # cheap: the doctor imports torch only when it probes CUDA
 

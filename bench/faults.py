@@ -2,13 +2,15 @@
 
     python bench/faults.py [--trials 20] [--quick] [--json bench/results/faults.json] [--seed 0] [--keep DIR]
                            [--only STAGE:MODE ...] [--skip trials concurrency tamper]
+    python bench/faults.py --smoke      # two trials (train after a checkpoint, evaluate at random) on the smallest
+                                        # quickstart, no concurrency or tampering: a few minutes at most
 
 Real stages, a cheaper variant of recipes/quickstart.yaml (fewer rows and epochs, fewer latency requests; see CHEAP).
 `train.save_steps` is neutral (not in the key), so checkpoints come every 5 steps without changing what is trained.
 
 1. Reference: the recipe runs uninterrupted, one `--until STAGE` process per stage (as a trial's process runs only the
    target stage and what follows): per-stage times and the sha256 of every output file.
-2. Trials (>= 20 in the full run, spread over all six stages): a fresh cache seeded with copies of the reference's
+2. Trials (>= 20 in the full run, spread over every step the plan has): a fresh cache seeded with copies of the reference's
    committed upstream entries, `python -m runner.cli run` in its own process group, a wait until the target stage's work
    folder `C/work/<stage>-<key>` appears, a random time into it (up to the stage's reference time; train's extra trials
    aim at just after a complete checkpoint, at a checkpoint being written, at the end of training and at the removal of
@@ -49,10 +51,13 @@ sys.path.insert(0, str(REPO))
 
 from runner.store.local import Cache  # noqa: E402
 
-ORDER = ("model", "data", "train", "export", "quantize", "serve")
+# The recipe's steps in plan order (data, train, export, quantize, evaluate, serve for the quickstart), set by main() from
+# the plan itself: a fixed list went stale when the quickstart lost its model step and gained evaluate.
+ORDER: tuple[str, ...] = ()
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 CHEAP = ["data.select=600", "train.epochs=3", "train.save_steps=5", "serve.latency_requests=20", "serve.eval_samples=120",
          "export.validation_samples=120", "quantize.eval_samples=120"]
+SMOKE_TRIALS = ["train:after-checkpoint", "evaluate:random"]
 # Output files that legitimately differ between two uninterrupted runs (timings, ports, pids, event-file names).
 VOLATILE = {
     "train": ("metrics.json", "trainer_state.json", "loss.png", "tensorboard/"),
@@ -92,6 +97,7 @@ def finish(process: subprocess.Popen, timeout_s: float = RUN_TIMEOUT_S) -> int:
 
 
 def plan_keys() -> dict[str, str]:
+    """Every step's key, in plan order."""
     from runner.plan import build_plan
     from runner.recipe import load_recipe
 
@@ -246,16 +252,19 @@ def wait_until(predicate, process: subprocess.Popen, timeout_s: float, poll_s: f
 # --- the parts -----------------------------------------------------------------------------------------------------------------
 
 
-def reference_run(root: Path, keys: dict[str, str]) -> dict[str, Any]:
+def reference_run(root: Path, keys: dict[str, str], one_process: bool = False) -> dict[str, Any]:
+    """`one_process` (--smoke): one run for all steps, quicker, its per-step times a little lower than a trial's process
+    that imports everything for its target step."""
     cache, runs = root / "c", root / "r"
     seconds: dict[str, float] = {}
-    for kind in ORDER:
+    for kind in ORDER[-1:] if one_process else ORDER:
         log = root / f"until-{kind}.log"
         code = finish(start(cache, runs, log, "--until", kind))
         if code != 0:
             raise SystemExit(f"the reference run failed at {kind} (exit {code}):\n{tail(log)}")
-        step = next(s for s in run_jsons(runs)[-1]["steps"] if s["kind"] == kind)
-        seconds[kind] = step["seconds"]
+        for step in run_jsons(runs)[-1]["steps"]:
+            if step["status"] == "ran":
+                seconds[step["kind"]] = step["seconds"]
     hashes = {kind: output_hashes(Cache(cache).entry_path(kind, keys[kind])) for kind in ORDER}
     check = check_cache(cache, keys, hashes)
     if check["problems"]:
@@ -265,12 +274,12 @@ def reference_run(root: Path, keys: dict[str, str]) -> dict[str, Any]:
 
 
 def schedule(trials: int, quick: bool) -> list[tuple[str, str]]:
-    """(stage, mode) per trial, spread over all six stages; train's extra trials aim at the interesting moments."""
+    """(stage, mode) per trial, spread over every step; train's extra trials aim at the interesting moments."""
     if quick:
         return [(k, "after-checkpoint" if k == "train" else "random") for k in ORDER][:trials]
     plan: list[tuple[str, str]] = []
     train_modes = ["after-checkpoint", "random", "cleanup", "checkpoint-write", "end", "after-checkpoint", "cleanup"]
-    cycle = ["model", "data", "train", "export", "quantize", "serve", "train"]
+    cycle = [*ORDER, "train"]
     i = j = 0
     while len(plan) < trials:
         stage = cycle[i % len(cycle)]
@@ -497,10 +506,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep every trial's folders here (default: a temporary folder)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["trials", "concurrency", "tamper"])
+    parser.add_argument("--smoke", action="store_true", help=f"the smallest passing quickstart, trials {SMOKE_TRIALS}, "
+                        "a one-process reference, no concurrency or tampering")
     parser.add_argument("--only", nargs="*", metavar="STAGE:MODE", help="run exactly these trials instead, e.g. "
                         "train:cleanup serve:random (modes: random; train also after-checkpoint, after-checkpoint@STEP, "
                         "checkpoint-write, end, cleanup)")
     args = parser.parse_args()
+    global ORDER, CHEAP
+    if args.smoke:
+        sys.path.insert(0, str(REPO / "bench"))
+        from common import QUICKSTART_SMOKE
+
+        CHEAP = [*QUICKSTART_SMOKE, "train.save_steps=5"]
+        args.only = args.only or SMOKE_TRIALS
+        args.skip = sorted({*args.skip, "concurrency", "tamper"})
     trials_n = 6 if args.quick and args.trials == 20 else args.trials
     rng = random.Random(args.seed)
     began = time.monotonic()
@@ -511,9 +530,11 @@ def main() -> int:
                               "seed": args.seed, "quick": args.quick}
     try:
         keys = plan_keys()
+        ORDER = tuple(keys)
         result["keys"] = keys
-        print(f"reference run (one process per stage) in {root}", file=sys.stderr)
-        ref = reference_run(root / "reference", keys)
+        result["overrides"] = CHEAP
+        print(f"reference run ({'one process' if args.smoke else 'one process per stage'}) in {root}", file=sys.stderr)
+        ref = reference_run(root / "reference", keys, one_process=args.smoke)
         result["reference"] = {"seconds": ref["seconds"], "train_steps": ref["train_steps"]}
         trials: list[dict[str, Any]] = []
         if "trials" not in args.skip:
@@ -533,7 +554,7 @@ def main() -> int:
                     shutil.rmtree(folder, ignore_errors=True)
         result["trials"] = trials
         if "concurrency" not in args.skip:
-            seeded = ["model", "data"] if args.quick else []
+            seeded = list(ORDER[:1]) if args.quick else []
             result["concurrency"] = concurrent_runs(root / "concurrent", ref, keys, seeded)
             print(f"three concurrent runs: {result['concurrency'].get('ran')} problems "
                   f"{result['concurrency']['problems']}", file=sys.stderr)
@@ -565,6 +586,11 @@ def main() -> int:
     print(f"\n{len(problems)} problem(s) in {result['seconds']} s" + "".join(f"\n- {p[:400]}" for p in problems))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str))
+    from bench.common import figure
+
+    killed = sorted({t["stage"] for t in result.get("trials", [])})
+    figure("faults", f"problems after {len(result.get('trials', []))} kill -9 trials in {', '.join(killed)}", len(problems),
+           "0", not problems)
     return 0 if not problems else 1
 
 

@@ -2,6 +2,7 @@
 
     python bench/forgetting.py [--recipe quickstart] [--values 0,0.001,0.01,0.03,0.1,0.3,1] [--set data.select=1000 ...]
                                [--json bench/results/forgetting.json]
+    python bench/forgetting.py --smoke     # l2sp off and 0.1 on 200 reviews (minutes at most; not the README's figure)
 
 Each value of train.l2sp is one `recipe run` of the same offline recipe through the CLI, as a user runs it (0 = the
 option unset), with the same data, seed, learning rate and steps; export, quantize and serve are switched off
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 # the other artifacts' steps off; the forgetting gate off (measured and reported, not failed: this measures it)
 OFF = ["export=null", "quantize=null", "serve=null", "evaluate.max_forgetting=null"]
 AFFORDABLE = ["data.select=1000", "train.epochs=1", "train.learning_rate=3e-4"]
+SMOKE = ["data.select=200", "train.epochs=1", "train.learning_rate=3e-4"]
 
 
 def run_recipe(recipe: str, overrides: list[str], cache_dir: str | None, runs_dir: Path) -> dict[str, Any]:
@@ -187,8 +189,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", dest="overrides", help=f"overrides (default: {' '.join(AFFORDABLE)})")
     parser.add_argument("--cache-dir", default=None, help="the runner's cache (default: its own default)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help=f"--values 0,0.1 with {' '.join(SMOKE)}")
     args = parser.parse_args()
-    overrides = args.overrides if args.overrides is not None else AFFORDABLE
+    if args.smoke:
+        args.values = "0,0.1"
+    overrides = args.overrides if args.overrides is not None else (SMOKE if args.smoke else AFFORDABLE)
     values = [float(v) for v in args.values.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="forgetting-runs-") as tmp:
@@ -202,6 +207,12 @@ def main() -> None:
         from common import save
 
         save(args.json, {"recipe": args.recipe, "overrides": [*OFF, *overrides], "rows": rows})
+    from common import figure
+
+    for name in rows[0]["forgetting"]:
+        drops = ", ".join(f"l2sp {row['l2sp']:g}: {100 * row['forgetting'][name]['change']:+.1f}" for row in rows)
+        figure("forgetting", f"{name} probe accuracy change in points ({drops}), largest l2sp minus off",
+               100 * (rows[-1]["forgetting"][name]["change"] - rows[0]["forgetting"][name]["change"]), "none", None)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Every configuration runs twice:
 
     python bench/memory_estimate.py bench/memory_estimate.json            # all configurations
     python bench/memory_estimate.py out.json --only llama-lora --steps 2
+    python bench/memory_estimate.py out.json --smoke                 # the smallest configuration, 2 steps (seconds)
 
 Prints a Markdown table and writes the numbers (and the machine) as JSON.
 """
@@ -211,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(CONFIGS), help="run only these configurations")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (>= 2: the peak of a "
                                                              "steady step needs the optimizer states of the first)")
+    parser.add_argument("--smoke", action="store_true", help="only distilbert-small-full, 2 steps (seconds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.only, args.steps = ["distilbert-small-full"], 2
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return 0
-    from common import machine_info
+    from common import figure, machine_info
 
     rows = []
     for name in args.only or list(CONFIGS):
@@ -225,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     print(table(rows))
     Path(args.output).write_text(json.dumps({"machine": machine_info(), "target": TARGET, "rows": rows}, indent=2) + "\n")
-    return 0 if all(abs(r[mode]["error"]) <= TARGET for r in rows for mode in ("pinned", "glibc")) else 1
+    worst = max((r[mode]["error"] for r in rows for mode in ("pinned", "glibc")), key=abs)
+    figure("P6", "memory estimate vs measured peak, worst error", worst * 100, f"within ±{TARGET:.0%}", abs(worst) <= TARGET,
+           unit="%")
+    return 0 if abs(worst) <= TARGET else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """CPU latency of a DistilBERT-base-sized classifier: torch fp32 against ONNX Runtime fp32 and int8, side by side.
 
     python bench/onnx_latency.py bench-results.json [--threads N] [--iterations 100] [--rounds 5]
+    python bench/onnx_latency.py out.json --smoke    # a 2-layer, dim-64 model, 10 calls: seconds (not the figure)
 
 The model is DistilBertConfig() defaults (6 layers, dim 768, about 67M parameters) with random weights: latency does not
 depend on the weights. Batch 1, sequence length 128. The same export path as the export stage (torch.onnx dynamo) and the
@@ -49,12 +50,13 @@ VARIANTS = {  # table row -> exported variant
 TARGET_RATIO = 0.15
 
 
-def build_model(folder: Path):
+def build_model(folder: Path, smoke: bool = False):
     import torch
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval()
+    size = {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 2} if smoke else {}
+    model = DistilBertForSequenceClassification(DistilBertConfig(num_labels=2, **size)).eval()
     model.save_pretrained(folder)
     return model
 
@@ -203,10 +205,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds the calls are spread over")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--agreement-samples", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and 10 calls per variant (seconds)")
     args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.rounds, args.warmup, args.agreement_samples = 10, 1, 1, 10
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "torch")
+        model = build_model(Path(tmp) / "torch", args.smoke)
         params = sum(p.numel() for p in model.parameters())
         macs = encoder_macs(model)
         paths = export_variants(model, Path(tmp))
@@ -238,7 +243,7 @@ def main() -> None:
         rows[name]["onnx_bytes"] = sizes[key]
     best = min((n for n in VARIANTS if "int8" in n), key=lambda n: rows[n]["p50_ms"])
     result = {
-        "model": "DistilBertForSequenceClassification(DistilBertConfig()), random weights",
+        "model": "DistilBertForSequenceClassification(DistilBertConfig()), random weights" + (" (smoke: dim 64, 2 layers)" if args.smoke else ""),
         "parameters": params,
         "batch_size": 1,
         "sequence_length": SEQ_LEN,
@@ -264,6 +269,10 @@ def main() -> None:
     }
     args.json_out.write_text(json.dumps(result, indent=2))
     print(markdown(result))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import figure
+
+    figure("P4", "ORT int8 / torch fp32 p50", result["int8_over_torch_p50"], f"<= {TARGET_RATIO}", result["meets_target"])
 
 
 def versions() -> dict[str, str]:

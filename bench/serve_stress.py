@@ -2,6 +2,7 @@
 
     python bench/serve_stress.py [--json bench/results/serve_stress.json] [--requests 5000] [--concurrency 32]
                                  [--gen-requests 1000] [--examples 100] [--seeds 3] [--max-seconds 900]
+    python bench/serve_stress.py --smoke     # 200 + 20 requests, 5 schemathesis examples, one seed (under a minute)
 
 Two real servers (`python -m runner.serving`, uvicorn, loopback only, API key on, default limits) serve tiny artifacts
 built here from configs and exported as the export stage does (dynamo / onnxruntime-genai builder): a DistilBERT-like
@@ -533,7 +534,10 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=100, help="schemathesis max examples per operation (0: skip).")
     parser.add_argument("--seeds", type=int, default=3, help="schemathesis runs (seeds 1..N) per server.")
     parser.add_argument("--max-seconds", type=float, default=900, help="Deadline for each server's checks.")
+    parser.add_argument("--smoke", action="store_true", help="200 + 20 requests at concurrency 8, 5 examples, 1 seed.")
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.gen_requests, args.concurrency, args.examples, args.seeds = 200, 20, 8, 5, 1
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="serve-stress-") as tmp:
@@ -566,6 +570,10 @@ def main() -> int:
     print("\nproblems:" + ("".join(f"\n- {p}" for p in problems) if problems else " none"))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str))
+    from bench.common import figure
+
+    figure("stress", f"problems over {args.requests} + {args.gen_requests} requests and the bad payloads", len(problems),
+           "0", not problems)
     return 0 if not problems else 1
 
 

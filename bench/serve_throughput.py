@@ -2,6 +2,7 @@
 
     python bench/serve_throughput.py [--json bench/results/serve_throughput.json] [--requests 300] [--rounds 2]
                                      [--dim 512] [--layers 4] [--max-seconds 25] [--dynamic-int8]
+    python bench/serve_throughput.py --smoke    # dim 64, 1 layer, 1 round of 32 requests: seconds (not the figure)
 
 The model is a DistilBERT-like classifier built from a config (random weights: throughput does not depend on them) with a
 WordPiece tokenizer trained on synthetic review sentences, exported
@@ -216,7 +217,10 @@ def main() -> None:
     parser.add_argument("--max-words", type=int, default=30)
     parser.add_argument("--dynamic-int8", action="store_true",
                         help="Serve the dynamic-int8 graph: per-request (invariant) against batched anyway.")
+    parser.add_argument("--smoke", action="store_true", help="A tiny model, one round of 32 requests (seconds).")
     args = parser.parse_args()
+    if args.smoke:
+        args.dim, args.layers, args.rounds, args.requests, args.max_seconds = 64, 1, 1, 32, 10
 
     batched = ServerSettings(max_batch=CONCURRENCY, max_wait_ms=args.max_wait_ms, max_concurrency=64,
                              invariant=not args.dynamic_int8)
@@ -268,6 +272,10 @@ def main() -> None:
               "load_average": [load_before[0], os.getloadavg()[0]], "machine": machine}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import figure
+
+    figure("P5", "throughput with / without dynamic batching", ratio, f">= {TARGET}", ratio >= TARGET)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """P3: `recipe validate` wall time as a ratio of `python -c "import torch"`, measured side by side in one run.
 
     python bench/validate_speed.py [--repeat 7] [--recipe recipes/quickstart.yaml] [--json bench/results/p3.json]
+    python bench/validate_speed.py --smoke          # one round: seconds, for the test suite
 
 Each round runs both commands once, alternating, as fresh processes; the medians are compared. Target: ratio <= 0.3.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from common import save, timed  # noqa: E402
+from common import figure, save, timed  # noqa: E402
 
 
 def main() -> int:
@@ -22,7 +23,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--recipe", default="recipes/quickstart.yaml")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="one round (seconds); not a figure to report")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeat = 1
     validate = [sys.executable, "-m", "runner.cli", "validate", args.recipe]
     torch = [sys.executable, "-c", "import torch"]
     timed(validate), timed(torch)  # warm the file-system cache for both
@@ -38,6 +42,7 @@ def main() -> int:
     print("|---|---|---|---|---|")
     print(f"| P3 | {medians['validate']:.3f} | {medians['import torch']:.3f} | {ratio:.3f} | <= 0.3 |")
     save(args.json, result)
+    figure("P3", "validate / import torch", ratio, "<= 0.3", ratio <= 0.3)
     return 0
 
 

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from runner.container import run_in_container
 
         rest = [a for a in argv[1:] if a != "--container"]
+        if not rest or rest[0].startswith("-"):  # the recipe comes first, as in `recipe run NAME --container`
+            err.print("[red]error:[/red] `recipe run --container` needs a recipe name first: "
+                      "recipe run NAME --container \\[field=value ...]")
+            return 2
         return run_in_container(rest[0], rest[1:], echo=lambda line: out.print(line, markup=False, soft_wrap=True))
     parser = _parser()
     # Overrides may come after options (`run NAME --force train train.epochs=1`): collect the leftovers as overrides.

@@ -130,3 +130,14 @@ def test_a_hub_cache_moved_by_hf_hub_cache_is_mounted_where_the_container_looks(
     assert mounts(command)["/data/hf/hub"] == str(tmp_path / "elsewhere" / "hub")
     assert mounts(command)["/data/hf"] == str(tmp_path / "hf")
 
+
+@pytest.mark.parametrize("argv", [["run", "--container"], ["run", "--container", "--force", "train"]])
+def test_container_without_a_recipe_is_one_clear_line_and_exit_2(argv, capsys, monkeypatch, tmp_path):
+    from runner.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # nothing may be started, engine or not
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "error: `recipe run --container` needs a recipe name first: recipe run NAME --container [field=value ...]"]
