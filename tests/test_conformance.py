@@ -364,7 +364,7 @@ def readme_commands(text: str) -> set[str]:
                 found |= {f"recipe cache {a.strip()}" for a in match.group(1).split("|") if a.strip()}
             elif match := re.match(r"recipe (\w+)", line):
                 found.add(f"recipe {match.group(1)}")
-            elif match := re.match(r"nox -s ([\w-]+)", line):
+            elif match := re.match(r"(?:pipx run )?nox -s ([\w-]+)", line):
                 found.add(f"nox -s {match.group(1)}")
             elif match := re.match(r"python3? (bench/\S+\.py)", line):
                 found.add(f"python {match.group(1)}")

