@@ -404,3 +404,40 @@ def test_the_covering_tests_exist():
 def test_a_renamed_readme_command_is_caught():
     text = (REPO / "README.md").read_text().replace("recipe verify quickstart", "recipe check quickstart")
     assert uncovered(readme_commands(text)) == ["recipe check"]
+
+
+# --- every file a docstring, comment or the README points at exists ---------------------------------------------------------
+
+CITED = re.compile(r"(?<![\w/.-])((?:tests|envs|bench|recipes|runner|docs|\.github)/[\w./-]*\w|[\w-]+\.md)\b")
+# Files that commands write, cited as what they produce (not shipped).
+WRITTEN = {"recipes/quickstart.lock": "recipe lock quickstart", "bench/results/summary.md": "nox -s bench",
+           "report.md": "recipe run, in the run folder"}
+
+
+def cited_paths(text: str) -> set[str]:
+    return {m.group(1) for m in CITED.finditer(text)}
+
+
+def missing_paths(cited: set[str]) -> list[str]:
+    missing = []
+    for path in cited:
+        if path in WRITTEN or (REPO / path).exists():
+            continue
+        if path.startswith("envs/") and any((REPO / f"{path}{suffix}").is_file() for suffix in (".txt", ".in")):
+            continue  # an environment by name (envs/cuda13 -> envs/cuda13.txt)
+        if "/" not in path and any(REPO.rglob(path)):
+            continue  # a bare file name (design.md) that some folder here has
+        missing.append(path)
+    return sorted(missing)
+
+
+def test_every_path_the_runner_and_the_readme_cite_exists():
+    texts = [(REPO / "README.md").read_text()] + [p.read_text() for p in sorted((REPO / "runner").rglob("*.py"))]
+    cited = set().union(*(cited_paths(text) for text in texts))
+    assert {"tests/test_packing.py", "envs/models.txt", "recipes/data/README.md"} <= cited  # the pattern finds them
+    assert missing_paths(cited) == []
+
+
+def test_a_stale_pointer_is_caught():
+    assert missing_paths(cited_paths("tests/test_gone.py re-reads it; see design-notes.md; install envs/cuda12")) == [
+        "design-notes.md", "envs/cuda12", "tests/test_gone.py"]

@@ -129,7 +129,7 @@ def _accelerator(recipe: Recipe, machine: Machine) -> Finding:
     if machine.gpus:
         why = f"{_gpu_text(machine)} is present but torch cannot use it (a CPU build of torch, or no CUDA driver)"
         return Finding(check="accelerator", status="fail" if wanted == "cuda" else "warn",
-                       detail=f"{wanted}: {why}; install the CUDA environment (envs/cuda12)")
+                       detail=f"{wanted}: {why}; install the CUDA environment (envs/cuda13.txt)")
     if wanted == "cuda":
         return Finding(check="accelerator", status="fail", detail="cuda: this machine has no CUDA GPU")
     return Finding(check="accelerator", status="ok", detail=f"{wanted}: trains on the CPU ({machine.cpu_cores} cores)")

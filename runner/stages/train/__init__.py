@@ -137,7 +137,7 @@ def check_hardware(train: TrainConfig, model: Model | None = None) -> None:
         if problem:
             raise StageError(problem)
     if isinstance(train, QloraTrain) and train.quantization.bits == 4 and not cuda:
-        # Checked here (design.md): on CPU, bitsandbytes repacks 4-bit weights after any no-grad forward and from then
+        # Measured with bitsandbytes 0.50: on CPU, bitsandbytes repacks 4-bit weights after any no-grad forward and from then
         # on every gradient is exactly zero; training "runs" and learns nothing.
         raise StageError(
             "4-bit QLoRA needs a CUDA GPU: on CPU bitsandbytes' 4-bit layers silently stop passing gradients. "
