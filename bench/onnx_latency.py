@@ -243,7 +243,8 @@ def main() -> None:
         rows[name]["onnx_bytes"] = sizes[key]
     best = min((n for n in VARIANTS if "int8" in n), key=lambda n: rows[n]["p50_ms"])
     result = {
-        "model": "DistilBertForSequenceClassification(DistilBertConfig()), random weights" + (" (smoke: dim 64, 2 layers)" if args.smoke else ""),
+        "model": "DistilBertForSequenceClassification(DistilBertConfig()), random weights"
+                 + (" (smoke: dim 64, 2 layers)" if args.smoke else ""),
         "parameters": params,
         "batch_size": 1,
         "sequence_length": SEQ_LEN,

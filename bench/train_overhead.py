@@ -9,8 +9,8 @@ commit) is what the ratio measures.
 
 Both sides are whole fresh processes (imports included) training the same model on the same tokenized data with the
 same TrainingArguments: the runner as `recipe run RECIPE --force train --until train` (model and data come from its
-cache; a model from a package or a local path is read where it lies), the hand-written script below as `python bench/train_overhead.py --by-hand MODEL DATA OUT`. Rounds alternate;
-medians are compared. Target: ratio <= 1.03.
+cache; a model from a package or a local path is read where it lies), the hand-written script below as
+`python bench/train_overhead.py --by-hand MODEL DATA OUT`. Rounds alternate; medians are compared. Target: ratio <= 1.03.
 
 A third side runs the runner with `train.eval_before_training=false`: the hand-written script does not evaluate before
 training, so that side shows the runner's own cost (plot, guard, hashing, commit) apart from that extra pass. The
@@ -89,8 +89,8 @@ def main() -> int:
 
     from runner.plan import build_plan
     from runner.recipe import load_recipe
-    from runner.store.local import Cache
     from runner.stages.pretrained import pretrained_source
+    from runner.store.local import Cache
 
     if args.smoke:
         args.rounds, args.set = 1, [*args.set, "data.select=200", "train.epochs=1"]
