@@ -170,7 +170,9 @@ def tests(session: nox.Session) -> None:
     """The test suite on the pinned cpu environment (no network: models are built from configs), with Ray Train for
     the real-cluster tests (tests/test_ray_train.py)."""
     install_env(session, "cpu", dev=True, ray=True)
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=OFFLINE)
+    # every core (pytest-xdist); a file's tests stay on one worker, so a module's shared run (tests/test_conformance.py's
+    # quickstart) is made once. Tests that serve pick free ports. `-- -n0` runs it in one process.
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "loadfile", *session.posargs, env=OFFLINE)
 
 
 @nox.session(python=PYTHON)

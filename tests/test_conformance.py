@@ -179,7 +179,8 @@ def test_cache_ls_verify_gc(clone, tour):
     listed = recipe(clone, "cache", "ls").stdout
     assert all(re.search(rf"{step}\s+[│|]\s+[0-9a-f]{{12}}", listed) for step in STEPS), listed
     verified = recipe(clone, "cache", "verify").stdout
-    assert re.search(r"(\d+) entries checked, 0 corrupt", verified) and "6 entries" not in verified.replace("16", "")
+    checked = re.search(r"(\d+) entries checked, 0 corrupt", verified)
+    assert checked and int(checked.group(1)) >= len(STEPS), verified
     recipe(clone, "cache", "gc")
     # what the recipe's last run needs survives gc: nothing to recompute
     assert all("cached" in row for row in step_lines(recipe(clone, "plan", "quickstart", *Q).stdout).values())
@@ -310,7 +311,8 @@ def test_lint_session_ruff_and_hadolint(clone):
 def test_tests_session_runs_this_suite_on_both_cores():
     """`nox -s tests`: the suite is this folder; the session runs pytest (its underlying command is this run)."""
     session = re.search(r"def tests\(session.*?(?=\n@nox)", (REPO / "noxfile.py").read_text(), re.S).group(0)
-    assert 'session.run("pytest"' in session and "*session.posargs" in session
+    assert re.search(r'session\.run\("pytest", .*"-n", "auto", "--dist", "loadfile", \*session\.posargs', session), session
+    import xdist  # noqa: F401 - pytest-xdist, pinned in envs/dev.txt
 
 
 # --- every documented command has a test here ----------------------------------------------------------------------------
@@ -412,6 +414,8 @@ CITED = re.compile(r"(?<![\w/.-])((?:tests|envs|bench|recipes|runner|docs|\.gith
 # Files that commands write, cited as what they produce (not shipped).
 WRITTEN = {"recipes/quickstart.lock": "recipe lock quickstart", "bench/results/summary.md": "nox -s bench",
            "report.md": "recipe run, in the run folder"}
+# Files another branch of the same issue adds, cited ahead of it; an entry goes once its file exists (tested below).
+PENDING = {"runner/store/remote.py": "the remote store (issue 22, branch remote)"}
 
 
 def cited_paths(text: str) -> set[str]:
@@ -421,7 +425,7 @@ def cited_paths(text: str) -> set[str]:
 def missing_paths(cited: set[str]) -> list[str]:
     missing = []
     for path in cited:
-        if path in WRITTEN or (REPO / path).exists():
+        if path in WRITTEN or path in PENDING or (REPO / path).exists():
             continue
         if path.startswith("envs/") and any((REPO / f"{path}{suffix}").is_file() for suffix in (".txt", ".in")):
             continue  # an environment by name (envs/cuda13 -> envs/cuda13.txt)
@@ -441,3 +445,7 @@ def test_every_path_the_runner_and_the_readme_cite_exists():
 def test_a_stale_pointer_is_caught():
     assert missing_paths(cited_paths("tests/test_gone.py re-reads it; see design-notes.md; install envs/cuda12")) == [
         "design-notes.md", "envs/cuda12", "tests/test_gone.py"]
+
+
+def test_pending_files_are_still_pending():
+    assert [path for path in PENDING if (REPO / path).exists()] == [], "remove these from PENDING: they exist now"
