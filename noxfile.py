@@ -186,19 +186,20 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """P1-P6 and P10-P12, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md."""
+    """P1-P6 and P10-P12, each a ratio measured side by side in one run; JSON per figure and bench/results/summary.md.
+    `-- --smoke`: each at its smallest size (minutes in all; not figures to report)."""
     install_env(session, "cpu", dev=True)
     out = "bench/results"
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
-    session.run("python", "bench/validate_speed.py", "--json", f"{out}/p3.json", env=env)
-    session.run("python", "bench/cached_rerun.py", "--json", f"{out}/p2.json", env=env)
-    session.run("python", "bench/train_overhead.py", "--json", f"{out}/p1.json", env=env)
-    # a missed target is a result to report, not a reason to stop measuring the others
-    session.run("python", "bench/onnx_latency.py", f"{out}/p4.json", env=env, success_codes=[0, 1])
-    session.run("python", "bench/serve_throughput.py", "--json", f"{out}/p5.json", env=env, success_codes=[0, 1])
-    session.run("python", "bench/memory_estimate.py", f"{out}/p6.json", env=env, success_codes=[0, 1])
-    # P12: the remote cache against a real S3 server (SeaweedFS on loopback); `nox -s bench -- --smoke` for seconds
     smoke = ["--smoke"] if "--smoke" in session.posargs else []
+    session.run("python", "bench/validate_speed.py", "--json", f"{out}/p3.json", *smoke, env=env)
+    session.run("python", "bench/cached_rerun.py", "--json", f"{out}/p2.json", *smoke, env=env)
+    session.run("python", "bench/train_overhead.py", "--json", f"{out}/p1.json", *smoke, env=env)
+    # a missed target is a result to report, not a reason to stop measuring the others
+    session.run("python", "bench/onnx_latency.py", f"{out}/p4.json", *smoke, env=env, success_codes=[0, 1])
+    session.run("python", "bench/serve_throughput.py", "--json", f"{out}/p5.json", *smoke, env=env, success_codes=[0, 1])
+    session.run("python", "bench/memory_estimate.py", f"{out}/p6.json", *smoke, env=env, success_codes=[0, 1])
+    # P12: the remote cache against a real S3 server (SeaweedFS on loopback)
     session.run("python", "bench/remote_cache.py", *smoke, "--json", f"{out}/p12.json", env=env, success_codes=[0, 1])
     # P10 dpo: a DPO step through the runner vs the same TRL script by hand (issue 24)
     session.run("python", "bench/dpo_overhead.py", *smoke, "--json", f"{out}/p10_dpo.json", env=env, success_codes=[0, 1])
@@ -225,7 +226,8 @@ def faults(session: nox.Session) -> None:
     install_env(session, "cpu", dev=True)
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
     session.run("python", "bench/faults.py", "--json", "bench/results/faults.json", *session.posargs, env=env)
-    session.run("python", "bench/serve_stress.py", "--json", "bench/results/serve_stress.json", env=env)
+    smoke = ["--smoke"] if "--smoke" in session.posargs else []  # `-- --smoke`: two trials, a short stress
+    session.run("python", "bench/serve_stress.py", "--json", "bench/results/serve_stress.json", *smoke, env=env)
 
 
 @nox.session(python=PYTHON)
