@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from common import QUICKSTART_SMOKE  # noqa: E402 - bench/common.py: the smoke size the benches use too
 
 pytestmark = pytest.mark.slow
-TIMEOUT_S = 900
+TIMEOUT_S = 1800  # per command; a loaded shared machine ran the faults smoke past 15 minutes
 
 
 # --- a copy of the repository and how commands run in it ---------------------------------------------------------------
