@@ -66,6 +66,9 @@ VOLATILE = {
 # Known and reported: datasets' `_fingerprint` in state.json differs between processes although every arrow file is
 # byte-identical (runner/stages/data/__init__.py _freeze hashes an in-memory IPC stream). Compared with that key left out.
 FINGERPRINTED = ("dataset/train/state.json", "dataset/test/state.json")
+# The evaluate report records which (set, model) scores came from the score memo: a rerun after a kill mid-evaluate
+# reuses what the killed process scored, by design (runner/stages/evaluate). Compared with those lists left out.
+REUSE_RECORDED = ("evaluate_report.json",)
 RUN_TIMEOUT_S = 900
 STAGE_WAIT_S = 600
 
@@ -115,12 +118,23 @@ def tail(path: Path, n: int = 25) -> str:
 # --- what the cache holds ----------------------------------------------------------------------------------------------------
 
 
+def without_key(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: without_key(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [without_key(v, key) for v in value]
+    return value
+
+
 def output_hashes(entry: Path) -> dict[str, str]:
     out = entry / "outputs"
     hashes = {}
     for file in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = file.relative_to(out).as_posix()
-        if rel in FINGERPRINTED:
+        if rel in REUSE_RECORDED:
+            report = without_key(json.loads(file.read_text()), "reused")
+            hashes[rel] = "json-without-reused:" + hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+        elif rel in FINGERPRINTED:
             state = json.loads(file.read_text())
             state.pop("_fingerprint", None)
             hashes[rel] = "json-without-fingerprint:" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
