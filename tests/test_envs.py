@@ -203,10 +203,11 @@ def runner_imports() -> dict[str, str]:
 
 def test_every_third_party_import_in_runner_is_declared_in_pyproject():
     """`pip install .` must bring what runner/ imports: each imported module's distribution (as the installed env maps
-    them, importlib.metadata.packages_distributions) is in pyproject's dependencies or the cpu/gpu extras."""
+    them, importlib.metadata.packages_distributions) is in pyproject's dependencies or the cpu/gpu/ray extras."""
     from importlib.metadata import packages_distributions
 
-    declared = {canonicalize_name(r.name) for r in requirements() + requirements("cpu") + requirements("gpu")}
+    extras = ("cpu", "gpu", "ray")  # the onnxruntime flavours; Ray for train.distributed.launcher: ray
+    declared = {canonicalize_name(r.name) for r in requirements() + [r for e in extras for r in requirements(e)]}
     installed = packages_distributions()
     missing = []
     for module, where in runner_imports().items():
