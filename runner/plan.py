@@ -22,8 +22,8 @@ from runner.keys import canonical, package_version
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_method
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.objectives import Preference
-from runner.recipe.sections import Model
 from runner.recipe.schema import field_has
+from runner.recipe.sections import Model
 from runner.store.local import Cache, HashMemo
 
 ORDER = ("model", "data", "train", "export", "quantize", "evaluate", "serve")

@@ -193,9 +193,9 @@ def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from runner.recipe.sections import Model, QloraTrain
+    from runner.stages.train.build import build_model
     from runner.stages.train.guard import GUARD_STEPS, GradientGuard
     from runner.stages.train.job import Job
-    from runner.stages.train.build import build_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

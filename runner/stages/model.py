@@ -1,9 +1,10 @@
 """The `model` step: a small model built from `model.init` (tests and the tiny recipes), or a GGUF checkpoint converted
 (`model.gguf_file`, in model_gguf.py).
 
-Planned only when `model.init` or `model.gguf_file` is set. For init it trains a real tokenizer on the recipe's train split, builds a DistilBERT- or
-Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into `out/model`, where
-downstream stages load it back like any local model (runner/stages/pretrained.py).
+Planned only when `model.init` or `model.gguf_file` is set. For init it trains a real tokenizer on the recipe's train
+split, builds a DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with
+`save_pretrained` into `out/model`, where downstream stages load it back like any local model
+(runner/stages/pretrained.py).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.recipe.gguf_header import GGUFError, read_header
-from runner.recipe.sections import Model, model_location
 from runner.recipe.packages import PackageMissing
+from runner.recipe.sections import Model, model_location
 from runner.stages import StageError
 
 log = logging.getLogger(__name__)
