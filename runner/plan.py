@@ -70,8 +70,8 @@ def step_configs(recipe: Recipe) -> list[Step]:
         which = {"objective": rows["objective"]} if rows else {}
         steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
                                     **which}, []))
-    elif base:
-        steps.append(Step("model", {"model": model, "seed": recipe.seed}, []))
+    elif base:  # a GGUF conversion: neither the data nor the seed changes it, so every recipe of that file shares it
+        steps.append(Step("model", {"model": model}, []))
     add("data", recipe.data, base, rows)
     # data.packing changes how train batches its examples (the data step's output is the same): passed only when on,
     # so the keys of recipes without it stay what they were
