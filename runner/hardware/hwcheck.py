@@ -4,15 +4,18 @@
 
 1. the pinned stack: torch is a CUDA build of the env's CUDA major, bitsandbytes and ONNX Runtime see the GPU;
 2. `recipe doctor NAME --json` for every recipe (a recipe that does not fit this machine fails its case, with the doctor's
-   findings and remedies in the JSON);
-3. micro-smoke, QLoRA: a tiny Llama built from a config, loaded in 4-bit NF4 through bitsandbytes, LoRA on q/v; no-grad
-   forwards first (an evaluation and a short generation: the inference kernels, after which 4-bit layers have been seen
-   to stop passing gradients), then a few training steps under the train stage's gradient guard; the adapter must move;
+   findings and remedies in the JSON; one whose local model is absent is a skipped case). With `--device cpu`, a recipe
+   that requires CUDA is judged against `--gpu-profile` (default a100-40gb) instead of this machine;
+3. micro-smoke, QLoRA: a tiny Llama built from a config, loaded in 4-bit NF4 through bitsandbytes and wrapped in LoRA on
+   q/v by the train stage's own code (runner.stages.train.build.build_model); no-grad forwards first (an evaluation and a
+   short generation: the inference kernels, after which bitsandbytes' CPU layout cuts 4-bit layers' gradients), then a
+   few training steps under the train stage's gradient guard; the adapter must move and the eval loss must fall;
 4. micro-smoke, ONNX Runtime: a tiny model exported with torch.onnx, run in a CUDAExecutionProvider session (a session
    that silently fell back to CPU fails), outputs compared with torch.
 
 Writes DIR/hwcheck.json and DIR/hwcheck-junit.xml. Exit codes: 0 all passed, 1 a check failed, 3 no NVIDIA GPU here (the
-files then hold one skipped case saying so). `--device cpu` rehearses the smoke code on a machine without a GPU (the
+files then hold one skipped case saying so), 4 the NVIDIA driver is older than the env's `# min-driver:` (checked before
+torch is imported; one failed case names both versions). `--device cpu` rehearses the smoke code on a machine without a GPU (the
 stack check then only records versions).
 """
 
@@ -38,9 +41,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from runner.hardware.driver import driver_problem, installed_driver
 from runner.hardware.platform_facts import nvidia_smi
 
 NO_GPU = 3
+OLD_DRIVER = 4
 EXPECTED_CUDA_MAJOR = {"cuda13": "13"}
 
 
@@ -60,12 +65,18 @@ class CheckFailed(Exception):
         self.details = details or {}
 
 
+class CheckSkipped(CheckFailed):
+    """Nothing to judge here (a recipe whose local model is absent): reported, not a failure."""
+
+
 def run_check(group: str, name: str, func: Callable[[], dict[str, Any]]) -> Check:
     """Run one check: it returns details, raises CheckFailed (a failure) or anything else (an error)."""
     check = Check(group, name)
     started = time.perf_counter()
     try:
         check.details = func() or {}
+    except CheckSkipped as exc:
+        check.status, check.message, check.details = "skipped", str(exc), exc.details
     except CheckFailed as exc:
         check.status, check.message, check.details = "failed", str(exc), exc.details
     except Exception as exc:  # noqa: BLE001 - every error becomes a reported case, the next check still runs
@@ -124,32 +135,48 @@ def check_stack(env: str, device: str) -> dict[str, Any]:
 # --- 2. the doctor -------------------------------------------------------------------------------------------------------
 
 
-def check_doctor(recipe: Path, out: Path) -> dict[str, Any]:
-    """`recipe doctor RECIPE --json`; the document goes to OUT/doctor-NAME.json. Exit 1 (does not fit) fails the case."""
+def check_doctor(recipe: Path, out: Path, profile: str | None = None) -> dict[str, Any]:
+    """`recipe doctor RECIPE --json [--profile NAME]`; the document goes to OUT/doctor-NAME.json. Exit 1 (does not fit)
+    fails the case; a recipe the doctor could not judge (its local model is absent) is a skipped case."""
     script = shutil.which("recipe")
-    command = [script or "recipe", "doctor", str(recipe), "--json"]
+    command = [script or "recipe", "doctor", str(recipe), "--json", *(["--profile", profile] if profile else [])]
     done = subprocess.run(command, capture_output=True, text=True) if script else None
     if done is None or (done.returncode == 2 and "invalid choice: 'doctor'" in done.stderr):  # no CLI with the doctor
         from runner.hardware.doctor import doctor
 
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            code = doctor([str(recipe)], json_output=True)
+            code = doctor([str(recipe)], json_output=True, profile=profile)
         done = subprocess.CompletedProcess(command, code, buffer.getvalue(), "")
-    (out / f"doctor-{recipe.stem}.json").write_text(done.stdout)
+    name = f"{recipe.stem}@{profile}" if profile else recipe.stem
+    (out / f"doctor-{name}.json").write_text(done.stdout)
     try:
         document = json.loads(done.stdout)
     except ValueError:
         document = {}
     verdicts = document.get("verdicts") or [{}]
     details = {"exit_code": done.returncode, "fits": verdicts[0].get("fits"), "estimate_gib": _peak_gib(verdicts[0]),
-               "capacity_gib": verdicts[0].get("capacity_gib"), "file": f"doctor-{recipe.stem}.json"}
+               "capacity_gib": verdicts[0].get("capacity_gib"), "machine": verdicts[0].get("machine"),
+               "file": f"doctor-{name}.json"}
     if done.returncode == 1:
         failing = [f"{f.get('check')}: {f.get('detail')}" for f in verdicts[0].get("findings", []) if f.get("status") == "fail"]
-        raise CheckFailed(f"{recipe.stem} does not fit this machine: " + "; ".join(failing), details)
+        raise CheckFailed(f"{recipe.stem} does not fit {'profile ' + profile if profile else 'this machine'}: "
+                          + "; ".join(failing), details)
     if done.returncode != 0:
         raise CheckFailed(f"recipe doctor exited {done.returncode}: {(done.stderr or done.stdout).strip()[-500:]}", details)
+    if document.get("not_checked"):
+        raise CheckSkipped(document["not_checked"][0]["reason"], details)
     return details
+
+
+def needs_cuda(recipe: Path) -> bool:
+    """Whether the recipe says `requires.accelerator: cuda` (False when it does not load: the doctor then says why)."""
+    from runner.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe).recipe.requires.accelerator == "cuda"
+    except RecipeError:
+        return False
 
 
 def _peak_gib(verdict: dict[str, Any]) -> float | None:
@@ -163,10 +190,12 @@ def _peak_gib(verdict: dict[str, Any]) -> float | None:
 def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+    from runner.recipe.sections import Model, QloraTrain
+    from runner.stages.train.build import build_model
     from runner.stages.train.guard import GUARD_STEPS, GradientGuard
+    from runner.stages.train.job import Job
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -175,14 +204,15 @@ def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any
     cuda = device == "cuda"
     bf16 = cuda and torch.cuda.is_bf16_supported()
     compute = torch.bfloat16 if bf16 else (torch.float16 if cuda else torch.float32)
-    quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
-    model = LlamaForCausalLM.from_pretrained(work / "tiny-llama", quantization_config=quant,
-                                             device_map={"": 0} if cuda else {"": "cpu"})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)  # type: ignore[assignment]
+    # The model is built by the train stage's own code (quantized load, prepare_model_for_kbit_training, LoRA, the
+    # 4-bit layout fix), from a QLoRA section as a recipe writes it: this smoke checks what recipes run.
+    train = QloraTrain.model_validate({
+        "method": "qlora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "quantization": {"bits": bits, "compute_dtype": str(compute).removeprefix("torch.")},
+        "gradient_checkpointing": True, "batch_size": 8, "learning_rate": 2e-3, "max_steps": steps})
+    job = Job(model=Model.model_validate({"path": str(work / "tiny-llama"), "task": "causal-lm"}), train=train, seed=0,
+              inputs={}, out=work / "out", batch_size=train.batch_size, accumulation=1)
+    model: Any = build_model(job, None, None)  # a peft model: generate() and .device, which nn.Module does not declare
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (64, 32), generator=generator)
     rows = {"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist(), "labels": tokens.tolist()}
@@ -209,6 +239,8 @@ def check_qlora(device: str, bits: int, steps: int, work: Path) -> dict[str, Any
         raise CheckFailed("the LoRA adapter did not move: every update was zero", details)
     if not all(map(_finite, losses + [after])):
         raise CheckFailed("a loss was not finite", details)
+    if after >= before:
+        raise CheckFailed(f"the eval loss did not fall ({before:.4f} -> {after:.4f}): the adapter learned nothing", details)
     return details
 
 
@@ -307,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="QLoRA base quantization (default 4)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: rehearse the smoke code on a machine without a GPU")
+    parser.add_argument("--gpu-profile", default="a100-40gb",
+                        help="with --device cpu: the hardware profile CUDA recipes are judged against (runner/profiles)")
     args = parser.parse_args(argv)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     if args.device == "cuda" and not gpu_names():
@@ -315,20 +349,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hwcheck: {message}", file=sys.stderr)
         write_results(args.out, args.env, [Check("environment", "gpu-present", "skipped", 0.0, message)], started, NO_GPU)
         return NO_GPU
+    if args.device == "cuda":
+        found = installed_driver()
+        problem = driver_problem(args.env, found)
+        if problem:
+            print(f"hwcheck: {problem}", file=sys.stderr)
+            write_results(args.out, args.env, [Check("environment", "driver", "failed", 0.0, problem,
+                                                     {"driver": found})], started, OLD_DRIVER)
+            return OLD_DRIVER
     args.out.mkdir(parents=True, exist_ok=True)
     recipes = [Path(r) if Path(r).is_file() else Path("recipes") / f"{r}.yaml" for r in args.recipes or []]
     recipes = recipes or sorted(Path("recipes").glob("*.yaml"))
     checks = [run_check("environment", "stack", lambda: check_stack(args.env, args.device))]
     for recipe in recipes:
-        checks.append(run_check("doctor", recipe.stem, partial(check_doctor, recipe, args.out)))
+        # rehearsing on CPU, a CUDA recipe is judged against a named GPU profile: this machine cannot run it
+        profile = args.gpu_profile if args.device == "cpu" and needs_cuda(recipe) else None
+        name = f"{recipe.stem}@{profile}" if profile else recipe.stem
+        checks.append(run_check("doctor", name, partial(check_doctor, recipe, args.out, profile)))
     with tempfile.TemporaryDirectory(prefix="hwcheck-") as work:
         checks.append(run_check("smoke", f"qlora-{args.bits}bit",
                                 lambda: check_qlora(args.device, args.bits, args.steps, Path(work) / "qlora")))
         checks.append(run_check("smoke", f"onnxruntime-{args.device}",
                                 lambda: check_onnxruntime(args.device, Path(work))))
-    code = 0 if all(c.status == "passed" for c in checks) else 1
+    code = 0 if all(c.status in ("passed", "skipped") for c in checks) else 1
     write_results(args.out, args.env, checks, started, code)
-    print(f"hwcheck: {sum(c.status == 'passed' for c in checks)} passed, {sum(c.status != 'passed' for c in checks)} failed; "
+    print(f"hwcheck: {sum(c.status == 'passed' for c in checks)} passed, {sum(c.status == 'skipped' for c in checks)} "
+          f"skipped, {sum(c.status in ('failed', 'error') for c in checks)} failed; "
           f"{args.out / 'hwcheck.json'} and {args.out / 'hwcheck-junit.xml'}")
     return code
 

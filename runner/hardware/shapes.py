@@ -12,11 +12,13 @@ import os
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlparse
 
 from runner.hub import hub_config
 from runner.names import CAUSAL_LM
+from runner.recipe import gguf_header
 from runner.recipe.document import Recipe
 from runner.recipe.sections import model_location
 from runner.stages.shared import CLASSIFIER_HEADS, EXTRA_HEADS, init_config
@@ -31,7 +33,11 @@ SITES = {
               "down_in": ("down_proj",)},
     "distilbert": {"attn_in": ("q_lin", "k_lin", "v_lin"), "o_in": ("out_lin",), "mlp_in": ("lin1",),
                    "down_in": ("lin2",)},
+    # BERT's linears share short names ("dense" three times): named by their path inside the block
+    "bert": {"attn_in": ("attention.self.query", "attention.self.key", "attention.self.value"),
+             "o_in": ("attention.output.dense",), "mlp_in": ("intermediate.dense",), "down_in": ("output.dense",)},
 }
+BERT_TYPES = frozenset({"bert"})
 
 
 class NotEstimated(Exception):
@@ -55,7 +61,7 @@ class ModelShape:
     """What the estimate needs to know about a model, read off a meta-device instance built from its config."""
 
     model_type: str
-    family: Literal["llama", "distilbert"]
+    family: Literal["llama", "distilbert", "bert"]
     task: str
     hidden: int
     intermediate: int
@@ -84,6 +90,12 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
         return init_config(model.init, model.init.vocab_size), "built from model.init"
     from transformers import AutoConfig
 
+    if model.gguf_file is not None:  # converted by the model step: the GGUF header has the shape
+        gguf = Path(model_location(model) or "") / model.gguf_file
+        try:
+            return AutoConfig.for_model(**gguf_header.config(gguf)), f"GGUF header of {gguf}"
+        except gguf_header.GGUFError as exc:
+            raise ModelMismatch(f"cannot read the model config from {gguf}: {exc}") from None
     if model.path is not None or model.package is not None:
         folder = str(model_location(model))  # the package's folder was found when the recipe was validated
         try:
@@ -134,8 +146,8 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
 
     raw = json.loads(config_json)
     model_type = raw.get("model_type", "")
-    if model_type not in LLAMA_TYPES and model_type != "distilbert":
-        raise NotEstimated(f"no activation model for model_type {model_type!r} (supported: llama-like, distilbert)")
+    if model_type not in LLAMA_TYPES | BERT_TYPES and model_type != "distilbert":
+        raise NotEstimated(f"no activation model for model_type {model_type!r} (supported: llama-like, distilbert, bert)")
     config = AutoConfig.for_model(**{**raw, "num_labels": num_labels})
     auto = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
     with torch.device("meta"):
@@ -147,9 +159,10 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
     modules = dict(model.named_modules())
     heads = tuple(n for n in (*EXTRA_HEADS, *CLASSIFIER_HEADS) if task != CAUSAL_LM and n in modules)
     distilbert = model_type == "distilbert"
+    bert = model_type in BERT_TYPES
     return ModelShape(
         model_type=model_type,
-        family="distilbert" if distilbert else "llama",
+        family="distilbert" if distilbert else "bert" if bert else "llama",
         task=task,
         hidden=config.hidden_size,
         intermediate=config.hidden_dim if distilbert else config.intermediate_size,
@@ -158,8 +171,9 @@ def _model_shape(config_json: str, task: str, num_labels: int) -> ModelShape:
         kv_dim=(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         * (config.hidden_size // config.num_attention_heads),
         vocab=config.vocab_size,
-        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
-        hidden_dropout=float(config.dropout) if distilbert else 0.0,
+        attention_dropout=float(config.attention_probs_dropout_prob if bert
+                                else getattr(config, "attention_dropout", 0.0) or 0.0),
+        hidden_dropout=float(config.dropout) if distilbert else float(config.hidden_dropout_prob) if bert else 0.0,
         total_params=sum(p.numel() for p in model.parameters()),
         linears=linears,
         keep_full=frozenset(get_keys_to_not_convert(model)),

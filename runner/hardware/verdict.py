@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from runner.hardware.driver import driver_problem, min_driver
 from runner.hardware.estimate import Estimate, estimate
 from runner.hardware.export_memory import StepMemory, export_memory, quantize_memory
 from runner.hardware.probe import GIB, Device, Machine, native_bf16
@@ -113,7 +114,23 @@ def _requirement_findings(recipe: Recipe, machine: Machine, device: Device) -> l
         _accelerator(recipe, machine), _gpu_memory(recipe, machine, device), _compute_capability(recipe, machine, device),
         _ram(recipe, machine), _precision(recipe, machine, device), _quantization(recipe, machine, device),
         _distributed(recipe, machine, device), _attention(recipe, machine, device), _liger(recipe, machine, device),
+        _driver(recipe, machine),
     ) if f is not None]
+
+
+def _driver(recipe: Recipe, machine: Machine) -> Finding | None:
+    """The NVIDIA driver the recipe's env needs (envs/NAME.in's `# min-driver:` line) against the one the machine has."""
+    needed = min_driver(recipe.env)
+    if needed is None or not machine.gpus:
+        return None
+    if machine.driver_version is None:
+        return Finding(check="driver", status="skip", detail=f"env {recipe.env} needs NVIDIA driver >= {needed}; "
+                       "the driver version is not known here (a profile, or nvidia-smi did not answer)")
+    problem = driver_problem(recipe.env, machine.driver_version)
+    if problem:
+        return Finding(check="driver", status="fail", detail=problem)
+    return Finding(check="driver", status="ok", detail=f"NVIDIA driver {machine.driver_version} >= {needed} "
+                   f"(env {recipe.env})")
 
 
 def _gpu_text(machine: Machine) -> str:
@@ -190,10 +207,6 @@ def _quantization(recipe: Recipe, machine: Machine, device: Device) -> Finding |
     if not isinstance(train, QloraTrain):
         return None
     q = train.quantization
-    if q.bits == 4 and device != "cuda":
-        return Finding(check="quantization", status="fail",
-                       detail="4-bit QLoRA needs CUDA: on CPU bitsandbytes' 4-bit layers stop learning after the first "
-                              "evaluation (see the train stage)", fix=["train.quantization.bits=8"])
     if device == "cuda" and not machine.bitsandbytes_cuda:
         return Finding(check="quantization", status="fail", detail="bitsandbytes cannot use this GPU")
     if q.bits == 4 and q.compute_dtype == "bfloat16" and device == "cuda" and not native_bf16(machine):

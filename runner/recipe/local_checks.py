@@ -7,7 +7,8 @@ Where the config comes from, without importing transformers:
 - `model.hub`: the Hugging Face cache's snapshot for the pinned revision, else the copy bundled in runner/model_configs/.
   A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
 
-- `model.package`: the config.json of the folder inside the installed package (runner.recipe.packages).
+- `model.package`: the config.json of the folder inside the installed package (runner.recipe.packages);
+- `model.gguf_file`: the GGUF file's header (runner.recipe.gguf_header), which the model step converts later.
 
 Checks: a local model folder (path or package) exists and holds weights the recipe may load (safetensors, or pickles with
 `allow_pickle`); every local data file is a file whose columns (CSV/TSV header, JSON-lines keys, parquet schema) include
@@ -27,7 +28,7 @@ from typing import Any
 from runner import genai, hub
 from runner.chat import load_chat_template
 from runner.names import CAUSAL_LM, CLASSIFIER
-from runner.recipe import data_columns, eval_checks
+from runner.recipe import data_columns, eval_checks, gguf_header
 from runner.recipe.document import Recipe
 from runner.recipe.packages import PackageMissing, install_name, split, weight_files
 from runner.recipe.sections import HubSource, model_location
@@ -54,6 +55,12 @@ def model_config(recipe: Recipe, fetch: bool = False) -> tuple[dict[str, Any] | 
     if model.init is not None:
         architecture = INIT_ARCHITECTURES[(model.init.architecture, model.task)]
         return {"architectures": [architecture], "model_type": model.init.architecture}, "model.init"
+    if model.gguf_file is not None:  # no config.json until the model step converts it: the GGUF header has the facts
+        path = Path(model_location(model) or "") / model.gguf_file
+        try:
+            return gguf_header.config(path), str(path)
+        except gguf_header.GGUFError:
+            return None, str(path)
     if model.path is not None or model.package is not None:
         path = Path(model_location(model) or "") / "config.json"
         return (json.loads(path.read_text()), str(path)) if path.is_file() else (None, str(path))
@@ -130,6 +137,15 @@ def model_folder(recipe: Recipe) -> tuple[str | None, bool]:
         return str(exc), False
     if not folder.is_dir():
         return f"{folder} is a file; give the folder that save_pretrained wrote", False
+    if model.gguf_file is not None:
+        gguf = folder / model.gguf_file
+        if not gguf.is_file():
+            return f"model.gguf_file: no file {model.gguf_file} in {folder}", False
+        try:
+            gguf_header.config(gguf)
+        except gguf_header.GGUFError as exc:
+            return f"model.gguf_file: {exc}", False
+        return None, True
     safetensors, pickles = weight_files(folder)
     if safetensors or (pickles and model.allow_pickle):
         return None, True

@@ -83,6 +83,8 @@ def model_source(model: Section) -> Found:
         yield loc, f"give exactly one of hub, path, package, init (got {', '.join(given) or 'none'})"
     if model.given("hub") and not model.given("revision"):
         yield model.at("hub"), "a hub model needs a pinned `revision` (a full commit sha)"
+    if model.given("gguf_file") and not (model.given("package") or model.given("path")):
+        yield model.at("gguf_file"), "`gguf_file` names a file inside the `package` or `path` folder; give one of them"
     if model.given("revision") and not model.given("hub"):
         yield model.at("revision"), "`revision` only applies to a `hub` model" + (
             " (a package model is pinned by the package version the env installs)" if model.given("package") else "")

@@ -90,7 +90,10 @@ class Model(Strict):
         "package; its version pins the model.",
     )
     init: ModelInit | None = Field(None, description="Build a small model from a config (no download).")
+    gguf_file: str | None = Field(None, pattern=r"^[\w.-]+\.gguf$", description="A GGUF file in the package/path folder.")
     task: Task = Field(description="What the model is fine-tuned for.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(None, description="Dtype train, evaluate "
+        "and export's merge load the base in (`auto`: the checkpoint's; unset: as before); `recipe doctor` sizes by it.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust the model's authors."
     )

@@ -33,7 +33,7 @@ Where things live:
   call the stages, never the other way round.
 
 Output folders, by stage (what downstream stages rely on):
-- model (only for `model.init`): `model/` - a saved model and tokenizer (save_pretrained).
+- model (only for `model.init` or `model.gguf_file`): `model/` - a saved model and tokenizer (save_pretrained).
 - data: `dataset/` (DatasetDict with `train` and `test`; columns `text`, `input_ids`, `attention_mask`, `labels`),
   `labels.json` (`{"id2label": {...}, "label2id": {...}}`, classification only), `chat_template.jinja` (chat recipes
   with `messages_column`: the template the rows were rendered with; train saves it with the tokenizer) and `stats.json`.

@@ -81,6 +81,8 @@ def run(config: dict, inputs: dict[str, Path], out: Path) -> dict:
         report, merge = export_decoder(model_cfg, inputs, cfg, out, samples)
     else:
         model, tokenizer, merge = load_trained(model_cfg, inputs, cfg.merge_adapter, samples, cfg)
+        if cfg.format == "onnx":
+            model = model.float()  # an fp32 graph, whatever dtype model.dtype loaded and merged in
         if cfg.format == "safetensors":
             report = {"format": "safetensors", **save_merged(model, tokenizer, inputs["data"], out / "merged")}
         else:
@@ -263,8 +265,7 @@ def export_decoder(
     # The builder loads the checkpoint in the dtype it was saved in: an fp16/bf16 build from a half-precision copy needs
     # half the memory (a 7B model: 13.5 GB instead of 27 GB), and the merged folder on disk halves too.
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
-    if half is not None:
-        model = model.to(half)  # type: ignore[arg-type]  # nn.Module.to(dtype)
+    model = model.to(half or torch.float32)  # type: ignore[arg-type]  # the build's precision, whatever model.dtype loaded
     report["merged_size_bytes"] = save_merged(model, tokenizer, inputs["data"], out / "merged")["size_bytes"]
     report["merged_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     del model

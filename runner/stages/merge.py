@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runner.names import CLASSIFIER
-from runner.recipe.sections import Export, Model
+from runner.recipe.sections import EXPORT_RTOL, Export, Model
 from runner.stages import StageError
 from runner.stages.compare import BATCH_SIZE, collect_logits, pad_token_id, torch_runner
-from runner.stages.pretrained import load_model
+from runner.stages.pretrained import load_dtype, load_model
 from runner.stages.shared import read_labels
 
 if TYPE_CHECKING:
@@ -37,10 +37,11 @@ def label_kwargs(task: str, data_dir: Path) -> dict[str, Any]:
 
 
 def load_base(model_cfg: Model, inputs: dict[str, Path], **kwargs: Any) -> PreTrainedModel:
-    """The base model in full precision, through the model stage's loader (one way to resolve hub/path/init)."""
+    """The base model in `model.dtype` (full precision when unset), through the model stage's loader (one way to resolve
+    hub/path/init)."""
     import torch
 
-    kwargs = {"dtype": torch.float32, **label_kwargs(model_cfg.task, inputs["data"]), **kwargs}
+    kwargs = {"dtype": load_dtype(model_cfg, torch.float32), **label_kwargs(model_cfg.task, inputs["data"]), **kwargs}
     return load_model(model_cfg, inputs, model_cfg.task, **kwargs)
 
 
@@ -61,7 +62,7 @@ def load_trained(
     if (train / "model").is_dir():
         model = auto_class(model_cfg.task).from_pretrained(
             train / "model",
-            dtype=torch.float32,
+            dtype=load_dtype(model_cfg, torch.float32),
             trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=not model_cfg.allow_pickle,
         )
@@ -103,6 +104,10 @@ def merge_adapter_into_base(
     effect = max(float(np.abs(a - b).max()) for a, b in zip(before, plain, strict=True))
     scale = max(float(np.abs(a).max()) for a in before)
     allowed = tolerance.tolerance(scale)
+    # model.dtype bfloat16/float16: the merged weights are rounded to that dtype, so the gate allows its rounding
+    rounding = {"bfloat16": "bf16", "float16": "fp16"}.get(str(next(merged.parameters()).dtype).removeprefix("torch."))
+    if rounding is not None:
+        allowed = max(allowed, EXPORT_RTOL[rounding] * max(scale, 1.0))
     if not diff <= allowed:
         raise StageError(
             f"merging the adapter changed the logits by {diff:.3g} (> {allowed:.3g}, the export tolerance at logit scale "

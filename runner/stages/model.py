@@ -1,8 +1,10 @@
-"""The `model` step: a small model built from `model.init` (tests and the tiny recipes).
+"""The `model` step: a small model built from `model.init` (tests and the tiny recipes), or a GGUF checkpoint converted
+(`model.gguf_file`, in model_gguf.py).
 
-Planned only when `model.init` is set: it trains a real tokenizer on the recipe's train split, builds a DistilBERT- or
-Llama-like model from a config with seeded random weights, and saves both with `save_pretrained` into `out/model`, where
-downstream stages load it back like any local model (runner/stages/pretrained.py).
+Planned only when `model.init` or `model.gguf_file` is set. For init it trains a real tokenizer on the recipe's train
+split, builds a DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with
+`save_pretrained` into `out/model`, where downstream stages load it back like any local model
+(runner/stages/pretrained.py).
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             label, too few rows to split).
     """
     cfg = Model.model_validate(config["model"])
+    if cfg.gguf_file is not None:
+        from runner.stages import model_gguf
+
+        return model_gguf.convert(cfg, out)
     if cfg.init is None:
-        raise StageError("the model step builds `model.init`; this recipe has no `model.init`")
+        raise StageError("the model step builds `model.init` or converts `model.gguf_file`; this recipe has neither")
     if cfg.init.architecture == "distilbert" and cfg.task == CAUSAL_LM:
         raise StageError("a distilbert model cannot be a causal LM; use `architecture: llama` for `task: causal-lm`")
     seed = int(config["seed"])

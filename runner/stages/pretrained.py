@@ -29,7 +29,8 @@ ModelConfig = dict[str, Any] | Model  # the JSON form from a step's config, or t
 def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[str, dict[str, Any]]:
     """What to hand to `from_pretrained`: the id or folder, and the keyword arguments that pin and guard the load.
 
-    hub  -> (hub id, {revision}); path or package -> (absolute folder, {}); init -> (the model step's `model/` folder, {}).
+    hub  -> (hub id, {revision}); path or package -> (absolute folder, {}); init, or a path/package with gguf_file -> (the
+    model step's `model/` folder, {}).
     Every source also gets `trust_remote_code` and `use_safetensors` from the recipe.
     """
     cfg = Model.model_validate(model_cfg)
@@ -37,7 +38,7 @@ def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[
     if cfg.hub is not None:
         source = cfg.hub
         kwargs["revision"] = cfg.revision
-    elif cfg.path is not None or cfg.package is not None:
+    elif (cfg.path is not None or cfg.package is not None) and cfg.gguf_file is None:
         try:
             folder = Path(model_location(cfg) or "").resolve()
         except PackageMissing as exc:  # uninstalled since the recipe was validated
@@ -47,12 +48,24 @@ def pretrained_source(model_cfg: ModelConfig, inputs: dict[str, Path]) -> tuple[
             raise StageError(f"model.path {folder} is not a folder; give a folder written by save_pretrained")
         source = str(folder)
     else:
-        if "model" not in inputs:
-            raise StageError("model.init is set but the model step's output was not passed in (inputs['model'])")
+        if "model" not in inputs:  # init, or gguf_file: the model step built or converted the model
+            raise StageError("the model step's output was not passed in (inputs['model']): model.init or model.gguf_file "
+                             "needs it")
         source = str(Path(inputs["model"]) / "model")
     kwargs["trust_remote_code"] = cfg.trust_remote_code
     kwargs["use_safetensors"] = not cfg.allow_pickle
     return source, kwargs
+
+
+def load_dtype(model_cfg: ModelConfig, default: Any = None) -> Any:
+    """The `dtype` to load the base in: `model.dtype` as a torch dtype (or "auto": the checkpoint's own); `default` when
+    the recipe leaves it unset (train passes none: the library's default; export and evaluate pass float32)."""
+    import torch
+
+    name = Model.model_validate(model_cfg).dtype
+    if name is None:
+        return default
+    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def load_tokenizer(model_cfg: ModelConfig, inputs: dict[str, Path]) -> PreTrainedTokenizerBase:

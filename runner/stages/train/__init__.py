@@ -75,7 +75,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
 
     Raises:
         StageError: settings this machine cannot run (`train.liger` without CUDA or liger-kernel; flash_attention_2
-            without CUDA, compute capability 8.0+ or flash-attn; 4-bit QLoRA or `precision: fp16` on CPU; bfloat16
+            without CUDA, compute capability 8.0+ or flash-attn; `precision: fp16` on CPU; bfloat16
             precision or QLoRA compute dtype on a GPU without it; `distributed.backend: nccl` on CPU); the base or its
             tokenizer cannot be loaded (runner.stages.pretrained: no folder at model.path, a bad model.package, model.init
             without the model step's output, pickle-only weights, code that needs `trust_remote_code`); the data
@@ -136,13 +136,6 @@ def check_hardware(train: TrainConfig, model: Model | None = None) -> None:
         problem = flash_attention_problem(cuda)
         if problem:
             raise StageError(problem)
-    if isinstance(train, QloraTrain) and train.quantization.bits == 4 and not cuda:
-        # Measured with bitsandbytes 0.50: on CPU, bitsandbytes repacks 4-bit weights after any no-grad forward and from then
-        # on every gradient is exactly zero; training "runs" and learns nothing.
-        raise StageError(
-            "4-bit QLoRA needs a CUDA GPU: on CPU bitsandbytes' 4-bit layers silently stop passing gradients. "
-            "Use `quantization.bits: 8` (8-bit QLoRA trains on CPU), `method: lora`, or run on a GPU."
-        )
     bf16_ok = not cuda or torch.cuda.is_bf16_supported()
     if train.precision == "fp16" and not cuda:
         raise StageError("`precision: fp16` needs a CUDA GPU; use `fp32` (or `bf16`) on CPU")

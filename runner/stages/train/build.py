@@ -27,12 +27,16 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
         kwargs |= classifier_kwargs(labels, tokenizer)
     if isinstance(job.train, QloraTrain):
         kwargs |= {"quantization_config": qlora_bnb_config(job.train), "device_map": {"": _device()}}
+    if job.model.dtype is not None:  # model.dtype; unset: the library's default, as before the field existed
+        kwargs["dtype"] = pretrained.load_dtype(job.model_json)
     if job.model.attn_implementation is not None:
         kwargs["attn_implementation"] = job.model.attn_implementation
     kwargs |= regularize.load_kwargs(job.train.l2sp)  # L2-SP: from_pretrained also reports which weights it loaded
     # train.l2sp: the frozen copy of the pretrained weights is taken here, from the base (a resume loads the checkpoint
     # later, inside Trainer.train)
     model = regularize.attach(pretrained.load_model(job.model_json, job.inputs, job.model.task, **kwargs), job.train.l2sp)
+    if isinstance(job.train, QloraTrain) and job.train.quantization.bits == 4:
+        keep_4bit_layout(model)
     if job.model.task == CLASSIFIER:
         # Sequence classifiers declare **kwargs in forward() but return a per-batch mean loss, so Trainer takes them
         # for models that divide by num_items_in_batch and stops dividing by gradient_accumulation_steps: the update
@@ -51,6 +55,24 @@ def build_model(job: Job, labels: dict[str, Any] | None, tokenizer: Any) -> torc
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return add_lora(model, job)
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers in their trainable weight layout; returns how many layers it set.
+
+    bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks a Linear4bit's weights into an inference layout the first time
+    it runs in eval mode without grad (Trainer.evaluate, generate), and from then on computes it with `gemv_4bit`,
+    which has no backward: no gradient crosses any 4-bit layer, so every LoRA adapter's gradient is exactly zero
+    (measured in bench/bnb_4bit_cpu.py: |dL/dx| 8.16 before an eval forward, None after; 8.16 after with this). The layer
+    decides by its `support_avx512bf16_for_cpu` attribute; off, it keeps the dequantize-and-matmul path, which does
+    have a backward. GPUs never take that path.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 - a bitsandbytes attribute torch types hide
+            count += 1
+    return count
 
 
 def classifier_kwargs(labels: dict[str, Any] | None, tokenizer: Any) -> dict[str, Any]:

@@ -18,10 +18,10 @@ GUARD_STEPS_FP16 = 20
 class GradientGuard(TrainerCallback):
     """Fails the step when the first optimizer steps get no usable gradient at all.
 
-    A model can "train" with every gradient exactly zero (4-bit bitsandbytes layers on CPU after an eval pass, a frozen
-    graph, a detached loss) or non-finite; the loss curve then looks plausible while nothing is learned. The check runs in
-    on_pre_optimizer_step: gradients are complete there (accumulated, clipped and, under DDP, all-reduced); by
-    on_step_end Trainer has already zeroed them.
+    A model can "train" with every gradient exactly zero (4-bit bitsandbytes layers repacked for CPU inference after an
+    eval pass, which train.build.keep_4bit_layout prevents; a frozen graph, a detached loss) or non-finite; the loss
+    curve then looks plausible while nothing is learned. The check runs in on_pre_optimizer_step: gradients are
+    complete there (accumulated, clipped and, under DDP, all-reduced); by on_step_end Trainer has already zeroed them.
     """
 
     def __init__(self, steps: int) -> None:
@@ -46,8 +46,8 @@ class GradientGuard(TrainerCallback):
             raise StageError(
                 f"gradient guard: in the first {self.checked} optimizer step(s) (up to step {step}) every trainable "
                 "gradient was exactly zero or not finite, so training would learn nothing. Common causes: 4-bit "
-                "QLoRA on CPU (use 8-bit or a GPU), fp16 overflow (use bf16 or fp32), a learning setup with no "
-                "trainable parameter on the loss path."
+                "layers that lost their backward (bitsandbytes' CPU inference layout), fp16 overflow (use bf16 or "
+                "fp32), a learning setup with no trainable parameter on the loss path."
             )
 
 
