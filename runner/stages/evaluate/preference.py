@@ -103,8 +103,9 @@ def pair_scores(scored: np.ndarray, scored_reference: np.ndarray, beta: float, o
     if objective == "kto":
         labels = np.asarray(rows["label"], dtype=bool)
         good, bad = policy[labels], policy[~labels]
-        return {"desirable_logp": _mean(good), "undesirable_logp": _mean(bad),
-                "logp_gap": None if not len(good) or not len(bad) else _mean(good) - _mean(bad)}
+        good_mean, bad_mean = _mean(good), _mean(bad)
+        return {"desirable_logp": good_mean, "undesirable_logp": bad_mean,
+                "logp_gap": None if good_mean is None or bad_mean is None else good_mean - bad_mean}
     chosen, rejected = policy[0::2], policy[1::2]
     rewards = beta * (policy - reference)
     margins = rewards[0::2] - rewards[1::2]

@@ -97,7 +97,7 @@ def train_objective(job: Job) -> dict[str, Any]:
 
 
 # Curves drawn per objective, each a panel: TRL's metric names as logged.
-PANELS = {
+PANELS: dict[str, list[tuple[str, Any]]] = {
     "grpo": [("loss", ("loss", "kl")), ("reward", ("reward", "reward_std")), ("rewards", "rewards/")],
     "pairs": [("loss", ("loss",)), ("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins")),
               ("accuracy", ("rewards/accuracies",)), ("kl", ("kl",))],
@@ -206,10 +206,10 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: dict[
     if objective == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        args = KTOConfig(**kwargs, beta=pref.beta, max_length=max_length, desirable_weight=pref.desirable_weight,
-                         undesirable_weight=pref.undesirable_weight,
-                         precompute_ref_log_probs=pref.precompute_ref_log_probs)
-        return KTOTrainer(args=args, ref_model=reference_copy(job, model, pref), **shared)
+        kto_args = KTOConfig(**kwargs, beta=pref.beta, max_length=max_length, desirable_weight=pref.desirable_weight,
+                             undesirable_weight=pref.undesirable_weight,
+                             precompute_ref_log_probs=pref.precompute_ref_log_probs)
+        return KTOTrainer(args=kto_args, ref_model=reference_copy(job, model, pref), **shared)
     if objective == "orpo":
         config, trainer = experimental("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", objective)
         return trainer(args=config(**kwargs, beta=pref.beta, max_length=max_length), **shared)
@@ -219,7 +219,7 @@ def make_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: dict[
                                simpo_gamma=pref.simpo_gamma, label_smoothing=pref.label_smoothing), **shared)
 
 
-def reference_copy(job: Job, model: torch.nn.Module, pref: Preference) -> torch.nn.Module | None:
+def reference_copy(job: Job, model: Any, pref: Preference) -> Any:
     """Full fine-tuning's reference: a frozen copy of the base as loaded (TRL would load it again from the config's path,
     with its own loader settings). None with LoRA (the adapter is disabled instead) or precomputed log-probs."""
     if not isinstance(job.train, FullTrain) or pref.precompute_ref_log_probs:
@@ -229,7 +229,7 @@ def reference_copy(job: Job, model: torch.nn.Module, pref: Preference) -> torch.
     return reference
 
 
-def grpo_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: dict[str, Any], callbacks: list) -> Any:
+def grpo_trainer(job: Job, model: Any, tokenizer: Any, splits: dict[str, Any], callbacks: list) -> Any:
     from trl import GRPOConfig, GRPOTrainer
 
     from runner.stages.train.rewards import reward_functions
@@ -241,7 +241,8 @@ def grpo_trainer(job: Job, model: torch.nn.Module, tokenizer: Any, splits: dict[
                       max_completion_length=grpo.max_completion_length, beta=grpo.beta,
                       reward_weights=[reward.weight for reward in grpo.rewards], shuffle_dataset=True,
                       log_completions=False)
-    return GRPOTrainer(model=model, reward_funcs=reward_functions(grpo), args=args, train_dataset=splits["train"],
+    rewards: list[Any] = list(reward_functions(grpo))
+    return GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=splits["train"],
                        processing_class=tokenizer, peft_config=peft_config(job), callbacks=callbacks)
 
 

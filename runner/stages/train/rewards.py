@@ -36,13 +36,14 @@ def reward_functions(grpo: Grpo) -> list[RewardFn]:
 
 
 def built_in(reward: Reward) -> RewardFn:
+    column = str(reward.column)  # the rules require a column for the answer-matching rewards
     if reward.name == "exact_match":
         return lambda completions, **columns: [
-            float(final_answer(c) == str(a).strip()) for c, a in zip(_texts(completions), columns[reward.column], strict=True)
+            float(final_answer(c) == str(a).strip()) for c, a in zip(_texts(completions), columns[column], strict=True)
         ]
     if reward.name == "numeric_match":
         return lambda completions, **columns: [
-            float(_same_number(final_number(c), a)) for c, a in zip(_texts(completions), columns[reward.column], strict=True)
+            float(_same_number(final_number(c), a)) for c, a in zip(_texts(completions), columns[column], strict=True)
         ]
     if reward.name == "regex":
         pattern = re.compile(str(reward.pattern))
