@@ -119,7 +119,8 @@ def _requirement_findings(recipe: Recipe, machine: Machine, device: Device) -> l
 
 
 def _driver(recipe: Recipe, machine: Machine) -> Finding | None:
-    """The NVIDIA driver the recipe's env needs (envs/NAME.in's `# min-driver:` line) against the one the machine has."""
+    """The NVIDIA driver the recipe's env needs (the `# min-driver:` line of its envs/*.in file) against the one the machine
+    has."""
     needed = min_driver(recipe.env)
     if needed is None or not machine.gpus:
         return None

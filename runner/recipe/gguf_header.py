@@ -1,7 +1,7 @@
 """A GGUF file's header, read with the standard library: the architecture and shape a recipe's checks and the doctor need.
 
 `recipe validate` and `recipe doctor` must stay fast and import neither torch nor transformers, yet a `model.gguf_file`
-recipe has no config.json until the model step converts it. The header (format: github.com/ggml-org/ggml docs/gguf.md,
+recipe has no config.json until the model step converts it. The header (format: the GGUF specification in the ggml repository,
 little-endian: magic, version, tensor count, key-value count, the key-values, then one info record per tensor) holds the
 same facts. Arrays (the tokenizer's 49152 tokens) are skipped over, not read.
 """

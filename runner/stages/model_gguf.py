@@ -51,8 +51,10 @@ def convert(cfg: Model, out: Path) -> dict[str, Any]:
     except GGUFError as exc:
         raise StageError(f"model.gguf_file: {exc}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # a GGUF file carries tensors and metadata, never code: no remote code is ever wanted here
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
     except (OSError, ValueError, ImportError) as exc:  # no gguf package, an architecture transformers cannot map
         raise StageError(f"model.gguf_file: transformers could not read {path}: {exc}") from exc
     config = loaded.config.to_dict()
