@@ -5,12 +5,11 @@ TRL's trainers need, validated like every other field. The train stage maps them
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from runner.recipe.strict import Fraction, PositiveFloat, PositiveInt, Strict
+from runner.recipe.strict import Fraction, PositiveFloat, PositiveInt, Strict, checked_regex
 
 Objective = Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"]
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto", "simpo")
@@ -69,12 +68,7 @@ class Reward(Strict):
     @field_validator("pattern")
     @classmethod
     def _pattern_compiles(cls, pattern: str | None) -> str | None:
-        if pattern:
-            try:
-                re.compile(pattern)
-            except (re.error, OverflowError, RecursionError) as exc:
-                raise ValueError(f"`pattern` is not a valid regular expression: {exc}") from None
-        return pattern
+        return checked_regex(pattern, "pattern")
 
 
 class Grpo(Strict):

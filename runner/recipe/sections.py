@@ -16,7 +16,6 @@ The whole recipe, `Recipe`, is in document.py: it joins these sections and runs 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
@@ -25,7 +24,7 @@ from pydantic.json_schema import JsonDict
 from runner.names import X_LOCAL_PATH, X_NEUTRAL, X_PACKAGE_FOLDER
 from runner.recipe.objectives import Grpo, Objective, Preference
 from runner.recipe.packages import PACKAGE_PATTERN, package_folder
-from runner.recipe.strict import Fraction, PositiveFloat, PositiveInt, Strict
+from runner.recipe.strict import Fraction, PositiveFloat, PositiveInt, Strict, checked_regex
 
 NEUTRAL: JsonDict = {X_NEUTRAL: True}
 LOCAL_PATH: JsonDict = {X_LOCAL_PATH: True}
@@ -498,12 +497,7 @@ class Probe(Strict):
     @field_validator("expect_pattern")
     @classmethod
     def _pattern_compiles(cls, pattern: str | None) -> str | None:
-        if pattern:
-            try:
-                re.compile(pattern)
-            except (re.error, OverflowError, RecursionError) as exc:  # a{4294967296}; deep nesting
-                raise ValueError(f"`expect_pattern` is not a valid regular expression: {exc}") from None
-        return pattern
+        return checked_regex(pattern, "expect_pattern")
 
 class Serve(Strict):
     """Start the FastAPI + ONNX Runtime server on loopback, probe it, measure it, stop it."""

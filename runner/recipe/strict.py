@@ -1,8 +1,10 @@
-"""The base of every recipe model (unknown keys and loose types are errors) and the bounded number types the sections
-share; its own module so that the sections (models.py) and the objectives (objectives.py) both build on it."""
+"""The base of every recipe model (unknown keys and loose types are errors), the bounded number types the sections
+share, and the regex check two fields use; its own module so that the sections (sections.py) and the objectives
+(objectives.py) both build on it."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,3 +22,14 @@ class Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def checked_regex(pattern: str | None, field: str) -> str | None:
+    """A field's regular expression, refused at its line when Python cannot compile it (a{4294967296}; deep nesting)."""
+    if pattern:
+        try:
+            re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise ValueError(f"`{field}` is not a valid regular expression: {exc}") from None
+    return pattern
+
