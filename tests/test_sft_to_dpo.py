@@ -47,6 +47,8 @@ train:
   epochs: 1
   batch_size: 6
   learning_rate: 0.01
+export: {{format: safetensors}}
+evaluate: {{}}
 """
 
 
@@ -70,7 +72,7 @@ def changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
 def test_the_plan_holds_the_sft_steps_first_with_the_keys_the_sft_recipe_has_itself(tmp_path):
     dpo = pair(tmp_path)
     steps: dict[str, Step] = {step.kind: step for step in build_plan(load_recipe(dpo))}
-    assert list(steps) == ["sft.model", "sft.data", "sft.train", "model", "data", "train"]
+    assert list(steps) == ["sft.model", "sft.data", "sft.train", "model", "data", "train", "export", "evaluate"]
     own = keys(tmp_path / "sft.yaml")
     assert {kind: steps[f"sft.{kind}"].key for kind in own} == own  # one cache entry, whichever recipe runs it first
     assert steps["sft.train"].stage == "train" and steps["sft.train"].depends == ["sft.data", "sft.model"]
@@ -84,7 +86,7 @@ def test_a_changed_sft_recipe_reruns_both_trainings(tmp_path):
     dpo = pair(tmp_path)
     before = keys(dpo)
     pair(tmp_path, sft=SFT.replace("learning_rate: 0.05", "learning_rate: 0.02"))
-    assert changed(before, keys(dpo)) == ["sft.train", "model", "data", "train"]
+    assert changed(before, keys(dpo)) == ["sft.train", "model", "data", "train", "export", "evaluate"]
     # its data (which its model step's tokenizer is trained on): every step of both
     pair(tmp_path, sft=SFT.replace("  max_length: 16", "  max_length: 20"))
     assert changed(before, keys(dpo)) == list(before)
@@ -93,8 +95,8 @@ def test_a_changed_sft_recipe_reruns_both_trainings(tmp_path):
 def test_a_dpo_setting_reruns_the_dpo_train_step_only(tmp_path):
     dpo = pair(tmp_path)
     before = keys(dpo)
-    assert changed(before, keys(dpo, "train.preference.beta=0.3")) == ["train"]
-    assert changed(before, keys(dpo, "train.learning_rate=0.02")) == ["train"]
+    assert changed(before, keys(dpo, "train.preference.beta=0.3")) == ["train", "export", "evaluate"]
+    assert changed(before, keys(dpo, "train.learning_rate=0.02")) == ["train", "export", "evaluate"]
 
 
 def test_neither_the_path_nor_the_comments_of_the_sft_recipe_are_in_a_key(tmp_path):
@@ -170,7 +172,7 @@ def test_sft_then_dpo_trains_the_dpo_adapter_on_the_sft_model(tmp_path, monkeypa
     assert main(["run", str(dpo)]) == 0
     run = json.loads((tmp_path / "runs" / "dpo" / "latest" / "run.json").read_text())
     assert [(s["kind"], s["status"]) for s in run["steps"]] == [
-        (kind, "ran") for kind in ("sft.model", "sft.data", "sft.train", "model", "data", "train")]
+        (kind, "ran") for kind in ("sft.model", "sft.data", "sft.train", "model", "data", "train", "export", "evaluate")]
     out = {step["kind"]: Path(step["outputs"]) for step in run["steps"]}
 
     # the DPO recipe's base is the SFT base with the SFT adapter merged: not the untuned base
@@ -186,6 +188,18 @@ def test_sft_then_dpo_trains_the_dpo_adapter_on_the_sft_model(tmp_path, monkeypa
     assert metrics["objective"] == "dpo" and (out["train"] / "adapter").is_dir()
     assert abs(metrics["eval_rewards/margins_before"]) < 1e-6
     assert metrics["eval_rewards/margins"] != metrics["eval_rewards/margins_before"]
+
+    # export merged the DPO adapter into the SFT model (the model step's output), and evaluate scored that model as
+    # the base: base + DPO adapter is what was exported
+    exported = AutoModelForCausalLM.from_pretrained(out["export"] / "merged")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out["model"] / "model"), out["train"] / "adapter")
+    for name, tensor in tuned.merge_and_unload().state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], tensor, atol=1e-6, rtol=0)
+    # evaluate scored the SFT model as `base` (the DPO step's reference) against the DPO-tuned one: the implicit reward
+    # margin is zero for the reference itself, and DPO's own held-out margin for the tuned model
+    preference = json.loads((out["evaluate"] / "evaluate_report.json").read_text())["preference"]
+    assert preference["base"]["reward_margin"] == 0.0
+    assert preference["train"]["reward_margin"] == pytest.approx(metrics["eval_rewards/margins"], abs=1e-5)
 
     assert main(["run", str(tmp_path / "sft.yaml")]) == 0  # the SFT recipe's own run finds the entries the DPO run made
     again = json.loads((tmp_path / "runs" / "sft" / "latest" / "run.json").read_text())
