@@ -166,6 +166,7 @@ def test_sft_then_dpo_trains_the_dpo_adapter_on_the_sft_model(tmp_path, monkeypa
     from transformers import AutoModelForCausalLM
 
     from runner.cli import main
+    from runner.report.formatting import signed
 
     dpo = pair(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -200,6 +201,16 @@ def test_sft_then_dpo_trains_the_dpo_adapter_on_the_sft_model(tmp_path, monkeypa
     preference = json.loads((out["evaluate"] / "evaluate_report.json").read_text())["preference"]
     assert preference["base"]["reward_margin"] == 0.0
     assert preference["train"]["reward_margin"] == pytest.approx(metrics["eval_rewards/margins"], abs=1e-5)
+
+    # the report shows those figures beside the training curves (loss, rewards/chosen, rewards/rejected, margins)
+    html = (tmp_path / "runs" / "dpo" / "latest" / "report.html").read_text()
+    train = html[html.index("Preference (dpo), base vs tuned"):]
+    for header in ("preference accuracy", "reward accuracy", "mean reward margin", "base (the reference)", "tuned"):
+        assert f">{header}<" in train
+    assert f">{signed(preference['train']['reward_margin'])}<" in train
+    assert train.index("alt='preference training curves'") < train.index("<h2")  # in the train section, after the table
+    assert "loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies" in train
+    assert (tmp_path / "runs" / "dpo" / "latest" / "train-loss.png").stat().st_size > 10_000
 
     assert main(["run", str(tmp_path / "sft.yaml")]) == 0  # the SFT recipe's own run finds the entries the DPO run made
     again = json.loads((tmp_path / "runs" / "sft" / "latest" / "run.json").read_text())

@@ -20,6 +20,7 @@ from runner.recipe import Loaded
 from runner.recipe.document import Recipe
 from runner.recipe.problems import relative
 from runner.report import evaluation as report_eval
+from runner.report import preference as report_preference
 from runner.report import recipe_section as report_recipe
 from runner.report import stage_sections as report_stages
 from runner.report.formatting import SHARES, metric, num, seconds, signed, signed_metric
@@ -293,6 +294,13 @@ def _copy(source: Path, run_dir: Path, name: str) -> Path:
 
 def _pictures(facts: Facts, step: StepResult) -> list[Block]:
     out, run_dir = facts.outputs.get(step.kind) or run_dir_failed(facts, step), facts.result.run_dir
+    preference = (facts.evaluate or {}).get("preference")
+    if step.kind == "train" and preference:  # a preference objective: the held-out figures beside TRL's curves
+        blocks = report_preference.table(preference)
+        if (out / "loss.png").is_file():
+            blocks.append(Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "preference training curves",
+                                report_preference.caption(report_preference.curves(out))))
+        return blocks
     if step.kind == "train" and (out / "loss.png").is_file():
         return [Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "loss curves",
                       "train and eval loss by optimizer step, with the training metrics")]
