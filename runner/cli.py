@@ -124,9 +124,9 @@ def _check_step_names(names: list[str], steps) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    from runner.plan import step_configs
+    from runner.plan import step_names
 
-    kinds = " -> ".join(step.kind for step in step_configs(loaded.recipe))
+    kinds = " -> ".join(step_names(loaded))
     extends = f" (extends {', '.join(relative(p) for p in loaded.files[1:])})" if len(loaded.files) > 1 else ""
     out.print(f"[green]ok[/green] {relative(loaded.path)}{extends}: {loaded.recipe.name}: {kinds}")
     return 0

@@ -115,6 +115,16 @@ def step_configs(recipe: Recipe, source: Recipe | None = None) -> list[Step]:
     return steps
 
 
+def step_names(loaded: Loaded) -> list[str]:
+    """The names of the steps build_plan makes, without their keys (nothing is hashed): `recipe validate` lists them."""
+    source = loaded.source
+    own = [step.kind for step in step_configs(loaded.recipe, source.recipe if source is not None else None)]
+    if source is None:
+        return own
+    theirs = step_names(source)
+    return [f"{source.recipe.name}.{kind}" for kind in theirs[: theirs.index("train") + 1]] + own
+
+
 def source_model(model: dict[str, Any], source: Recipe) -> Step:
     """The model step of a recipe that starts from `source`'s trained model: it merges that train step's adapter into
     its base (a full fine-tune is taken as it is) and saves one model, which this recipe's steps load as their base.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.report.formatting import DASH, metric, num, pct, signed
-from runner.report.render import Block, Heading, Para, Table
+from runner.report.render import Block, CellLike, Heading, Para, Table
 
 WHO = {"base": "base (the reference)", "train": "tuned"}
 # TRL's logged metrics the curves show, in the order the panels draw them (GRPO's per-reward curves are rewards/NAME/mean)
@@ -29,7 +29,7 @@ def table(preference: dict[str, Any]) -> list[Block]:
     blocks: list[Block] = [Heading(f"Preference ({objective}), base vs tuned", 3)]
     if objective == "grpo":
         names = list(dict.fromkeys(n for m in models for n in (preference[m].get("rewards") or {})))
-        rows = [[WHO[m], num(preference[m].get("mean_reward")),
+        rows: list[list[CellLike]] = [[WHO[m], num(preference[m].get("mean_reward")),
                  *(pct(((preference[m].get("rewards") or {}).get(n) or {}).get("pass_rate")) for n in names)]
                 for m in models]
         blocks.append(Table(["model", "mean reward", *(f"{n} pass rate" for n in names)], rows,
