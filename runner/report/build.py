@@ -275,7 +275,10 @@ def _stage(facts: Facts, step: StepResult) -> list[Block]:
     if step.kind == "evaluate":
         return []  # its report is the forgetting and set tables above
     details = facts.reports.get(step.kind)
-    blocks: list[Block] = [Heading(TITLES.get(step.kind, step.kind), 2, step.kind)]
+    title = TITLES.get(step.kind, step.kind)
+    if step.kind == "model" and details and "source" in details:  # model.recipe: another recipe's trained model
+        title = "Model trained by the recipe this one starts from"
+    blocks: list[Block] = [Heading(title, 2, step.kind)]
     if step.status == "skipped":
         return blocks + [Para(_why(step, any(s.status == "failed" for s in facts.result.steps)), "muted")]
     if step.status == "failed":  # its error is in the box at the top; what it measured before failing follows

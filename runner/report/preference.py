@@ -63,4 +63,9 @@ def curves(train_dir: Path) -> list[str]:
 
 
 def caption(names: list[str]) -> str:
-    return "by optimizer step (train: lines, eval: dots): " + (", ".join(names) if names else DASH)
+    text = "by optimizer step (train: lines, eval: dots): " + (", ".join(names) if names else DASH)
+    if names and "kl" not in names and "rewards/chosen" in names:
+        # TRL's DPOTrainer (1.x) logs no KL; its rewards are the drift from the reference on the pairs themselves
+        text += ("; no KL curve: TRL logs none for this objective, rewards/chosen and rewards/rejected are beta x "
+                 "log(policy / reference) on the pairs, the policy's drift from its reference")
+    return text
