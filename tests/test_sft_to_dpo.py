@@ -215,3 +215,8 @@ def test_sft_then_dpo_trains_the_dpo_adapter_on_the_sft_model(tmp_path, monkeypa
     assert main(["run", str(tmp_path / "sft.yaml")]) == 0  # the SFT recipe's own run finds the entries the DPO run made
     again = json.loads((tmp_path / "runs" / "sft" / "latest" / "run.json").read_text())
     assert {s["status"] for s in again["steps"]} == {"cached"}
+    # and the DPO run again: every entry intact (TRL's tokenizing wrote nothing into the data step's entry)
+    assert main(["run", str(dpo)]) == 0
+    again = json.loads((tmp_path / "runs" / "dpo" / "latest" / "run.json").read_text())
+    assert {s["status"] for s in again["steps"]} == {"cached"}
+    assert not list((tmp_path / ".recipe-cache").glob("quarantine/*"))

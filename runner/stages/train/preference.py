@@ -138,7 +138,9 @@ def _matches(key: str, names: Any) -> bool:
 def read_text_splits(job: Job) -> dict[str, Any]:
     from datasets import load_from_disk
 
-    splits = load_from_disk(str(job.inputs["data"] / "dataset"))
+    # in memory: TRL tokenizes with Dataset.map, which would otherwise write its cache-*.arrow files into the data
+    # step's committed entry (the next run finds files its manifest does not list, and quarantines the entry)
+    splits = load_from_disk(str(job.inputs["data"] / "dataset"), keep_in_memory=True)
     if "train" not in splits:
         raise StageError("the data step's dataset lacks its train split")
     # TRL reads its own columns; the tokenized preferred answers are for export, quantize and evaluate (and some of
