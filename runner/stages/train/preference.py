@@ -82,6 +82,7 @@ def train_objective(job: Job) -> dict[str, Any]:
         **counts,
         "batch_size": job.batch_size,
         "gradient_accumulation": job.accumulation,
+        "effective_batch_size": job.batch_size * job.accumulation * trainer.args.world_size,
         "oom_retries": job.oom_retries,
         "resumed_from_step": checkpoint_step(resume) if resume else None,
         "train_runtime_s": round(result.metrics["train_runtime"], 3),
