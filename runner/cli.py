@@ -124,9 +124,9 @@ def _check_step_names(names: list[str], steps) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     loaded = _load(args)
-    from runner.plan import step_configs
+    from runner.plan import step_names
 
-    kinds = " -> ".join(step.kind for step in step_configs(loaded.recipe))
+    kinds = " -> ".join(step_names(loaded))
     extends = f" (extends {', '.join(relative(p) for p in loaded.files[1:])})" if len(loaded.files) > 1 else ""
     out.print(f"[green]ok[/green] {relative(loaded.path)}{extends}: {loaded.recipe.name}: {kinds}")
     return 0
@@ -222,11 +222,11 @@ def _adopt_locked(document, steps, cache: Cache, remote) -> None:  # noqa: ANN00
 
     for step in steps:
         locked = document.steps.get(step.kind)
-        if locked is None or locked.key == step.key or cache.entry(step.kind, step.key):
+        if locked is None or locked.key == step.key or cache.entry(step.stage, step.key):
             continue
         try:
-            held = cache.entry(step.kind, locked.key) is not None or (
-                remote is not None and remote.manifest(step.kind, locked.key) is not None)
+            held = cache.entry(step.stage, locked.key) is not None or (
+                remote is not None and remote.manifest(step.stage, locked.key) is not None)
         except RemoteError as exc:
             err.print(f"[yellow]warning:[/yellow] {escape(str(exc))}", soft_wrap=True)
             return
@@ -408,7 +408,7 @@ def _artifact_of(args: argparse.Namespace) -> Path:
     loaded = _load(args)
     cache = _cache(args)
     for step in reversed(_plan(loaded, cache)):
-        entry = cache.entry(step.kind, step.key) if step.kind in ("quantize", "export") else None
+        entry = cache.entry(step.stage, step.key) if step.kind in ("quantize", "export") else None
         if entry and (entry.outputs / "onnx" / "model.onnx").is_file():
             return entry.outputs / "onnx"
     raise UsageError(f"nothing to serve for {loaded.recipe.name}: run it first (`recipe run {args.recipe}`)")

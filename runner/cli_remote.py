@@ -75,7 +75,7 @@ def push(remote: Remote, cache: Cache, steps: list[Step], only: str | None) -> i
     for step in steps:
         if only and step.kind != only:
             continue
-        entry = cache.lookup(step.kind, step.key)
+        entry = cache.lookup(step.stage, step.key)
         if entry is None:
             out.print(f"{step.kind:9} {step.key[:12]}  not in the local cache: run it first", markup=False)
             continue
@@ -102,11 +102,11 @@ def pull(remote: Remote, cache: Cache, steps: list[Step]) -> int:
     remote.check()
     refused = pulled = 0
     for step in steps:
-        if cache.lookup(step.kind, step.key):
+        if cache.lookup(step.stage, step.key):
             out.print(f"{step.kind:9} {step.key[:12]}  cached", markup=False)
             continue
         started = time.monotonic()
-        result = remote.pull(cache, step.kind, step.key, progress=TransferBar())
+        result = remote.pull(cache, step.stage, step.key, progress=TransferBar())
         seconds = time.monotonic() - started
         if result.entry is not None:
             pulled += 1
@@ -131,7 +131,7 @@ def plan_sources(remote: Remote | None, rows: list[tuple[Step, bool, list[str]]]
     from runner.store.remote import RemoteError
 
     try:
-        return {step.kind: remote.manifest(step.kind, step.key) is not None for step, cached, _ in rows if not cached}
+        return {step.kind: remote.manifest(step.stage, step.key) is not None for step, cached, _ in rows if not cached}
     except RemoteError as exc:
         err.print(f"[yellow]warning:[/yellow] {escape(str(exc))}; the plan assumes nothing comes from it",
                   soft_wrap=True)

@@ -58,7 +58,7 @@ class RemoteUse:
         if not self.pull or self.unreachable:
             return None
         try:
-            pulled = self.remote.pull(cache, step.kind, step.key, self.expect.get(step.kind), self.transfer)
+            pulled = self.remote.pull(cache, step.stage, step.key, self.expect.get(step.kind), self.transfer)
         except RemoteError as exc:
             self.unreachable = True
             self.notice(f"{exc}; running locally")
@@ -121,7 +121,7 @@ def execute(
 
 def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path, recipe: str, force: bool,
               remote: RemoteUse | None = None) -> StepResult:
-    if not force and (hit := cache.lookup(step.kind, step.key)):
+    if not force and (hit := cache.lookup(step.stage, step.key)):
         entries[step.kind] = hit
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}), outputs=str(hit.outputs))
@@ -140,19 +140,19 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
     # a lock and a folder of their own: on a shared cache (NFS), one lock for all would be held by node 0 through
     # torchrun's rendezvous, which waits for the very nodes blocked on that lock.
     work_key = node_work_key(step.key, rank)
-    previous = _manifest_id(cache.entry(step.kind, step.key))
+    previous = _manifest_id(cache.entry(step.stage, step.key))
     with cache.lock(work_key):
         # Another run may have committed this key while we waited for the lock.
-        if not force and (hit := cache.lookup(step.kind, step.key)):
+        if not force and (hit := cache.lookup(step.stage, step.key)):
             entries[step.kind] = hit
             cache.remember(recipe, step.kind, step.key, step.material)
             return StepResult(step.kind, step.key, "cached", metrics=hit.manifest.get("metrics", {}),
                               outputs=str(hit.outputs))
-        spec = stages.STAGES[step.kind]  # looked up per call: tests swap in test-only stages
-        out = cache.workdir(step.kind, work_key, keep=spec.resumable)
-        inputs = {dep: entries[dep].outputs for dep in step.depends}
+        spec = stages.STAGES[step.stage]  # looked up per call: tests swap in test-only stages
+        out = cache.workdir(step.stage, work_key, keep=spec.resumable)
+        inputs = {step.input_name(dep): entries[dep].outputs for dep in step.depends}
         if spec.memo:
-            inputs["memo"] = cache.memo_dir(step.kind)
+            inputs["memo"] = cache.memo_dir(step.stage)
         started = time.time()
         with _step_log(run_dir / "logs" / f"{step.kind}.log"):
             try:
@@ -169,7 +169,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
                 return _failed(step, work_key, cache, spec.resumable, message, started, out, run_dir)
         seconds = time.time() - started
         manifest = {
-            "kind": step.kind,
+            "kind": step.stage,
             "key": step.key,
             "material": step.material,
             "config": step.config,
@@ -181,7 +181,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         if rank:
             entry = _commit_as_other_node(cache, step, work_key, out, manifest, previous)
         else:
-            entry = cache.commit(step.kind, step.key, out, manifest, stages.record_patterns(step.kind))
+            entry = cache.commit(step.stage, step.key, out, manifest, stages.record_patterns(step.stage))
         entries[step.kind] = entry
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
@@ -190,7 +190,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
 def node_rank(step: Step) -> int:
     """This machine's NODE_RANK in a multi-node train step (`train.distributed.nnodes` > 1), else 0. The executor reads
     the stage's config here only because the cache lock around the step must not span machines (see _run_step)."""
-    if step.kind != "train":
+    if step.stage != "train":
         return 0
     distributed = (step.config.get("train") or {}).get("distributed") or {}
     if int(distributed.get("nnodes") or 1) <= 1:
@@ -221,12 +221,12 @@ def _commit_as_other_node(cache: Cache, step: Step, work_key: str, out: Path, ma
     node's identical copy (DDP replicas) is dropped. With a cache of its own (no entry from node 0 ever appears) this
     node commits its copy."""
     with cache.lock(step.key):
-        hit = cache.lookup(step.kind, step.key)
+        hit = cache.lookup(step.stage, step.key)
         if hit is not None and _manifest_id(hit) != previous:  # committed during this run, not the one a --force replaces
             log.info("%s: node 0 committed the step; this node's copy is dropped", step.kind)
-            cache.discard_work(step.kind, work_key)
+            cache.discard_work(step.stage, work_key)
             return hit
-        return cache.commit(step.kind, step.key, out, manifest, stages.record_patterns(step.kind))
+        return cache.commit(step.stage, step.key, out, manifest, stages.record_patterns(step.stage))
 
 
 def _failed(step: Step, work_key: str, cache: Cache, resumable: bool, message: str, started: float, out: Path,
@@ -240,7 +240,7 @@ def _failed(step: Step, work_key: str, cache: Cache, resumable: bool, message: s
     if kept.is_dir():
         message = message.replace(str(out), str(kept))
     if not resumable:  # a resumable stage keeps its checkpoints for the next attempt
-        cache.discard_work(step.kind, work_key)
+        cache.discard_work(step.stage, work_key)
     return StepResult(step.kind, step.key, "failed", round(time.time() - started, 3), error=redact(message))
 
 

@@ -139,7 +139,7 @@ def build_lock(loaded: Loaded, steps: list[Step], cache: Cache) -> tuple[dict[st
     problems: list[str] = []
     locked_steps = {}
     for step in steps:
-        entry = cache.entry(step.kind, step.key)
+        entry = cache.entry(step.stage, step.key)
         if entry is None:
             problems.append(f"{step.kind}: not run yet")
             continue
@@ -148,7 +148,7 @@ def build_lock(loaded: Loaded, steps: list[Step], cache: Cache) -> tuple[dict[st
             problems += [f"{step.kind}: cache entry damaged: {line} (`recipe cache verify` quarantines it)" for line in damage]
             continue
         outputs = entry.manifest["outputs"]
-        roles = {rel: output_role(rel, meta, record_patterns(step.kind)) for rel, meta in outputs.items()}
+        roles = {rel: output_role(rel, meta, record_patterns(step.stage)) for rel, meta in outputs.items()}
         locked_steps[step.kind] = LockedStep(
             key=step.key, material=step.material, platform=Platform(**entry_platform(entry)),
             artifacts={rel: meta["sha256"] for rel, meta in outputs.items() if roles[rel] != RECORD},
@@ -284,7 +284,7 @@ def _compare_files(step: Step, locked: LockedStep, entry: Entry, result: Verific
     """Every artifact on disk, re-hashed, against the lock; the lines that differ."""
     manifest = entry.manifest.get("outputs", {})
     on_disk = sorted(p.relative_to(entry.outputs).as_posix() for p in entry.outputs.rglob("*") if p.is_file())
-    records = {rel for rel in on_disk if output_role(rel, manifest.get(rel), record_patterns(step.kind)) == RECORD}
+    records = {rel for rel in on_disk if output_role(rel, manifest.get(rel), record_patterns(step.stage)) == RECORD}
     if records:
         result.records[step.kind] = sorted(records)
     artifacts = set(on_disk) - records
@@ -323,7 +323,7 @@ def verify_outputs(document: Lock, steps: list[Step], cache: Cache) -> Verificat
                 continue
             platform_keyed.add(step.kind)
             key_note = key_explained
-        entry = cache.entry(step.kind, step.key)
+        entry = cache.entry(step.stage, step.key)
         if entry is None:
             result.differences.append(Difference(step.kind, f"{step.kind}: not in the cache; run the recipe first"))
             failed.add(step.kind)
@@ -348,7 +348,7 @@ def _explanation(step: Step, locked: LockedStep, here: dict[str, Any], key_note:
     """Why the platform explains this step's differences, or None when it does not."""
     if any(dep in failed for dep in step.depends):
         return None  # an upstream step already differs unexpectedly: nothing here can be put down to the platform
-    dependence = PLATFORM_DEPENDENT.get(step.kind)
+    dependence = PLATFORM_DEPENDENT.get(step.stage)
     changes = platform_changes(locked.platform.model_dump(), here, dependence.facts) if dependence else []
     if key_note:
         changes.append("its cache key differs by platform only" if changes else

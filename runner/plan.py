@@ -31,16 +31,27 @@ ORDER = ("model", "data", "train", "export", "quantize", "evaluate", "serve")
 
 @dataclass
 class Step:
-    kind: str
+    kind: str  # the step's name in the plan: its stage, or `RECIPE.stage` for a step of a recipe `model.recipe` names
     config: dict[str, Any]  # exactly what the stage function receives
     depends: list[str]
     key: str = ""
     material: dict[str, Any] = field(default_factory=dict)
+    # the name a dependency's output folder is handed to the stage under, where it is not the dependency's own name
+    # (the steps of a referenced recipe see their siblings unprefixed: `train` reads `data`, not `tiny_chat_lora.data`)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        """The stage that runs the step, which is also where the cache keeps its entries."""
+        return self.kind.rpartition(".")[2]
+
+    def input_name(self, dep: str) -> str:
+        return self.renamed.get(dep, dep)
 
 
 # Model fields added after the cache keys were first promised: left out of a step's config while at their default, so
 # the keys of recipes that do not set them stay what they were (tests/test_golden_keys.py)
-LATER_MODEL_FIELDS = {"gguf_file": None, "dtype": None}
+LATER_MODEL_FIELDS = {"gguf_file": None, "dtype": None, "recipe": None}
 
 
 def model_json(model: Model) -> dict[str, Any]:
@@ -49,12 +60,15 @@ def model_json(model: Model) -> dict[str, Any]:
             if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
 
 
-def step_configs(recipe: Recipe) -> list[Step]:
-    """The steps a recipe needs, in order, with derived dependencies and the config each stage sees."""
+def step_configs(recipe: Recipe, source: Recipe | None = None) -> list[Step]:
+    """The steps a recipe needs, in order, with derived dependencies and the config each stage sees. `source`: the
+    recipe `model.recipe` names, whose trained model the model step makes this recipe's base (its steps are not here:
+    build_plan adds them)."""
     model = model_json(recipe.model)
     init = recipe.model.init is not None
-    # the model step builds `init`, or converts a GGUF checkpoint once; later steps load its output
-    base = ["model"] if init or recipe.model.gguf_file is not None else []
+    # the model step builds `init`, converts a GGUF checkpoint once, or makes another recipe's trained model one
+    # folder (source_model); later steps load its output
+    base = ["model"] if init or recipe.model.gguf_file is not None or source is not None else []
     steps: list[Step] = []
 
     def add(kind: str, section: Any, depends: list[str], extra: dict[str, Any] | None = None) -> None:
@@ -70,6 +84,8 @@ def step_configs(recipe: Recipe) -> list[Step]:
         which = {"objective": rows["objective"]} if rows else {}
         steps.append(Step("model", {"model": model, "data": recipe.data.model_dump(mode="json"), "seed": recipe.seed,
                                     **which}, []))
+    elif source is not None:
+        steps.append(source_model(model, source))
     elif base:  # a GGUF conversion: neither the data nor the seed changes it, so every recipe of that file shares it
         steps.append(Step("model", {"model": model}, []))
     add("data", recipe.data, base, rows)
@@ -99,6 +115,29 @@ def step_configs(recipe: Recipe) -> list[Step]:
     return steps
 
 
+def step_names(loaded: Loaded) -> list[str]:
+    """The names of the steps build_plan makes, without their keys (nothing is hashed): `recipe validate` lists them."""
+    source = loaded.source
+    own = [step.kind for step in step_configs(loaded.recipe, source.recipe if source is not None else None)]
+    if source is None:
+        return own
+    theirs = step_names(source)
+    return [f"{source.recipe.name}.{kind}" for kind in theirs[: theirs.index("train") + 1]] + own
+
+
+def source_model(model: dict[str, Any], source: Recipe) -> Step:
+    """The model step of a recipe that starts from `source`'s trained model: it merges that train step's adapter into
+    its base (a full fine-tune is taken as it is) and saves one model, which this recipe's steps load as their base.
+    Its inputs are the source's train step and what loading the source's base needs (its data step, for a classifier's
+    labels; its model step, for a base that step built). The key is made of those steps' keys (not of the file's path
+    or text): editing the source recipe in a way that changes its train step re-runs this one and all after it."""
+    prefix = source.name
+    built = source.model.init or source.model.gguf_file or source.model.recipe  # its base is its model step's output
+    names = ["train", "data", *(["model"] if built else [])]
+    config = {"model": model, "source": {"model": model_json(source.model)}}
+    return Step("model", config, [f"{prefix}.{name}" for name in names], renamed={f"{prefix}.{n}": n for n in names})
+
+
 OBJECTIVE_FIELDS = ("objective", "preference", "grpo")
 
 
@@ -126,15 +165,18 @@ def data_rows_of(train: Any) -> dict[str, Any]:
 
 def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
     memo = memo or HashMemo(None)
-    steps = step_configs(loaded.recipe)
-    keys: dict[str, str] = {}
+    source = loaded.source
+    imported = referenced_steps(source, memo) if source is not None else []
+    steps = step_configs(loaded.recipe, source.recipe if source is not None else None)
+    keys: dict[str, str] = {step.kind: step.key for step in imported}
     for step in steps:
-        spec = stages.STAGES[step.kind]
+        spec = stages.STAGES[step.stage]
         step.material = {
-            "stage": step.kind,
+            "stage": step.stage,
             "version": spec.version,
-            "config": normalize(step.config, (), memo),
-            "upstream": {dep: keys[dep] for dep in step.depends},
+            # a source recipe's model (source_model) is keyed by the steps it comes from, through their keys upstream
+            "config": normalize({k: v for k, v in step.config.items() if k != "source"}, (), memo),
+            "upstream": {step.input_name(dep): keys[dep] for dep in step.depends},
             "packages": {name: package_version(name) for name in step_packages(step, spec.packages)},
         }
         facts = platform_material(step)
@@ -147,6 +189,23 @@ def build_plan(loaded: Loaded, memo: HashMemo | None = None) -> list[Step]:
             # learns the keys; they are already in the material as `upstream` (base: the model section's own key).
             _artifact_keys(step, keys, step.config.pop("scored_models"))
     memo.save()
+    return [*imported, *steps]
+
+
+def referenced_steps(source: Loaded, memo: HashMemo) -> list[Step]:
+    """The steps of the recipe `model.recipe` names, up to and including its train step, as that recipe plans them
+    (the same keys: its entries in the cache are shared, whichever recipe ran them first), named `RECIPE.kind`."""
+    planned = build_plan(source, memo)
+    wanted = {"train"}  # the train step and every step it depends on, however deep
+    for step in reversed(planned):
+        if step.kind in wanted:
+            wanted.update(step.depends)
+    prefix = f"{source.recipe.name}."
+    steps = []
+    for step in planned:
+        if step.kind in wanted:
+            renamed = {prefix + dep: step.input_name(dep) for dep in step.depends}
+            steps.append(Step(prefix + step.kind, step.config, list(renamed), step.key, step.material, renamed))
     return steps
 
 
@@ -169,7 +228,7 @@ def adopt(steps: list[Step], kind: str, key: str, material: dict[str, Any]) -> l
             step.key, step.material = key, dict(material)
             changed.append(step.kind)
         else:
-            upstream = {dep: keys[dep] for dep in step.depends}
+            upstream = {step.input_name(dep): keys[dep] for dep in step.depends}
             if upstream != step.material.get("upstream"):
                 step.material = {**step.material, "upstream": upstream}
                 step.key = key_of(step.material)
@@ -186,6 +245,8 @@ def step_packages(step: Step, packages: tuple[str, ...]) -> tuple[str, ...]:
     objective = step.config["train"].get("objective", "sft") if step.kind == "train" else "sft"
     if step.kind == "model" and step.config["model"].get("gguf_file"):
         return (*packages, "gguf")  # it reads the GGUF file the model step converts
+    if step.kind == "model" and "source" in step.config:
+        return (*packages, "peft")  # it merges the source recipe's adapter
     return (*packages, "trl") if objective != "sft" else packages
 
 
@@ -292,6 +353,6 @@ def plan_status(steps: list[Step], cache: Cache, recipe: str) -> list[tuple[Step
     last = cache.last_run(recipe)
     rows = []
     for step in steps:
-        cached = cache.entry(step.kind, step.key) is not None
+        cached = cache.entry(step.stage, step.key) is not None
         rows.append((step, cached, [] if cached else why_stale(step, last.get(step.kind))))
     return rows

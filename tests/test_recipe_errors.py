@@ -99,7 +99,7 @@ BROKEN = [
     (edit("  method: lora", "  method: qlora"), "r.yaml:9:1: train.quantization: required field is missing"),
     (edit("export: {format: onnx}\n", ""), "r.yaml:13:12: quantize.method: an ONNX quantize needs an `export` section with `format: onnx`"),
     (edit("  init: {architecture: distilbert}", "  init: {architecture: distilbert}\n  hub: org/model"),
-     "r.yaml:5:3: model.hub: give exactly one of hub, path, package, init (got init, hub)"),
+     "r.yaml:5:3: model.hub: give exactly one of hub, path, package, init, recipe (got init, hub)"),
     (edit("  init: {architecture: distilbert}", "  hub: org/model"), "r.yaml:4:3: model.hub: a hub model needs a pinned `revision`"),
     (edit("  init: {architecture: distilbert}", "  init: {architecture: distilbert, hidden_size: 30, num_heads: 4}"),
      "r.yaml:4:53: model.init.num_heads: num_heads (4) must divide hidden_size (30)"),

@@ -228,7 +228,7 @@ def test_the_cli_shows_every_problem_and_no_traceback(tmp_path, capsys):
     path = write(tmp_path, edit("  epochs: 2", '  epochs: "2"', text))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "model.package: give exactly one of hub, path, package, init" in err, err
+    assert "Traceback" not in err and "model.package: give exactly one of hub, path, package, init, recipe" in err, err
     assert "train.epochs: Input should be a valid number" in err
 
 

@@ -380,3 +380,41 @@ def test_an_artifact_left_out_of_evaluate_keeps_its_own_stages_figure(tmp_path: 
     assert "- **trained (PyTorch):** 0.7042 (240 rows · evaluate step, +0.2084 vs base)" in headline
     assert "- **ONNX export:** 0.7000 (240 rows · export step's gate, +0.2042 vs base)" in headline
     assert "- **int8 ONNX:** 0.6958 (240 rows · quantize step's gate, +0.2000 vs base)" in headline
+
+
+# --- preference objectives: held-out figures beside the training curves ----------------------------------------------
+
+GRPO_HISTORY = [{"step": step, "loss": 0.01 * step, "kl": 0.002 * step, "reward": 0.1 * step, "reward_std": 0.3,
+                 "rewards/numeric_match/mean": 0.1 * step, "rewards/regex/mean": 0.5} for step in (1, 2, 3)]
+GRPO_SCORES = {"objective": "grpo", "rows": 20,
+               "base": {"mean_reward": 0.15, "rewards": {"numeric_match": {"mean": 0.1, "pass_rate": 0.1},
+                                                         "regex": {"mean": 0.4, "pass_rate": 0.4}}},
+               "train": {"mean_reward": 0.55, "rewards": {"numeric_match": {"mean": 0.45, "pass_rate": 0.45},
+                                                          "regex": {"mean": 0.9, "pass_rate": 0.9}}}}
+
+
+def test_a_grpo_run_shows_mean_reward_and_each_rewards_pass_rate_beside_the_reward_curves(tmp_path) -> None:
+    from runner.stages.train.preference import plot_curves
+
+    run_dir = tmp_path / "runs" / "tiny_grpo_lora" / "20261207T000000Z"
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("name: tiny_grpo_lora\n")
+    train, evaluate = tmp_path / "cache" / "train", tmp_path / "cache" / "evaluate"
+    train.mkdir(parents=True)
+    evaluate.mkdir(parents=True)
+    (train / "metrics.json").write_text(json.dumps({"method": "lora", "objective": "grpo", "steps": 3}))
+    (train / "trainer_state.json").write_text(json.dumps({"log_history": GRPO_HISTORY}))
+    plot_curves(GRPO_HISTORY, train / "loss.png")
+    (evaluate / "evaluate_report.json").write_text(json.dumps(
+        {"task": "causal-lm", "headline_metric": "perplexity", "artifacts": {}, "sets": [], "preference": GRPO_SCORES}))
+    steps = [StepResult("train", "t" * 24, "ran", 1.0, {}, str(train)),
+             StepResult("evaluate", "e" * 24, "ran", 1.0, {}, str(evaluate))]
+    loaded = load_recipe(REPO / "recipes" / "tiny_grpo_lora.yaml")
+    md, _ = write_report(RunResult("tiny_grpo_lora", run_dir, steps), loaded, ENVIRONMENT)
+    train_part = section(md.read_text(), "Training")
+    assert "### Preference (grpo), base vs tuned" in train_part
+    assert ("| model | mean reward | numeric_match pass rate | regex pass rate |\n|---|---|---|---|\n"
+            "| base (the reference) | 0.15 | 10.0% | 40.0% |\n| tuned | 0.55 | 45.0% | 90.0% |\n") in train_part
+    # the curves: loss and KL, the reward per step, and each reward's own
+    assert "loss, kl, reward, rewards/numeric_match/mean, rewards/regex/mean" in train_part
+    assert "train-loss.png" in train_part and (run_dir / "train-loss.png").stat().st_size > 10_000

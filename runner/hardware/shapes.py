@@ -86,6 +86,10 @@ def model_config(recipe: Recipe) -> tuple[PretrainedConfig, str]:
     hub: the local HF cache, then the hub when it is reachable, then the copy bundled in runner/model_configs.
     path: the folder's config.json. init: built from the init fields as the model step builds it."""
     model = recipe.model
+    if model.recipe is not None:  # another recipe's trained model: the shape of that recipe's base (a merge keeps it)
+        from runner.recipe.load import load_recipe
+
+        return model_config(load_recipe(Path(model.recipe)).recipe)
     if model.init is not None:
         return init_config(model.init, model.init.vocab_size), "built from model.init"
     from transformers import AutoConfig

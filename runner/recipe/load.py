@@ -98,6 +98,7 @@ class Loaded:
     overrides: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # the merged document before validation
     warnings: list[str] = field(default_factory=list)  # what could not be checked from local files
+    source: Loaded | None = None  # `model.recipe`: the recipe whose trained model this one starts from
 
 
 def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
@@ -114,9 +115,11 @@ def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
     raise RecipeError([Problem(Pos(name_or_path, 1, 1), (), f"no such recipe file or recipe name{hint}")])
 
 
-def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = (), fetch_configs: bool = False) -> Loaded:
+def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = (), fetch_configs: bool = False,
+                chain: tuple[Path, ...] = ()) -> Loaded:
     """Load, merge, override and validate a recipe, then run the local checks; `fetch_configs` lets them download a
-    hub model's config.json that no local copy has (`recipe run` does, before any step)."""
+    hub model's config.json that no local copy has (`recipe run` does, before any step). A `model.recipe` is loaded too
+    (without the overrides, which are this recipe's); `chain` holds the recipes that led here, to refuse a cycle."""
     path = Path(path)
     raw, positions, files = _load_with_extends(path, chain=())
     problems: list[Problem] = []
@@ -140,9 +143,37 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = (), fetch_c
             _set_at(checked, loc, resolved)
     findings = local_checks.check(checked, fetch=fetch_configs and not problems)
     problems += [Problem(_nearest_position(loc, positions, path), loc, message) for loc, message in findings.errors]
+    source = None
+    if not problems and checked.model.recipe is not None:
+        source, found = _referenced(checked, positions, path, chain, fetch_configs)
+        problems += found
     if problems:
         raise RecipeError(problems)
-    return Loaded(recipe=checked, path=path, files=files, overrides=list(overrides), raw=raw, warnings=findings.warnings)
+    return Loaded(recipe=checked, path=path, files=files, overrides=list(overrides), raw=raw, warnings=findings.warnings,
+                  source=source)
+
+
+def _referenced(recipe: Recipe, positions: Positions, path: Path, chain: tuple[Path, ...],
+                fetch_configs: bool) -> tuple[Loaded | None, list[Problem]]:
+    """`model.recipe` loaded: a recipe file (the loader resolved it and checked it exists), not one that leads back here,
+    valid in itself, and training the same task."""
+    loc = ("model", "recipe")
+    pos = _nearest_position(loc, positions, path)
+    target, here = Path(recipe.model.recipe or ""), path.resolve()
+    if not target.is_file():
+        return None, [Problem(pos, loc, f"{relative(target)} is a folder; give the recipe file whose model to start from")]
+    if target == here or target in chain:
+        cycle = " -> ".join(relative(p) for p in (*chain, here, target))
+        return None, [Problem(pos, loc, f"recipes that start from each other's models form a cycle: {cycle}")]
+    try:
+        source = load_recipe(target, fetch_configs=fetch_configs, chain=(*chain, here))
+    except RecipeError as exc:
+        return None, [Problem(pos, loc, f"the recipe {relative(target)} is not valid (its problems follow)"), *exc.problems]
+    if source.recipe.model.task != recipe.model.task:
+        where = _nearest_position(("model", "task"), positions, path)
+        return None, [Problem(where, ("model", "task"), f"{recipe.model.task}, but the recipe it starts from "
+                              f"({relative(target)}) trains a {source.recipe.model.task} model")]
+    return source, []
 
 
 def _valid_sections(raw: dict[str, Any], bad: set[Loc]) -> Recipe:

@@ -8,7 +8,8 @@ Where the config comes from, without importing transformers:
   A hub model found in neither gets a warning, not an error (offline, the check is made again when the run starts).
 
 - `model.package`: the config.json of the folder inside the installed package (runner.recipe.packages);
-- `model.gguf_file`: the GGUF file's header (runner.recipe.gguf_header), which the model step converts later.
+- `model.gguf_file`: the GGUF file's header (runner.recipe.gguf_header), which the model step converts later;
+- `model.recipe`: none here; the loader loads the referenced recipe, which runs these checks on its own model.
 
 Checks: a local model folder (path or package) exists and holds weights the recipe may load (safetensors, or pickles with
 `allow_pickle`); every local data file is a file whose columns (CSV/TSV header, JSON-lines keys, parquet schema) include
@@ -78,6 +79,8 @@ def check(recipe: Recipe, fetch: bool = False) -> Findings:
         return found
     if recipe.data is not None:
         pin_revisions(recipe, found)
+    if recipe.model.recipe is not None:  # the referenced recipe's model was checked when the loader loaded it
+        return found
     source_field = ("model", next(name for name in ("hub", "path", "package", "init") if getattr(recipe.model, name) is not None))
     folder_problem, readable = model_folder(recipe)
     if folder_problem:

@@ -76,11 +76,14 @@ def _is_bad(loc: Loc, bad: set[Loc], below: bool = True) -> bool:
 # --- the rules, one small function each (a Skip ends only the rule that raised it) ------------------------------------
 
 
+SOURCES = ("hub", "path", "package", "init", "recipe")  # where a base model comes from: exactly one
+
+
 def model_source(model: Section) -> Found:
-    given = [name for name in model.value if name in ("hub", "path", "package", "init") and model.given(name)]  # as written
+    given = [name for name in model.value if name in SOURCES and model.given(name)]  # as written
     if len(given) != 1:
         loc = model.at(given[1]) if given else model.loc
-        yield loc, f"give exactly one of hub, path, package, init (got {', '.join(given) or 'none'})"
+        yield loc, f"give exactly one of {', '.join(SOURCES)} (got {', '.join(given) or 'none'})"
     if model.given("hub") and not model.given("revision"):
         yield model.at("hub"), "a hub model needs a pinned `revision` (a full commit sha)"
     if model.given("gguf_file") and not (model.given("package") or model.given("path")):

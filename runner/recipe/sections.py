@@ -33,6 +33,7 @@ PACKAGE_FOLDER: JsonDict = {X_PACKAGE_FOLDER: True}
 
 LocalPath = Annotated[str, Field(min_length=1, json_schema_extra=LOCAL_PATH)]
 PackageFolder = Annotated[str, Field(pattern=PACKAGE_PATTERN, json_schema_extra=PACKAGE_FOLDER)]
+RecipeFile = Annotated[str, Field(min_length=1, json_schema_extra={**LOCAL_PATH, **NEUTRAL})]  # keyed by its steps
 
 
 # --- hardware needs ---------------------------------------------------------------------------------------------------
@@ -71,8 +72,8 @@ class ModelInit(Strict):
     max_position_embeddings: PositiveInt = Field(512, description="Longest sequence the model accepts.")
 
 class Model(Strict):
-    """The base model: a hub id at a pinned revision, a local folder, a folder inside an installed Python package, or a
-    small model built from a config."""
+    """The base model: a hub id at a pinned revision, a local folder, a folder inside an installed Python package, a
+    small model built from a config, or another recipe's trained model (`recipe`: SFT, then DPO on its result)."""
 
     hub: str | None = Field(
         None, pattern=r"^[\w.-]+(/[\w.-]+)?$", description="Hugging Face Hub id, e.g. `meta-llama/Llama-2-7b-hf`."
@@ -89,6 +90,9 @@ class Model(Strict):
         "package; its version pins the model.",
     )
     init: ModelInit | None = Field(None, description="Build a small model from a config (no download).")
+    recipe: RecipeFile | None = Field(None, description="Another "
+        "recipe file (relative to this one) whose trained model this recipe starts from: its steps up to train run "
+        "first, and this recipe's steps are keyed on them (a changed SFT recipe re-runs the DPO after it).")
     gguf_file: str | None = Field(None, pattern=r"^[\w.-]+\.gguf$", description="A GGUF file in the package/path folder.")
     task: Task = Field(description="What the model is fine-tuned for.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(None, description="Dtype train, evaluate "

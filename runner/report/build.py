@@ -20,6 +20,7 @@ from runner.recipe import Loaded
 from runner.recipe.document import Recipe
 from runner.recipe.problems import relative
 from runner.report import evaluation as report_eval
+from runner.report import preference as report_preference
 from runner.report import recipe_section as report_recipe
 from runner.report import stage_sections as report_stages
 from runner.report.formatting import SHARES, metric, num, seconds, signed, signed_metric
@@ -95,10 +96,11 @@ def collect(result: RunResult) -> Facts:
         if step.outputs:
             facts.outputs[step.kind] = Path(step.outputs)
         found = None
-        if step.kind in STAGE_REPORTS:
+        stage = stage_of(step)
+        if stage in STAGE_REPORTS:
             # a failed step's report (written before its gate raised) is kept by the executor in RUN_DIR/failed/<kind>/
             folder = Path(step.outputs) if step.outputs else result.run_dir / "failed" / step.kind
-            found = _read(folder / STAGE_REPORTS[step.kind])
+            found = _read(folder / STAGE_REPORTS[stage])
         if found is not None:
             facts.reports[step.kind] = found
         elif step.metrics:
@@ -273,14 +275,19 @@ def _why(step: StepResult, failed_before: bool) -> str:
 def _stage(facts: Facts, step: StepResult) -> list[Block]:
     if step.kind == "evaluate":
         return []  # its report is the forgetting and set tables above
-    details = facts.reports.get(step.kind)
-    blocks: list[Block] = [Heading(TITLES.get(step.kind, step.kind), 2, step.kind)]
+    details, stage = facts.reports.get(step.kind), stage_of(step)
+    title = TITLES.get(stage, stage)
+    if step.kind == "model" and details and "source" in details:  # model.recipe: another recipe's trained model
+        title = "Model: the trained model of the recipe this one starts from"
+    elif step.kind != stage:  # a step of the recipe `model.recipe` names
+        title = f"{title} (recipe {step.kind.rpartition('.')[0]}, which this one starts from)"
+    blocks: list[Block] = [Heading(title, 2, step.kind)]
     if step.status == "skipped":
         return blocks + [Para(_why(step, any(s.status == "failed" for s in facts.result.steps)), "muted")]
     if step.status == "failed":  # its error is in the box at the top; what it measured before failing follows
         blocks.append(Para("This step failed: its error is at the top of the report.", "muted"))
     if details:
-        blocks += report_stages.SECTIONS.get(step.kind, report_stages.other)(details)
+        blocks += report_stages.SECTIONS.get(stage, report_stages.other)(details)
     blocks += _pictures(facts, step)
     return blocks
 
@@ -293,8 +300,15 @@ def _copy(source: Path, run_dir: Path, name: str) -> Path:
 
 def _pictures(facts: Facts, step: StepResult) -> list[Block]:
     out, run_dir = facts.outputs.get(step.kind) or run_dir_failed(facts, step), facts.result.run_dir
-    if step.kind == "train" and (out / "loss.png").is_file():
-        return [Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "loss curves",
+    preference = (facts.evaluate or {}).get("preference")
+    if step.kind == "train" and preference:  # a preference objective: the held-out figures beside TRL's curves
+        blocks = report_preference.table(preference)
+        if (out / "loss.png").is_file():
+            blocks.append(Image(_copy(out / "loss.png", run_dir, "train-loss.png"), "preference training curves",
+                                report_preference.caption(report_preference.curves(out))))
+        return blocks
+    if stage_of(step) == "train" and (out / "loss.png").is_file():
+        return [Image(_copy(out / "loss.png", run_dir, f"{step.kind}-loss.png"), "loss curves",
                       "train and eval loss by optimizer step, with the training metrics")]
     if step.kind == "serve":
         latency = facts.latency or {}
@@ -309,6 +323,11 @@ def _pictures(facts: Facts, step: StepResult) -> list[Block]:
             return [Para("no latency histogram: this serve step recorded no latency samples", "muted")]
         return [Image(path, "latency histogram", "latency of the sequential requests; dashed lines: p50 and p95")]
     return []
+
+
+def stage_of(step: StepResult) -> str:
+    """The stage a step ran: its kind, or for a step of the recipe `model.recipe` names (RECIPE.kind) the last part."""
+    return step.kind.rpartition(".")[2]
 
 
 def run_dir_failed(facts: Facts, step: StepResult) -> Path:

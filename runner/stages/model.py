@@ -1,8 +1,8 @@
-"""The `model` step: a small model built from `model.init` (tests and the tiny recipes), or a GGUF checkpoint converted
-(`model.gguf_file`, in model_gguf.py).
+"""The `model` step: a small model built from `model.init` (tests and the tiny recipes), a GGUF checkpoint converted
+(`model.gguf_file`, in model_gguf.py), or another recipe's trained model (`model.recipe`, in model_source.py).
 
-Planned only when `model.init` or `model.gguf_file` is set. For init it trains a real tokenizer on the recipe's train
-split, builds a DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with
+Planned only when `model.init`, `model.gguf_file` or `model.recipe` is set. For init it trains a real tokenizer on the
+recipe's train split, builds a DistilBERT- or Llama-like model from a config with seeded random weights, and saves both with
 `save_pretrained` into `out/model`, where downstream stages load it back like any local model
 (runner/stages/pretrained.py).
 """
@@ -43,6 +43,10 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             label, too few rows to split).
     """
     cfg = Model.model_validate(config["model"])
+    if cfg.recipe is not None:
+        from runner.stages import model_source
+
+        return model_source.run(config, inputs, out)
     if cfg.gguf_file is not None:
         from runner.stages import model_gguf
 

@@ -82,6 +82,7 @@ def train_objective(job: Job) -> dict[str, Any]:
         **counts,
         "batch_size": job.batch_size,
         "gradient_accumulation": job.accumulation,
+        "effective_batch_size": job.batch_size * job.accumulation * trainer.args.world_size,
         "oom_retries": job.oom_retries,
         "resumed_from_step": checkpoint_step(resume) if resume else None,
         "train_runtime_s": round(result.metrics["train_runtime"], 3),
@@ -138,7 +139,9 @@ def _matches(key: str, names: Any) -> bool:
 def read_text_splits(job: Job) -> dict[str, Any]:
     from datasets import load_from_disk
 
-    splits = load_from_disk(str(job.inputs["data"] / "dataset"))
+    # in memory: TRL tokenizes with Dataset.map, which would otherwise write its cache-*.arrow files into the data
+    # step's committed entry (the next run finds files its manifest does not list, and quarantines the entry)
+    splits = load_from_disk(str(job.inputs["data"] / "dataset"), keep_in_memory=True)
     if "train" not in splits:
         raise StageError("the data step's dataset lacks its train split")
     # TRL reads its own columns; the tokenized preferred answers are for export, quantize and evaluate (and some of
