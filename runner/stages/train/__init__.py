@@ -46,6 +46,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from runner.recipe.sections import Model, QloraTrain
 from runner.stages import (
+    Placement,
     StageError,
     pretrained,  # called through the module: tests wrap load_model
 )
@@ -69,7 +70,7 @@ MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 # --- entry point ---------------------------------------------------------------------------------------------------------
 
 
-def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+def run(config: dict[str, Any], inputs: dict[str, Path], out: Path, placement: Placement | None = None) -> dict[str, Any]:
     """Train the model of `config` on the data step's dataset, resuming from the newest complete checkpoint in `out`,
     retrying with half the batch (twice the accumulation) while it runs out of accelerator memory.
 
@@ -84,7 +85,7 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             torchrun, multi-node without MASTER_ADDR, MASTER_PORT and a valid NODE_RANK, a worker's StageError, or
             torchrun failing.
     """
-    job = Job.parse(config, inputs, out)
+    job = Job.parse(config, inputs, out, placement)
     check_hardware(job.train, job.model)
     drop_incomplete_checkpoints(job.out / CHECKPOINTS)
     attempt = launcher(job.train)
