@@ -72,7 +72,8 @@ def causal_data(tiny_llama_dir: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 42, **overrides: Any) -> Path:
+def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 42, placement: dict | None = None,
+         **overrides: Any) -> Path:
     """tiny_llama_lora's training, shortened: LoRA on every linear layer, 2 processes (gloo), 24 steps of 8 rows each,
     a checkpoint every 4."""
     ray_settings = overrides.pop("ray", {})
@@ -84,7 +85,7 @@ def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 4
     folder.mkdir(parents=True, exist_ok=True)
     job = {"config": {"model": Model(path=str(model_dir), task="causal-lm").model_dump(mode="json"),
                       "train": train.model_dump(mode="json"), "seed": seed},
-           "inputs": {"data": str(data)}, "out": str(folder / "out")}
+           "inputs": {"data": str(data)}, "out": str(folder / "out"), **({"placement": placement} if placement else {})}
     (folder / "job.json").write_text(json.dumps(job))
     return folder / "job.json"
 
@@ -143,6 +144,17 @@ def test_a_cluster_too_small_for_the_workers_is_refused_before_any_step(cluster,
     assert result["error"] == (
         "the Ray cluster is too small for 3 workers: they need 3 CPU (1 CPU each), the cluster has 2 CPU, 0 GPU; "
         "lower train.distributed.nproc_per_node/nnodes or ray.cpus_per_worker, or add nodes")
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "launch").exists()
+
+
+def test_a_recipe_that_requires_cuda_is_refused_on_a_cluster_without_gpus(cluster, tiny_llama_dir, causal_data,
+                                                                          tmp_path):
+    """`requires.accelerator: cuda` asks one GPU per worker (the executor passes the recipe's requires to the step)."""
+    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray", placement={"accelerator": "cuda"})
+    result = _run_on_ray(cluster, job)
+    assert result["error"] == (
+        "the recipe requires CUDA (requires.accelerator: cuda): its 2 Ray workers need 2 CPU, 2 GPU (1 CPU + 1 GPU "
+        "each), the cluster has 2 CPU, 0 GPU; add GPU nodes to the cluster, or run where a GPU is")
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "launch").exists()
 
 
