@@ -307,17 +307,20 @@ def worker_main(config: dict[str, Any], attempt: Attempt, localize: Localize | N
         drop_incomplete_checkpoints(job.out / CHECKPOINTS)  # a killed worker may have been saving
     checkpoint = ray.train.get_checkpoint()
     try:
+        callbacks = [ReportCheckpoints(own_folder=job.out != driver.out)]
         if checkpoint is None:
-            metrics = attempt(job, callbacks=[ReportCheckpoints()])
+            metrics = attempt(job, callbacks=callbacks)
         else:
             with checkpoint.as_directory() as path:
-                metrics = attempt(job, callbacks=[ReportCheckpoints()], resume=newest(Path(path), job.out / CHECKPOINTS))
+                metrics = attempt(job, callbacks=callbacks, resume=newest(Path(path), job.out / CHECKPOINTS))
     except (OutOfMemory, StageError) as exc:
         report_failure(job, rank, exc)
         raise
     if job.placement.remote is not None:
         # every rank reports (Ray's report is collective); rank 0 attaches the outputs when the driver cannot see them
         ship_outputs(job, driver, rank, metrics)
+    if job.out != driver.out:  # reported: this node's folder only served the run
+        shutil.rmtree(job.out, ignore_errors=True)
     import torch.distributed
 
     if torch.distributed.is_initialized():
@@ -337,9 +340,8 @@ def ship_outputs(job: Job, driver: Job, rank: int, metrics: dict[str, Any]) -> N
                                                                           n in (CHECKPOINTS, LAUNCH, RAY_STORAGE)])
     checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if shipped else None
     ray.train.report({"step": metrics.get("steps", 0), "final": 1}, checkpoint=checkpoint, checkpoint_dir_name=FINAL)
-    if shipped:  # uploaded: this node's copies only served the run
+    if shipped:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(job.out, ignore_errors=True)
 
 
 def newest(reported: Path, local: Path) -> Path:
@@ -356,7 +358,12 @@ def _step(checkpoint: Path) -> int:
 
 class ReportCheckpoints(TrainerCallback):
     """After each Trainer save, hand the checkpoint to Ray (as Ray's RayTrainReportCallback does): rank 0 reports the
-    folder, once every rank has written its part of it (rank 0 the weights and optimizer, each rank its RNG state)."""
+    folder, once every rank has written its part of it (rank 0 the weights and optimizer, each rank its RNG state).
+    On a node that works in a folder of its own (`own_folder`: it does not see the driver's), that node's first worker
+    reports its folder too, which holds its ranks' RNG states: Ray merges every rank's files into one checkpoint."""
+
+    def __init__(self, own_folder: bool = False):
+        self.own_folder = own_folder
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         import ray.train
@@ -367,8 +374,9 @@ class ReportCheckpoints(TrainerCallback):
         name = f"checkpoint-{state.global_step}"
         path = Path(args.output_dir) / name
         metrics = {"step": state.global_step, **{k: v for k, v in state.log_history[-1].items() if k != "step"}}
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0 and is_complete(path):
+        context, checkpoint = ray.train.get_context(), None
+        if (context.get_world_rank() == 0 and is_complete(path)) or (
+                self.own_folder and context.get_world_rank() != 0 and context.get_local_rank() == 0 and path.is_dir()):
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         return control
