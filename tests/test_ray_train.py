@@ -135,7 +135,8 @@ def test_two_ray_workers_train_what_two_torchrun_processes_train(cluster, tiny_l
     on a node without a shared disk: they train in their node's cache, checkpoints go to the remote, and rank 0 hands the
     outputs back through Ray's storage there."""
     remote = tmp_path_factory.mktemp("remote")
-    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray", placement={"remote": f"file://{remote}", "key": "k" * 24})
+    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray",
+               placement={"remote": f"file://{remote}", "key": "0123456789abcdef01234567"})
     assert cluster.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path)], timeout=30).returncode == 0
     try:
         done = cluster.run([sys.executable, str(JOB_SCRIPT), str(job)], mounts=False,

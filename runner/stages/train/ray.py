@@ -316,8 +316,9 @@ def worker_main(config: dict[str, Any], attempt: Attempt, localize: Localize | N
     except (OutOfMemory, StageError) as exc:
         report_failure(job, rank, exc)
         raise
-    if job.placement.remote is not None:
-        # every rank reports (Ray's report is collective); rank 0 attaches the outputs when the driver cannot see them
+    if localize is not None:
+        # every rank reports (Ray's report is collective, so the condition is the same on all); rank 0 attaches the
+        # outputs when the driver cannot see its folder
         ship_outputs(job, driver, rank, metrics)
     if job.out != driver.out:  # reported: this node's folder only served the run
         shutil.rmtree(job.out, ignore_errors=True)
