@@ -193,7 +193,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
 def placement(step: Step, entries: dict[str, Entry], remote: RemoteUse | None, accelerator: str,
               cache: Cache) -> stages.Placement:
     """What a placed stage (train) learns beyond its config: its inputs' keys, the remote, the recipe's accelerator, and
-    runner.store.fetch.localize, which its Ray workers call to get the inputs on their nodes. Before a Ray step with
+    runner.fetch.localize, which its Ray workers call to get the inputs on their nodes. Before a Ray step with
     `--push`, its inputs are pushed: the workers on other nodes pull them from there."""
     url = remote.remote.url if remote is not None and not remote.unreachable else None
     if url is not None and remote is not None and remote.push and _launcher(step) == "ray":

@@ -90,8 +90,9 @@ def test_two_nodes_without_a_shared_folder_train_what_one_machine_trains(cluster
     assert not [rel for rel in two_nodes["outputs"] if rel.startswith(("checkpoints/", "launch/", "ray/"))]
     assert not list((nodes.worker.cache / "work").glob("train-*/outputs/checkpoints"))
     # the checkpoints Ray kept on the remote (s3://recipes/nodes/ray) served the run only: removed once it succeeded
-    listing = ray_nodes.python(nodes.head, "import fsspec; fs = fsspec.filesystem('s3'); "
-                               f"print(fs.find('{seaweed.BUCKET}/nodes/ray'))", {**_env(), **server.env})
+    listing = ray_nodes.python(nodes.head, "import fsspec; fs = fsspec.filesystem('s3'); print([p for p in "
+                               f"fs.find('{seaweed.BUCKET}/nodes/ray') if not p.endswith('/')])",  # folder markers stay
+                               {**_env(), **server.env})
     assert listing.returncode == 0 and listing.stdout.strip() == "[]", listing.stdout + listing.stderr[-2000:]
     # credentials travel in no file the run wrote
     for path in (nodes.head.root / "runs").rglob("*"):

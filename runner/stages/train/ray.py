@@ -58,11 +58,13 @@ Attempt = Callable[..., dict[str, Any]]
 
 
 def launch_ray(job: Job, attempt: Attempt) -> dict[str, Any]:
-    """Run the attempt on Ray Train workers; their outputs land in job.out, we read metrics.json back.
+    """Run the attempt on Ray Train workers; their outputs land in job.out (or come back through Ray's storage), we
+    read metrics.json back.
 
     Raises:
-        StageError: ray is not installed; the cluster cannot be reached, or has too few CPUs/GPUs for the workers
-            (before any worker starts); a worker's StageError; workers that kept dying past max_failures (which worker,
+        StageError: ray is not installed; the cluster cannot be reached, or has too few CPUs/GPUs for the workers, or
+            no GPU for a recipe that requires CUDA (before any worker starts); a worker's StageError (an input its node
+            cannot fetch, refused or missing on the remote); workers that kept dying past max_failures (which worker,
             on which node, and why); OutOfMemory when a worker ran out of accelerator memory (the stage retries).
     """
     try:
