@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from runner import stages
+from runner.fetch import localize
 from runner.plan import Step, plan_status
 from runner.recipe import Loaded
 from runner.redact import RedactedFile, redact
@@ -104,7 +105,8 @@ def execute(
             continue
         if progress:
             progress("start", None, step)
-        step_result = _run_step(step, cache, entries, run_dir, name, step.kind in force, remote)
+        step_result = _run_step(step, cache, entries, run_dir, name, step.kind in force, remote,
+                                loaded.recipe.requires.accelerator)
         step_result.reasons = [] if step_result.status in ("cached", "pulled") else statuses[step.kind][1]
         if remote is not None and remote.push and step_result.status in ("cached", "ran"):
             step_result.remote = remote.send(step, cache, entries[step.kind])
@@ -120,7 +122,7 @@ def execute(
 
 
 def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path, recipe: str, force: bool,
-              remote: RemoteUse | None = None) -> StepResult:
+              remote: RemoteUse | None = None, accelerator: str = "any") -> StepResult:
     if not force and (hit := cache.lookup(step.stage, step.key)):
         entries[step.kind] = hit
         cache.remember(recipe, step.kind, step.key, step.material)
@@ -157,7 +159,8 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         with _step_log(run_dir / "logs" / f"{step.kind}.log"):
             try:
                 module = importlib.import_module(spec.module)
-                metrics = module.run(step.config, inputs, out) or {}
+                placed = {"placement": placement(step, entries, remote, accelerator, cache)} if spec.placed else {}
+                metrics = module.run(step.config, inputs, out, **placed) or {}
             except StageError as exc:
                 log.error("%s failed: %s", step.kind, exc)
                 return _failed(step, work_key, cache, spec.resumable, str(exc), started, out, run_dir)
@@ -185,6 +188,26 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         entries[step.kind] = entry
         cache.remember(recipe, step.kind, step.key, step.material)
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
+
+
+def placement(step: Step, entries: dict[str, Entry], remote: RemoteUse | None, accelerator: str,
+              cache: Cache) -> stages.Placement:
+    """What a placed stage (train) learns beyond its config: its inputs' keys, the remote, the recipe's accelerator, and
+    runner.fetch.localize, which its Ray workers call to get the inputs on their nodes. Before a Ray step with
+    `--push`, its inputs are pushed: the workers on other nodes pull them from there."""
+    url = remote.remote.url if remote is not None and not remote.unreachable else None
+    if url is not None and remote is not None and remote.push and _launcher(step) == "ray":
+        for dep in step.depends:
+            log.info("%s: %s %s on the remote for the Ray workers: %s", step.kind, dep, entries[dep].key[:12],
+                     remote.send(Step(dep, {}, [], entries[dep].key), cache, entries[dep]))
+    # keyed as the stage names its inputs; the cache kind is the input's stage (a referenced recipe's `x.data` is data)
+    return stages.Placement(accelerator=accelerator, key=step.key, remote=url,
+                            sources={step.input_name(dep): (entries[dep].kind, entries[dep].key) for dep in step.depends},
+                            localize=localize)
+
+
+def _launcher(step: Step) -> str:
+    return ((step.config.get(step.stage) or {}).get("distributed") or {}).get("launcher") or "torchrun"
 
 
 def node_rank(step: Step) -> int:

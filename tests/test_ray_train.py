@@ -4,7 +4,9 @@ The cluster (tests/ray_cluster.py) is `ray start --head --num-cpus=2` inside net
 only loopback up: Ray would otherwise advertise, and send traffic to, this machine's outside address. The train step's
 driver must reach it, so each run is tests/ray_train_job.py started inside those namespaces. The model and data are the
 tiny ones of the other train tests (conftest). What a user relies on:
-- two Ray workers train what torchrun's two processes train, step for step (same seed, same loss curve);
+- two Ray workers train what torchrun's two processes train, step for step (same seed, same loss curve), even when they
+  cannot see the driver's folder (the outputs come back through Ray's storage on the remote);
+- a recipe that requires CUDA is refused on a cluster without GPUs;
 - a cluster too small for the workers, or no cluster at the address, is refused before any step runs, with what was
   asked and what is there;
 - a worker killed in mid-training is restarted by Ray from the last checkpoint, and the step finishes; past
@@ -51,8 +53,14 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    started = ray_cluster.start(num_cpus=2, env=_env())
+def node_cache(tmp_path_factory) -> Path:
+    """The cluster node's own cache (RECIPE_CACHE of `ray start`): its workers' folder when they cannot see the driver's."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture(scope="module")
+def cluster(node_cache):
+    started = ray_cluster.start(num_cpus=2, env={**_env(), "RECIPE_CACHE": str(node_cache)})
     yield started
     started.stop()
 
@@ -72,7 +80,8 @@ def causal_data(tiny_llama_dir: Path, tmp_path_factory) -> Path:
     return folder
 
 
-def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 42, **overrides: Any) -> Path:
+def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 42, placement: dict | None = None,
+         **overrides: Any) -> Path:
     """tiny_llama_lora's training, shortened: LoRA on every linear layer, 2 processes (gloo), 24 steps of 8 rows each,
     a checkpoint every 4."""
     ray_settings = overrides.pop("ray", {})
@@ -84,7 +93,7 @@ def _job(folder: Path, model_dir: Path, data: Path, launcher: str, seed: int = 4
     folder.mkdir(parents=True, exist_ok=True)
     job = {"config": {"model": Model(path=str(model_dir), task="causal-lm").model_dump(mode="json"),
                       "train": train.model_dump(mode="json"), "seed": seed},
-           "inputs": {"data": str(data)}, "out": str(folder / "out")}
+           "inputs": {"data": str(data)}, "out": str(folder / "out"), **({"placement": placement} if placement else {})}
     (folder / "job.json").write_text(json.dumps(job))
     return folder / "job.json"
 
@@ -120,9 +129,26 @@ def torchrun_reference(tiny_llama_dir, causal_data, tmp_path_factory) -> dict[st
 
 
 def test_two_ray_workers_train_what_two_torchrun_processes_train(cluster, tiny_llama_dir, causal_data,
-                                                                 torchrun_reference, tmp_path):
-    on_ray = _run_on_ray(cluster, _job(tmp_path, tiny_llama_dir, causal_data, "ray"))
+                                                                 torchrun_reference, node_cache, tmp_path,
+                                                                 tmp_path_factory):
+    """Here the workers cannot see the driver's folder (an empty tmpfs covers it in the cluster's mount namespace), as
+    on a node without a shared disk: they train in their node's cache, checkpoints go to the remote, and rank 0 hands the
+    outputs back through Ray's storage there."""
+    remote = tmp_path_factory.mktemp("remote")
+    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray",
+               placement={"remote": f"file://{remote}", "key": "0123456789abcdef01234567"})
+    assert cluster.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path)], timeout=30).returncode == 0
+    try:
+        done = cluster.run([sys.executable, str(JOB_SCRIPT), str(job)], mounts=False,
+                           env={**_env(), "RAY_ADDRESS": cluster.address})
+    finally:
+        cluster.run(["umount", str(tmp_path)], timeout=30)
+    assert done.returncode == 0, done.stderr[-3000:]
+    on_ray = _result(job)
     assert "error" not in on_ray, on_ray.get("error")
+    # the remote keeps no checkpoints of a finished run; the node's cache held the workers' folder, emptied
+    assert not [p for p in remote.rglob("*") if p.is_file()]
+    assert list(node_cache.glob("work/train-*")) and not list(node_cache.glob("work/*/outputs/*"))
     metrics = on_ray["metrics"]
     assert metrics["world_size"] == 2 and metrics["effective_batch_size"] == 16 and metrics["steps"] == 24
     # The same seed, data order and process group: the curves agree far inside seed-to-seed noise (bench/ray_overhead.py
@@ -143,6 +169,17 @@ def test_a_cluster_too_small_for_the_workers_is_refused_before_any_step(cluster,
     assert result["error"] == (
         "the Ray cluster is too small for 3 workers: they need 3 CPU (1 CPU each), the cluster has 2 CPU, 0 GPU; "
         "lower train.distributed.nproc_per_node/nnodes or ray.cpus_per_worker, or add nodes")
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "launch").exists()
+
+
+def test_a_recipe_that_requires_cuda_is_refused_on_a_cluster_without_gpus(cluster, tiny_llama_dir, causal_data,
+                                                                          tmp_path):
+    """`requires.accelerator: cuda` asks one GPU per worker (the executor passes the recipe's requires to the step)."""
+    job = _job(tmp_path, tiny_llama_dir, causal_data, "ray", placement={"accelerator": "cuda"})
+    result = _run_on_ray(cluster, job)
+    assert result["error"] == (
+        "the recipe requires CUDA (requires.accelerator: cuda): its 2 Ray workers need 2 CPU, 2 GPU (1 CPU + 1 GPU "
+        "each), the cluster has 2 CPU, 0 GPU; add GPU nodes to the cluster, or run where a GPU is")
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "launch").exists()
 
 

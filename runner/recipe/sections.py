@@ -258,12 +258,13 @@ class RayLaunch(Strict):
     address: str | None = Field(None, description="Cluster to join (`host:6379`). Unset: `RAY_ADDRESS` (`recipe run "
                                 "--ray-address` sets it), else `auto`, a `ray start --head` on this machine.")
     storage_path: str | None = Field(None, description="Ray's storage_path for the checkpoints a restart resumes from. "
-                                     "Unset: the step's folder; across machines, a folder all of them share.")
+                                     "Unset: `<remote>/ray` with a remote (`--remote`), else the step's folder.")
     max_failures: Annotated[int, Field(ge=-1)] = Field(
         2, description="Restarts of the workers from their last checkpoint after one dies (-1: no limit).")
     cpus_per_worker: PositiveFloat = Field(1, description="CPUs Ray reserves for each worker.")
     gpus_per_worker: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="GPUs per worker. Unset: 1 on a cluster with GPUs, 0 on one without.")
+        None, description="GPUs per worker. Unset: from `requires.accelerator` (cuda: 1, cpu: 0, any: 1 on a cluster "
+        "with GPUs).")
 
 
 class Distributed(Strict):

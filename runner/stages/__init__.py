@@ -54,7 +54,9 @@ TensorBoard events): StageSpec.records lists the record patterns. `recipe verify
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from runner.errors import RunnerError
 
@@ -76,6 +78,38 @@ class StageSpec:
     # Gets a cache-owned folder at inputs["memo"] for sub-results memoized by content across keys (evaluate: one score
     # per (set, artifact)); the stage writes each memo file atomically (runner.atomic.write_memo).
     memo: bool = False
+    # Gets `placement=` (a Placement): a stage that runs parts of itself on other machines (train on Ray) learns where
+    # its inputs come from and what the recipe requires of the hardware.
+    placed: bool = False
+
+
+# On the machine that calls it (runner/fetch.py): (placement, input name, the driver's folder of it) -> the
+# input's folder there, from the driver's folder when seen, that machine's cache or the remote; (placement, None, None)
+# -> a work folder there for the step itself.
+Localize = Callable[["Placement", "str | None", "Path | None"], Path]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the executor tells a placed stage beyond its config. None of it changes a result, so none is in a key.
+
+    A stage never imports the store: the executor hands it `localize`, which a process on another machine calls to get
+    an input there (from that machine's cache, or pulled from the remote by key and verified) and a work folder."""
+
+    accelerator: str = "any"  # the recipe's requires.accelerator
+    key: str = ""  # the step's own key
+    remote: str | None = None  # the remote's URL as printable (no credentials: each machine has its own)
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)  # input name -> (kind, key) of its entry
+    localize: Localize | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict:
+        return {"accelerator": self.accelerator, "key": self.key, "remote": self.remote,
+                "sources": {name: list(source) for name, source in self.sources.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict, localize: Localize | None = None) -> Placement:
+        return cls(data.get("accelerator", "any"), data.get("key", ""), data.get("remote"),
+                   {name: (kind, key) for name, (kind, key) in data.get("sources", {}).items()}, localize)
 
 
 _TORCH = ("torch", "transformers", "tokenizers", "safetensors")
@@ -92,7 +126,7 @@ STAGES: dict[str, StageSpec] = {
     "train": StageSpec(
         "train", "runner.stages.train", 3,  # 3: classifier loss divided by gradient accumulation (accepts_loss_kwargs)
         (*_TORCH, "peft", "accelerate", "bitsandbytes"), True,
-        records=("metrics.json", "trainer_state.json", "loss.png", "tensorboard/*", "*/README.md"),
+        records=("metrics.json", "trainer_state.json", "loss.png", "tensorboard/*", "*/README.md"), placed=True,
     ),
     "export": StageSpec(
         "export", "runner.stages.export", 3, (*_TORCH, "peft", "onnx", "onnxscript", "onnxruntime", "onnxruntime-genai")

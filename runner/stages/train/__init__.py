@@ -19,7 +19,8 @@ share one cache (NFS): each then works in a folder and under a lock of its own, 
 
 With `distributed.launcher: ray` the workers are Ray Train workers on a Ray cluster instead (train/ray.py): each runs
 train_here as a torchrun process would, Ray restarts them from their last reported checkpoint when one dies, and this
-process (the driver) gets the outputs in the out folder, which every worker must reach (one machine, or a shared cache).
+process (the driver) gets the outputs in the out folder. Nodes that do not share a disk with the driver get the inputs by
+key through the remote cache and hand the outputs back through Ray's storage (the `placement` the executor passes).
 
 This module holds the entry point (`run`), the hardware refusals (check_hardware) and one attempt in this process
 (train_here) with the out-of-memory retry around it (smaller_batch). The parts it puts together, one job each:
@@ -46,6 +47,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from runner.recipe.sections import Model, QloraTrain
 from runner.stages import (
+    Placement,
     StageError,
     pretrained,  # called through the module: tests wrap load_model
 )
@@ -69,9 +71,10 @@ MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 # --- entry point ---------------------------------------------------------------------------------------------------------
 
 
-def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+def run(config: dict[str, Any], inputs: dict[str, Path], out: Path, placement: Placement | None = None) -> dict[str, Any]:
     """Train the model of `config` on the data step's dataset, resuming from the newest complete checkpoint in `out`,
-    retrying with half the batch (twice the accumulation) while it runs out of accelerator memory.
+    retrying with half the batch (twice the accumulation) while it runs out of accelerator memory. `placement` (from the
+    executor): the inputs' keys, the remote and the recipe's requires, for Ray workers on other nodes.
 
     Raises:
         StageError: settings this machine cannot run (`train.liger` without CUDA or liger-kernel; flash_attention_2
@@ -82,9 +85,11 @@ def run(config: dict[str, Any], inputs: dict[str, Path], out: Path) -> dict[str,
             step's dataset lacks its train or test split; LoRA target_modules that do not fit the model; the gradient
             guard finds no usable gradient in the first optimizer steps; out of memory at `min_batch_size`; under
             torchrun, multi-node without MASTER_ADDR, MASTER_PORT and a valid NODE_RANK, a worker's StageError, or
-            torchrun failing.
+            torchrun failing; on Ray, the failures runner.stages.train.ray.launch_ray lists (no cluster, too few
+            CPUs/GPUs for the workers or for `requires.accelerator: cuda`, an input a node cannot fetch, workers dying
+            past max_failures).
     """
-    job = Job.parse(config, inputs, out)
+    job = Job.parse(config, inputs, out, placement)
     check_hardware(job.train, job.model)
     drop_incomplete_checkpoints(job.out / CHECKPOINTS)
     attempt = launcher(job.train)

@@ -6,13 +6,14 @@ Shared by every part of the train stage (runner/stages/train/__init__.py and its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from runner.recipe.sections import FullTrain, LoraTrain, Model, QloraTrain, Train
+from runner.stages import Placement
 
 TrainConfig = FullTrain | LoraTrain | QloraTrain
 
@@ -32,9 +33,11 @@ class Job:
     accumulation: int
     oom_retries: int = 0
     packing: bool = False  # data.packing: the plan passes it as the train step's `packing` (only when on)
+    placement: Placement = field(default_factory=Placement)  # from the executor: input keys, remote, requires
 
     @classmethod
-    def parse(cls, config: dict[str, Any], inputs: dict[str, Path], out: Path) -> Job:
+    def parse(cls, config: dict[str, Any], inputs: dict[str, Path], out: Path,
+              placement: Placement | None = None) -> Job:
         train = TypeAdapter(Train).validate_python(config["train"])
         return cls(
             model=Model.model_validate(config["model"]),
@@ -45,6 +48,7 @@ class Job:
             batch_size=train.batch_size,
             accumulation=train.gradient_accumulation,
             packing=bool(config.get("packing", False)),
+            placement=placement or Placement(),
         )
 
     @property
@@ -59,9 +63,10 @@ class Job:
             "inputs": {kind: str(path) for kind, path in self.inputs.items()},
             "out": str(self.out),
             "retry": {"batch_size": self.batch_size, "accumulation": self.accumulation, "oom_retries": self.oom_retries},
+            "placement": self.placement.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Job:
-        job = cls.parse(data["config"], data["inputs"], Path(data["out"]))
+        job = cls.parse(data["config"], data["inputs"], Path(data["out"]), Placement.from_json(data.get("placement", {})))
         return replace(job, **data["retry"])

@@ -2,15 +2,27 @@
 workers, each running the same attempt a torchrun process runs (train_here, handed in by the train stage).
 
 Ray's torch backend sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT and opens the process group (gloo on
-CPU, nccl on GPUs), so transformers' Trainer finds a normal DDP run. Rank 0 writes the outputs into the step's out folder
-as under torchrun; the driver (this process) reads metrics.json back, and the executor commits the folder as for any
-step. The out folder must therefore be reachable from every worker: one machine, or a cache on a shared filesystem.
+CPU, nccl on GPUs), so transformers' Trainer finds a normal DDP run. GPUs per worker: ray.gpus_per_worker, else what the
+recipe requires (`requires.accelerator: cuda`: one each, `cpu`: none, `any`: one when the cluster has GPUs).
+
+Data to and from the workers. The executor hands the step a Placement (runner/stages/__init__.py): the key of each
+input's entry, the remote's URL (never its credentials) and `localize`, a function of the store (runner/fetch.py)
+the workers call, since a stage never imports the store. On each worker:
+- an input is the driver's folder when that node sees it and it verifies (one machine, or a cache on a shared
+  filesystem), else that node's own cache entry, else pulled from the remote by key and verified file by file, as
+  `recipe pull` does;
+- the out folder is the driver's when that node sees it; otherwise a work folder of that node's cache, and rank 0 hands
+  the finished outputs (no checkpoints) to Ray as a last checkpoint, which the driver downloads into its out folder;
+- checkpoints go to Ray's storage_path: ray.storage_path, else `<remote>/ray` (Ray reaches s3:// through pyarrow, with
+  each node's AWS_* settings), else the step's own folder. So a restarted group resumes on whatever nodes Ray gives it.
+The driver (this process) reads metrics.json back, and the executor commits the out folder as for any step and pushes it.
 
 Checkpoints: each Trainer save is reported to Ray (ReportCheckpoints) and kept under Ray's storage_path. When a worker
 dies, Ray restarts the whole group (FailureConfig.max_failures) and every worker resumes from the last reported
 checkpoint (ray.train.get_checkpoint). Failures the user can act on are found before anything runs (no cluster, too
 few CPUs/GPUs) or reported by the workers through the same `launch/` files as under torchrun (out of memory, a
-StageError); such a failure would only repeat, so the workers Ray restarts after one stop at once.
+StageError); such a failure would only repeat, so the workers Ray restarts after one stop at once. (A worker on a node
+that does not see the driver's folder reports into its own: its failure reaches the driver as Ray's error line.)
 """
 
 from __future__ import annotations
@@ -22,12 +34,13 @@ import shutil
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from runner.stages import StageError
+from runner.stages import Localize, StageError
 from runner.stages.train.checkpoints import CHECKPOINTS, drop_incomplete_checkpoints, is_complete, resume_point
 from runner.stages.train.job import Job, OutOfMemory
 from runner.stages.train.torchrun import LAUNCH, report_failure, worker_failure
@@ -35,6 +48,7 @@ from runner.stages.train.torchrun import LAUNCH, report_failure, worker_failure
 log = logging.getLogger(__name__)
 
 RAY_STORAGE = "ray"  # the default storage_path, inside the step's out folder; removed once the step succeeded
+FINAL = "final-outputs"  # the last checkpoint of a run whose rank 0 could not write into the driver's out folder
 CONNECT_TIMEOUT_S = 5.0
 # Settings of the driver's environment the workers need too (Ray starts them from the cluster's environment).
 PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
@@ -44,11 +58,13 @@ Attempt = Callable[..., dict[str, Any]]
 
 
 def launch_ray(job: Job, attempt: Attempt) -> dict[str, Any]:
-    """Run the attempt on Ray Train workers; their outputs land in job.out, we read metrics.json back.
+    """Run the attempt on Ray Train workers; their outputs land in job.out (or come back through Ray's storage), we
+    read metrics.json back.
 
     Raises:
-        StageError: ray is not installed; the cluster cannot be reached, or has too few CPUs/GPUs for the workers
-            (before any worker starts); a worker's StageError; workers that kept dying past max_failures (which worker,
+        StageError: ray is not installed; the cluster cannot be reached, or has too few CPUs/GPUs for the workers, or
+            no GPU for a recipe that requires CUDA (before any worker starts); a worker's StageError (an input its node
+            cannot fetch, refused or missing on the remote); workers that kept dying past max_failures (which worker,
             on which node, and why); OutOfMemory when a worker ran out of accelerator memory (the stage retries).
     """
     try:
@@ -63,20 +79,46 @@ def launch_ray(job: Job, attempt: Attempt) -> dict[str, Any]:
     connect(address)
     try:
         gpus = gpus_per_worker(job, ray.cluster_resources())
-        check_capacity(worker_count(job), dist.ray.cpus_per_worker, gpus, ray.cluster_resources())
+        check_capacity(worker_count(job), dist.ray.cpus_per_worker, gpus, ray.cluster_resources(),
+                       job.placement.accelerator)
         folder = job.out / LAUNCH
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         (job.out / "metrics.json").unlink(missing_ok=True)  # a stale one must not pass for this attempt's result
-        # a path or a URI Ray's storage understands (s3://...), passed as written; by default the step's own folder
-        storage = dist.ray.storage_path or str(job.out / RAY_STORAGE)
+        storage = storage_path(job)
         _fit(job, attempt, storage, gpus)
     finally:
         ray.shutdown()
     if dist.ray.storage_path is None:
-        shutil.rmtree(storage, ignore_errors=True)
+        _remove_storage(storage, run_name(job))
     shutil.rmtree(folder, ignore_errors=True)
     return json.loads((job.out / "metrics.json").read_text())
+
+
+def storage_path(job: Job) -> str:
+    """Where Ray keeps the checkpoints: ray.storage_path as written (a path, or a URI Ray's storage understands), else
+    a folder of the remote, which every node reaches, else the step's own folder (one machine, or a shared cache)."""
+    dist = job.train.distributed
+    assert dist is not None
+    if dist.ray.storage_path:
+        return dist.ray.storage_path
+    if job.placement.remote:
+        return f"{job.placement.remote.rstrip('/')}/{RAY_STORAGE}"
+    return str(job.out / RAY_STORAGE)
+
+
+def _remove_storage(storage: str, name: str) -> None:
+    """Drop the finished run's checkpoints from the default storage (they only served a restart)."""
+    if "://" not in storage:
+        shutil.rmtree(storage, ignore_errors=True)
+        return
+    import pyarrow.fs
+
+    try:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+    except (OSError, pyarrow.lib.ArrowException) as exc:  # left behind, not a failed step: a later run reuses the name
+        log.warning("could not remove the Ray checkpoints under %s/%s: %s", storage, name, exc)
 
 
 def worker_count(job: Job) -> int:
@@ -86,11 +128,15 @@ def worker_count(job: Job) -> int:
 
 
 def gpus_per_worker(job: Job, cluster: dict[str, float]) -> int:
-    """ray.gpus_per_worker, or one GPU per worker on a cluster with GPUs (none on one without)."""
+    """ray.gpus_per_worker; else from the recipe's `requires.accelerator`: `cuda` one GPU per worker (check_capacity
+    refuses a cluster without), `cpu` none, `any` one on a cluster with GPUs and none on one without."""
     dist = job.train.distributed
     assert dist is not None
     if dist.ray.gpus_per_worker is not None:
         return dist.ray.gpus_per_worker
+    accelerator = job.placement.accelerator
+    if accelerator in ("cuda", "cpu"):
+        return int(accelerator == "cuda")
     return 1 if cluster.get("GPU", 0) > 0 else 0
 
 
@@ -122,13 +168,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def check_capacity(workers: int, cpus: float, gpus: int, cluster: dict[str, float]) -> None:
+def check_capacity(workers: int, cpus: float, gpus: int, cluster: dict[str, float], accelerator: str = "any") -> None:
     """Refuse before anything starts when the cluster cannot place every worker at once (Ray would wait forever)."""
     needs = {"CPU": workers * cpus, "GPU": workers * gpus}
     short = {name: need for name, need in needs.items() if need > cluster.get(name, 0)}
     if short:
         asked = ", ".join(f"{_num(need)} {name}" for name, need in needs.items() if need)
         has = ", ".join(f"{_num(cluster.get(name, 0))} {name}" for name in needs)
+        if "GPU" in short and not cluster.get("GPU"):
+            raise StageError(f"the recipe requires CUDA (requires.accelerator: {accelerator}): its {workers} Ray "
+                             f"workers need {asked} ({_num(cpus)} CPU + {gpus} GPU each), the cluster has {has}; add "
+                             "GPU nodes to the cluster, or run where a GPU is")
         raise StageError(f"the Ray cluster is too small for {workers} workers: they need {asked} "
                          f"({_num(cpus)} CPU{f' + {gpus} GPU' if gpus else ''} each), the cluster has {has}; lower "
                          "train.distributed.nproc_per_node/nnodes or ray.cpus_per_worker, or add nodes")
@@ -145,7 +195,7 @@ def _fit(job: Job, attempt: Attempt, storage: str, gpus: int) -> None:
     dist = job.train.distributed
     assert dist is not None
     trainer = TorchTrainer(
-        train_loop_per_worker=_worker_loop(attempt),
+        train_loop_per_worker=_worker_loop(attempt, job.placement.localize),
         train_loop_config={"job": job.to_json()},
         torch_config=TorchConfig(backend={"auto": "nccl" if gpus else "gloo"}.get(dist.backend, dist.backend)),
         scaling_config=ScalingConfig(
@@ -159,7 +209,7 @@ def _fit(job: Job, attempt: Attempt, storage: str, gpus: int) -> None:
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError, after Ray's restarts
         failure = worker_failure(job.out / LAUNCH)
         if failure == "oom":
@@ -172,6 +222,9 @@ def _fit(job: Job, attempt: Attempt, storage: str, gpus: int) -> None:
         raise OutOfMemory("a Ray worker ran out of accelerator memory")
     if failure:
         raise StageError(failure)
+    if not (job.out / "metrics.json").exists() and result.checkpoint is not None \
+            and Path(result.checkpoint.path).name == FINAL:
+        result.checkpoint.to_directory(str(job.out))  # rank 0 ran on a node that does not see this folder
     if not (job.out / "metrics.json").exists():
         raise StageError("the Ray workers finished without writing metrics.json (see the worker logs above)")
 
@@ -213,14 +266,26 @@ def _node_of(folder: Path, rank: int) -> str:
 # --- on each worker ----------------------------------------------------------------------------------------------------
 
 
-def _worker_loop(attempt: Attempt) -> Callable[[dict[str, Any]], None]:
+def _worker_loop(attempt: Attempt, localize: Localize | None) -> Callable[[dict[str, Any]], None]:
     def train_loop_per_worker(config: dict[str, Any]) -> None:
-        worker_main(config, attempt)
+        worker_main(config, attempt, localize)
 
     return train_loop_per_worker
 
 
-def worker_main(config: dict[str, Any], attempt: Attempt) -> None:
+def on_this_node(job: Job, localize: Localize | None) -> Job:
+    """The job with inputs and out folder this node can use (see the module docstring); as is without `localize` (the
+    step was not run by the executor: every path is taken to be reachable)."""
+    if localize is None:
+        return job
+    inputs = {name: localize(job.placement, name, path) if name in job.placement.sources else path
+              for name, path in job.inputs.items()}
+    out = job.out if job.out.is_dir() else localize(job.placement, None, None)
+    (out / LAUNCH).mkdir(parents=True, exist_ok=True)
+    return replace(job, inputs=inputs, out=out)
+
+
+def worker_main(config: dict[str, Any], attempt: Attempt, localize: Localize | None = None) -> None:
     """One Ray worker: the attempt a torchrun process runs, resuming from Ray's last checkpoint after a restart."""
     import ray.train
 
@@ -228,7 +293,13 @@ def worker_main(config: dict[str, Any], attempt: Attempt) -> None:
     rank = context.get_world_rank()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format=f"[ray rank {rank}] %(levelname)s %(name)s: %(message)s")
-    job = Job.from_json(config["job"])
+    driver = Job.from_json(config["job"])
+    try:
+        job = on_this_node(driver, localize)
+    except StageError as exc:  # an input that cannot reach this node: it would only fail again after a restart
+        if driver.out.is_dir():
+            report_failure(driver, rank, exc)
+        raise
     folder = job.out / LAUNCH
     if worker_failure(folder):
         return  # a failure that would only repeat was reported before this restart: the driver acts on it
@@ -238,18 +309,42 @@ def worker_main(config: dict[str, Any], attempt: Attempt) -> None:
         drop_incomplete_checkpoints(job.out / CHECKPOINTS)  # a killed worker may have been saving
     checkpoint = ray.train.get_checkpoint()
     try:
+        callbacks = [ReportCheckpoints(own_folder=job.out != driver.out)]
         if checkpoint is None:
-            attempt(job, callbacks=[ReportCheckpoints()])
+            metrics = attempt(job, callbacks=callbacks)
         else:
             with checkpoint.as_directory() as path:
-                attempt(job, callbacks=[ReportCheckpoints()], resume=newest(Path(path), job.out / CHECKPOINTS))
+                metrics = attempt(job, callbacks=callbacks, resume=newest(Path(path), job.out / CHECKPOINTS))
     except (OutOfMemory, StageError) as exc:
         report_failure(job, rank, exc)
         raise
+    if localize is not None:
+        # every rank reports (Ray's report is collective, so the condition is the same on all); rank 0 attaches the
+        # outputs when the driver cannot see its folder
+        ship_outputs(job, driver, rank, metrics)
+    if job.out != driver.out:  # reported: this node's folder only served the run
+        shutil.rmtree(job.out, ignore_errors=True)
     import torch.distributed
 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # leave together; Ray's backend destroys the process group
+
+
+def ship_outputs(job: Job, driver: Job, rank: int, metrics: dict[str, Any]) -> None:
+    """Hand the finished outputs to Ray as the run's last checkpoint (named FINAL) when rank 0 wrote them in a folder
+    the driver cannot see: the driver downloads it from Ray's storage into its out folder."""
+    import ray.train
+
+    shipped = rank == 0 and job.out != driver.out
+    staging = job.out.parent / FINAL
+    if shipped:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(job.out, staging, ignore=lambda folder, names: [n for n in names if Path(folder) == job.out and
+                                                                          n in (CHECKPOINTS, LAUNCH, RAY_STORAGE)])
+    checkpoint = ray.train.Checkpoint.from_directory(str(staging)) if shipped else None
+    ray.train.report({"step": metrics.get("steps", 0), "final": 1}, checkpoint=checkpoint, checkpoint_dir_name=FINAL)
+    if shipped:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def newest(reported: Path, local: Path) -> Path:
@@ -266,7 +361,12 @@ def _step(checkpoint: Path) -> int:
 
 class ReportCheckpoints(TrainerCallback):
     """After each Trainer save, hand the checkpoint to Ray (as Ray's RayTrainReportCallback does): rank 0 reports the
-    folder, once every rank has written its part of it (rank 0 the weights and optimizer, each rank its RNG state)."""
+    folder, once every rank has written its part of it (rank 0 the weights and optimizer, each rank its RNG state).
+    On a node that works in a folder of its own (`own_folder`: it does not see the driver's), that node's first worker
+    reports its folder too, which holds its ranks' RNG states: Ray merges every rank's files into one checkpoint."""
+
+    def __init__(self, own_folder: bool = False):
+        self.own_folder = own_folder
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         import ray.train
@@ -277,8 +377,9 @@ class ReportCheckpoints(TrainerCallback):
         name = f"checkpoint-{state.global_step}"
         path = Path(args.output_dir) / name
         metrics = {"step": state.global_step, **{k: v for k, v in state.log_history[-1].items() if k != "step"}}
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0 and is_complete(path):
+        context, checkpoint = ray.train.get_context(), None
+        if (context.get_world_rank() == 0 and is_complete(path)) or (
+                self.own_folder and context.get_world_rank() != 0 and context.get_local_rank() == 0 and path.is_dir()):
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         return control
