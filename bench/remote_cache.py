@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from common import save  # noqa: E402
+from common import figure, save  # noqa: E402
 
 from tests import seaweed  # noqa: E402
 
@@ -123,6 +123,10 @@ def main() -> int:
             server.stop()
     report(result)
     save(args.json, {"P12": result})
+    figure("P12", f"remote cache: s3fs put + get / our push + pull (pulled run / cold run {result['pulled_run_ratio']:.4f}, "
+           f"RSS growth pulling {result['large_file']['file_mb']} MB {result['large_file']['rss_growth_mb']:.0f} MB, "
+           f"verify exit {result['verify_exit']})", result["transfer_ratio"], ">= 0.8, pulled run <= 0.05, RSS < 200 MB",
+           result["met"])
     return 0 if result["met"] else 1
 
 
