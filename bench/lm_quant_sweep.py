@@ -41,6 +41,8 @@ def decode_tps(artifact: Path, prompts: list[list[int]], tokens: int = 32) -> fl
     produced, start = 0, time.perf_counter()
     for prompt in prompts:
         produced += len(model.generate_ids(prompt, max_new_tokens=tokens)["tokens"])
+    if not produced:
+        raise SystemExit(f"{artifact}: every prompt ended at once (eos first): no decode speed to measure")
     return produced / (time.perf_counter() - start)
 
 
@@ -73,7 +75,10 @@ def main() -> int:
     manifest = json.loads((inputs["export"].parent / "manifest.json").read_text())
     model_cfg = Model.model_validate(manifest["config"]["model"])
     samples = load_samples(inputs["data"], "test", 200)
-    prompts = [s["input_ids"][: len(s["input_ids"]) // 2] for s in samples[:4]]  # long continuations, for speed
+    if args.smoke:  # the tiny model ends a half answer at once: its prompts (the masked part), it answers those
+        prompts = [[t for t, label in zip(s["input_ids"], s["labels"], strict=True) if label == -100] for s in samples[:4]]
+    else:
+        prompts = [s["input_ids"][: len(s["input_ids"]) // 2] for s in samples[:4]]  # long continuations, for speed
     reference_tps = decode_tps(inputs["export"] / "onnx", prompts)
     print(f"fp32 export: {reference_tps:.1f} tokens/s")
     rows = []
@@ -99,8 +104,8 @@ def main() -> int:
     gate = OnnxWeightOnly(method="onnx-weight-only").max_metric_drop
     default = rows[0]
     figure("LMQ", f"default weight-only int{default['bits']} eval loss increase (greedy {default['greedy']}, "
-           f"{default['speed_vs_fp32']:.2f}x fp32 decode)", 100 * default["loss_increase"], f"<= {100 * gate:g}% (the "
-           "default gate)", default["loss_increase"] <= gate, unit="%")
+           f"{default['speed_vs_fp32']:.2f}x fp32 decode)", 100 * default["loss_increase"],
+           f"<= {100 * gate:g}%, the default gate", default["loss_increase"] <= gate, unit="%")
     return 0
 
 

@@ -9,7 +9,7 @@ Three figures:
   checks and manifests cost at most 20%); `recipe pull` as a user types it (planning included) is reported beside;
 - pulled run: `recipe run --pull` into an empty cache vs the cold run, in wall time; target <= 0.05;
 - memory: the RSS a process gains while it pulls one large file (default 2 GB); target < 200 MB.
-The quickstart runs with the test suite's reduced overrides (tests/test_end_to_end.py QUICK) unless --overrides says
+The quickstart runs with reduced overrides (QUICK: 1,200 rows, one epoch) unless --overrides says
 otherwise.
 """
 

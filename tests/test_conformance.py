@@ -83,6 +83,37 @@ def test_run_passes_every_gate_and_leaves_a_run_folder_with_a_report(clone, tour
     assert "forgetting: within budget" in out
 
 
+def test_run_keeps_its_accuracy_from_training_to_the_served_int8_model_and_reports_it(clone, tour):
+    """What a newcomer sees of the quickstart's run: the pretrained encoder learns, every artifact keeps the trained
+    model's accuracy on the same rows, and the report shows it with its pictures and the weights' provenance."""
+    folder = clone / re.search(r"Run folder: (\S+)", tour["run"].stdout).group(1)
+    outputs = {s["kind"]: Path(s["outputs"]) for s in json.loads((folder / "run.json").read_text())["steps"]}
+    train = json.loads((outputs["train"] / "metrics.json").read_text())
+    export = json.loads((outputs["export"] / "export_report.json").read_text())
+    quantize = json.loads((outputs["quantize"] / "quantize_report.json").read_text())
+    serve = json.loads((outputs["serve"] / "serve_report.json").read_text())
+    test = next(s for s in json.loads((outputs["evaluate"] / "evaluate_report.json").read_text())["sets"]
+                if s["name"] == "test")["scores"]
+    # a pretrained encoder with a fresh head: chance before, well above it after 30 steps on 480 real reviews
+    assert train["eval_accuracy_before"] < 0.6 and train["eval_accuracy"] >= 0.68
+    assert export["validation"]["passed"] and export["validation"]["top1_agreement"] == 1.0
+    # the same held-out rows scored on every artifact (evaluate): the int8 model within 2 points of the trained one
+    assert abs(test["export"]["accuracy"] - test["train"]["accuracy"]) <= 0.01  # at most one row of 120 moves
+    assert abs(test["quantize"]["accuracy"] - test["train"]["accuracy"]) <= 0.02
+    assert serve["passed"] and serve["served_eval"]["accuracy"] == quantize["comparison"]["metric_candidate"]
+    assert len(serve["latency"]["samples_ms"]) == serve["latency"]["requests"]
+    report = (folder / "report.md").read_text()
+    assert "## Headline" in report
+    # the forgetting table (base vs tuned probe accuracy on the general set) and the three pictures
+    assert "| set | base probe accuracy | tuned probe accuracy | accuracy drop | budget | verdict |" in report
+    for picture in ("train-loss.png", "serve-latency.png", "evaluate-confusion_test.png"):
+        assert f"]({picture})" in report and (folder / picture).is_file()
+    assert re.search(r"^- \*\*int8 ONNX:\*\* 0\.\d{4} \(", report, re.M)  # the headline names every artifact's figure
+    # the weights' provenance, checkable against the upstream file: all-MiniLM-L6-v2's model.safetensors
+    assert ("| base model package: model.safetensors sha256 | "
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db |") in report
+
+
 def test_run_again_is_fully_cached(clone, tour):
     again = recipe(clone, "run", "quickstart", *Q)
     assert "quickstart succeeded: 0 ran, 6 cached" in again.stdout
@@ -212,6 +243,7 @@ COVERS: dict[str, list[str]] = {
     "recipe plan": ["test_plan_lists_every_step_with_its_key_and_why_it_will_run",
                     "test_plan_with_an_override_keeps_data_cached_and_reruns_train_onwards"],
     "recipe run": ["test_run_passes_every_gate_and_leaves_a_run_folder_with_a_report", "test_run_again_is_fully_cached",
+                   "test_run_keeps_its_accuracy_from_training_to_the_served_int8_model_and_reports_it",
                    "test_run_force_reruns_one_step_until_stops_and_dry_run_runs_nothing"],
     "recipe lock": ["test_lock_then_locked_run_then_verify_match_and_a_changed_recipe_is_refused"],
     "recipe verify": ["test_lock_then_locked_run_then_verify_match_and_a_changed_recipe_is_refused"],

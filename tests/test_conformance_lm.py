@@ -1,9 +1,9 @@
 """The causal-LM benches, `nox -s forgetting`, `nox -s fuzz` and the server stress of `nox -s faults`, as a user runs them
 at their `--smoke` sizes.
 
-decode_speed.py (P9), lm_quant_sweep.py and export_memory.py share one tiny run: each `--smoke` runs the tiny_llama_lora
-recipe at one epoch through the runner's cache (the clone's, $RECIPE_CACHE), so the first computes it and the others
-find it cached. Without --smoke they use the real SmolLM2 (the smollm2_lora recipe's model step), as `nox -s real_lm` does.
+First `nox -s recipe -- tiny_llama_lora` (the causal-LM path through every stage) at the size the LM benches' `--smoke`
+uses (bench/common.py TINY_LM_SMOKE): decode_speed.py (P9), lm_quant_sweep.py and export_memory.py then find its steps in
+the clone's cache ($RECIPE_CACHE) and run on them, so the file trains and exports one tiny LM. Without --smoke they use the real SmolLM2 (the smollm2_lora recipe's model step), as `nox -s real_lm` does.
 A file of its own (tests/conformance.py says why).
 """
 
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance import bench, copy_checkout, figure, sh
+from tests.conformance import REPO, bench, copy_checkout, figure, recipe, sh
+
+sys.path.insert(0, str(REPO / "bench"))
+from common import TINY_LM, TINY_LM_SMOKE  # noqa: E402 - bench/common.py: the size the LM benches' --smoke runs
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +27,21 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     return copy_checkout(tmp_path_factory.mktemp("clone"))
+
+
+def test_tiny_llama_lora_serves_generation_probes(clone):
+    """The shipped causal-LM recipe end to end: LoRA learns, the ONNX decoder passes its validation, the server answers
+    every /generate probe."""
+    recipe(clone, "run", TINY_LM, *TINY_LM_SMOKE)
+    run = json.loads((clone / "runs" / TINY_LM / "latest" / "run.json").read_text())
+    assert [(s["kind"], s["status"]) for s in run["steps"]] == [
+        (kind, "ran") for kind in ("model", "data", "train", "export", "quantize", "evaluate", "serve")]
+    outputs = {s["kind"]: Path(s["outputs"]) for s in run["steps"]}
+    train = json.loads((outputs["train"] / "metrics.json").read_text())
+    assert train["eval_loss"] < train["eval_loss_before"]
+    assert json.loads((outputs["export"] / "export_report.json").read_text())["validation"]["passed"]
+    serve = json.loads((outputs["serve"] / "serve_report.json").read_text())
+    assert serve["passed"] and serve["probes"] and all(probe["passed"] for probe in serve["probes"])
 
 
 def test_lm_quant_sweep_prints_the_default_weight_only_loss_increase(clone, tmp_path):
