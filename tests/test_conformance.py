@@ -7,7 +7,8 @@ writes. The quickstart runs once at its smallest passing size (bench/common.py Q
 commands share that run (the module-scoped `tour` fixture).
 
 The heavy commands (the kill -9 trials, the benches, the causal-LM benches, forgetting and fuzz) are in
-tests/test_conformance_{faults,bench,lm}.py, so xdist runs them on other workers (tests/conformance.py: the shared part).
+tests/test_conformance_faults.py, _bench.py and _lm.py, so xdist runs them on other workers (tests/conformance.py says
+why, and holds what the files share).
 The last tests read README.md's code blocks and noxfile.py's sessions: a `recipe <command>`, `nox -s <session>` or
 `python bench/<script>` that no conformance test covers fails the suite, so a renamed command breaks a test, not a user.
 """
