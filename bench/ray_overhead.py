@@ -16,7 +16,7 @@ tests/ray_train_job.py, the train step as a process of its own.
 - Noise: the largest per-step loss difference between torchrun seeds 42/43/44, beside the largest one between Ray and
   torchrun with seed 42 (0 when the two are the same training).
 
-Prints `P11 ray step time: R (startup S s)`.
+Ends with `FIGURE P11 ray step time: Ray / torchrun median step (startup +S s) = R (target none: no target)`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import save  # noqa: E402
+from common import figure, save  # noqa: E402
 
 from tests import ray_cluster  # noqa: E402
 
@@ -156,8 +156,9 @@ def main() -> int:
     print(f"median step: Ray {on_ray['median_step_s'] * 1000:.1f} ms, torchrun {base['median_step_s'] * 1000:.1f} ms; "
           f"loss curves: Ray vs torchrun (seed 42) differ by at most {gap:.2e}"
           + (f", torchrun seeds 42/43/44 by up to {noise:.3f}" if noise is not None else ""))
-    print(f"P11 ray step time: {ratio:.2f} (startup {startup:.1f} s)")
     save(args.json, result)
+    figure("P11", f"ray step time: Ray / torchrun median step over {steps} steps (startup {startup:+.1f} s)", ratio,
+           "none", None)
     return 0
 
 

