@@ -159,7 +159,7 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         with _step_log(run_dir / "logs" / f"{step.kind}.log"):
             try:
                 module = importlib.import_module(spec.module)
-                placed = {"placement": placement(step, entries, remote, accelerator, cache)} if spec.placed else {}
+                placed = {"placement": placement(step, entries, remote, accelerator)} if spec.placed else {}
                 metrics = module.run(step.config, inputs, out, **placed) or {}
             except StageError as exc:
                 log.error("%s failed: %s", step.kind, exc)
@@ -190,24 +190,15 @@ def _run_step(step: Step, cache: Cache, entries: dict[str, Entry], run_dir: Path
         return StepResult(step.kind, step.key, "ran", round(seconds, 3), metrics, str(entry.outputs))
 
 
-def placement(step: Step, entries: dict[str, Entry], remote: RemoteUse | None, accelerator: str,
-              cache: Cache) -> stages.Placement:
+def placement(step: Step, entries: dict[str, Entry], remote: RemoteUse | None, accelerator: str) -> stages.Placement:
     """What a placed stage (train) learns beyond its config: its inputs' keys, the remote, the recipe's accelerator, and
-    runner.fetch.localize, which its Ray workers call to get the inputs on their nodes. Before a Ray step with
-    `--push`, its inputs are pushed: the workers on other nodes pull them from there."""
+    runner.fetch.localize, which its Ray workers call to get the inputs on their nodes. With `--push` the inputs are
+    on the remote already: execute pushes every step as it is committed or found cached, before the next one runs."""
     url = remote.remote.url if remote is not None and not remote.unreachable else None
-    if url is not None and remote is not None and remote.push and _launcher(step) == "ray":
-        for dep in step.depends:
-            log.info("%s: %s %s on the remote for the Ray workers: %s", step.kind, dep, entries[dep].key[:12],
-                     remote.send(Step(dep, {}, [], entries[dep].key), cache, entries[dep]))
     # keyed as the stage names its inputs; the cache kind is the input's stage (a referenced recipe's `x.data` is data)
     return stages.Placement(accelerator=accelerator, key=step.key, remote=url,
                             sources={step.input_name(dep): (entries[dep].kind, entries[dep].key) for dep in step.depends},
                             localize=localize)
-
-
-def _launcher(step: Step) -> str:
-    return ((step.config.get(step.stage) or {}).get("distributed") or {}).get("launcher") or "torchrun"
 
 
 def node_rank(step: Step) -> int:
