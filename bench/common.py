@@ -62,7 +62,7 @@ def recipe_outputs(recipe: str, overrides: list[str], until: str, cache_dir: Pat
     store = Cache(cache)
     outputs: dict[str, Path] = {}
     for step in build_plan(load_recipe(path, overrides), store.memo):
-        entry = store.entry(step.kind, step.key)
+        entry = store.entry(step.stage, step.key)  # the cache keeps a referenced recipe's `x.train` under train
         if entry is None:
             raise SystemExit(f"{recipe}: the {step.kind} step is not in {cache} after the run")
         outputs[step.kind] = entry.outputs
