@@ -184,7 +184,11 @@ def tests(session: nox.Session) -> None:
     install_env(session, "cpu", dev=True, ray=True)
     # every core (pytest-xdist); a file's tests stay on one worker, so a module's shared run (tests/test_conformance.py's
     # quickstart) is made once. Tests that serve pick free ports. `-- -n0` runs it in one process.
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "loadfile", *session.posargs, env=OFFLINE)
+    # One worker per core, so one torch thread per worker and per process a test starts: torch's default (a thread per
+    # core in every process) oversubscribes the cores, and its OpenMP threads spin while they wait for each other.
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "-n", "auto", "--dist", "loadfile", *session.posargs,
+                env={**OFFLINE, **threads})
 
 
 @nox.session(python=PYTHON)

@@ -2,7 +2,8 @@
 
     python bench/forgetting.py [--recipe quickstart] [--values 0,0.001,0.01,0.03,0.1,0.3,1] [--set data.select=1000 ...]
                                [--json bench/results/forgetting.json]
-    python bench/forgetting.py --smoke     # l2sp off and 0.1 on 200 reviews (minutes at most; not the README's figure)
+    python bench/forgetting.py --smoke     # l2sp off and 0.1 on 200 reviews, 3 fold draws (a minute or two; not the
+                                           # README's figure)
 
 Each value of train.l2sp is one `recipe run` of the same offline recipe through the CLI, as a user runs it (0 = the
 option unset), with the same data, seed, learning rate and steps; export, quantize and serve are switched off
@@ -44,7 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 # the other artifacts' steps off; the forgetting gate off (measured and reported, not failed: this measures it)
 OFF = ["export=null", "quantize=null", "serve=null", "evaluate.max_forgetting=null"]
 AFFORDABLE = ["data.select=1000", "train.epochs=1", "train.learning_rate=3e-4"]
-SMOKE = ["data.select=200", "train.epochs=1", "train.learning_rate=3e-4"]
+# --smoke: 200 reviews, and 200 rows of each evaluate set (the probe's features are the smoke's largest cost)
+SMOKE = ["data.select=200", "train.epochs=1", "train.learning_rate=3e-4", "evaluate.max_rows=200"]
 
 
 def run_recipe(recipe: str, overrides: list[str], cache_dir: str | None, runs_dir: Path) -> dict[str, Any]:
@@ -79,7 +81,8 @@ def moved(trained: Path, base: Path) -> float:
     return math.sqrt(total)
 
 
-SPLITS = 20  # resampled probe: other fold seeds on the same general set
+SPLITS = 20  # resampled probe: other fold seeds on the same general set (--smoke: SMOKE_SPLITS)
+SMOKE_SPLITS = 3
 
 
 @cache
@@ -97,8 +100,8 @@ def _features(model_dir: str, texts: tuple[str, ...], head: bool) -> Any:
     return mean_pooled(encoder, AutoTokenizer.from_pretrained(model_dir), list(texts), MAX_TOKENS)
 
 
-def resampled(recipe_obj: Any, base: Path, trained: Path) -> dict[str, dict[str, float]]:
-    """The probe-accuracy drop averaged over SPLITS fold draws (seeds 0..SPLITS-1) of each local general set, with the
+def resampled(recipe_obj: Any, base: Path, trained: Path, splits: int = SPLITS) -> dict[str, dict[str, float]]:
+    """The probe-accuracy drop averaged over `splits` fold draws (seeds 0..splits-1) of each local general set, with the
     evaluate step's probe (runner.stages.evaluate.linear_probe, cross-validated): the spread says how much of a difference is the
     folds' luck."""
     import csv
@@ -118,16 +121,17 @@ def resampled(recipe_obj: Any, base: Path, trained: Path) -> dict[str, dict[str,
         labels = [row[spec.label_column] for row in rows]
         before, after = _features(str(base), texts, False), _features(str(trained), texts, True)
         drops = [probe_accuracy(before, labels, evaluate.probe_folds, seed)["probe_accuracy"]
-                 - probe_accuracy(after, labels, evaluate.probe_folds, seed)["probe_accuracy"] for seed in range(SPLITS)]
+                 - probe_accuracy(after, labels, evaluate.probe_folds, seed)["probe_accuracy"] for seed in range(splits)]
         # the step's own folds (the recipe seed), recomputed here: they must give the step's figure
         own = (probe_accuracy(before, labels, evaluate.probe_folds, recipe_obj.seed)["probe_accuracy"]
                - probe_accuracy(after, labels, evaluate.probe_folds, recipe_obj.seed)["probe_accuracy"])
-        out[spec.name] = {"mean": statistics.mean(drops), "sd": statistics.stdev(drops), "splits": SPLITS,
+        out[spec.name] = {"mean": statistics.mean(drops), "sd": statistics.stdev(drops), "splits": splits,
                           "recipe_seed_split": own}
     return out
 
 
-def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | None, runs_dir: Path) -> dict[str, Any]:
+def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | None, runs_dir: Path,
+            splits: int = SPLITS) -> dict[str, Any]:
     extra = [f"train.l2sp={value}"] if value else []
     run = run_recipe(recipe, [*OFF, *overrides, *extra], cache_dir, runs_dir)
     train, evaluate = step(run, "train"), step(run, "evaluate")
@@ -139,7 +143,7 @@ def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | No
     recipe_obj = load_recipe(find_recipe(recipe), [*OFF, *overrides]).recipe
     base = Path(model_location(recipe_obj.model) or "")
     distance = moved(Path(train["outputs"]) / "model", base)
-    again = resampled(recipe_obj, base, Path(train["outputs"]) / "model")
+    again = resampled(recipe_obj, base, Path(train["outputs"]) / "model", splits)
     for name, figure in again.items():
         step_figure = next(f["change"] for f in report["forgetting"]["sets"] if f["name"] == name)
         if abs(figure["recipe_seed_split"] - step_figure) > 1e-9:
@@ -166,8 +170,9 @@ def measure(recipe: str, value: float, overrides: list[str], cache_dir: str | No
 
 def table(rows: list[dict[str, Any]]) -> str:
     sets = sorted({name for row in rows for name in row["forgetting"]})
+    splits = next((r["splits"] for row in rows for r in row["forgetting_resampled"].values()), SPLITS)
     head = ["l2sp", "task accuracy", *[f"{s}: probe base -> tuned (forgetting, points)" for s in sets],
-            *[f"{s}: forgetting over {SPLITS} fold draws (points, mean +- sd)" for s in sets], "distance from w0", "train s"]
+            *[f"{s}: forgetting over {splits} fold draws (points, mean +- sd)" for s in sets], "distance from w0", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row['l2sp']:g}" if row["l2sp"] else "off", f"{row['task_accuracy']:.3f}"]
@@ -189,7 +194,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", dest="overrides", help=f"overrides (default: {' '.join(AFFORDABLE)})")
     parser.add_argument("--cache-dir", default=None, help="the runner's cache (default: its own default)")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help=f"--values 0,0.1 with {' '.join(SMOKE)}")
+    parser.add_argument("--smoke", action="store_true", help=f"--values 0,0.1 with {' '.join(SMOKE)}, {SMOKE_SPLITS} fold draws")
     args = parser.parse_args()
     if args.smoke:
         args.values = "0,0.1"
@@ -199,7 +204,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="forgetting-runs-") as tmp:
         for value in values:
             runs = Path(tmp) / f"l2sp-{value:g}"
-            rows.append(measure(args.recipe, value, overrides, args.cache_dir, runs))
+            splits = SMOKE_SPLITS if args.smoke else SPLITS
+            rows.append(measure(args.recipe, value, overrides, args.cache_dir, runs, splits))
             print(f"l2sp={value:g}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'run_folder'})}", flush=True)
     print(f"\n{args.recipe} {' '.join([*OFF, *overrides])}\n")
     print(table(rows))

