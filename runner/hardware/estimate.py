@@ -276,5 +276,6 @@ def _notes(shape: ModelShape, train: Any, device: Device, attn: str | None = Non
     if math_attention(shape, device, attn):
         notes.append("attention keeps seq x seq tensors here (math SDPA kernel: attention dropout on CPU)")
     if isinstance(train, QloraTrain) and device == "cpu" and train.quantization.bits == 4:
-        notes.append("4-bit QLoRA does not train on CPU (see the train stage); estimated as if it did")
+        notes.append("4-bit QLoRA on CPU trains through bitsandbytes' dequantize-and-matmul path "
+                     "(runner/stages/train/build.py keep_4bit_layout: the layout that has a backward)")
     return notes
