@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 
 from runner.recipe.sections import Distributed, Lora, LoraTrain, Model, RayLaunch
+from runner.report import stage_sections
+from runner.report.render import markdown
 from tests.conftest import sentiment_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,6 +250,11 @@ def test_a_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(cluster, 
     # the restarted workers go on as the step's own resume does: weights, optimizer, scheduler and RNG states came back
     assert losses(result) == pytest.approx(losses(torchrun_resumed), rel=1e-4)
     assert metrics["eval_loss"] == pytest.approx(torchrun_resumed["metrics"]["eval_loss"], rel=1e-4)
+    # the run report's train section, read from the metrics.json the step committed, says so with the final figures
+    written = json.loads((Path(json.loads(job.read_text())["out"]) / "metrics.json").read_text())
+    section = markdown("train", stage_sections.train(written))
+    assert "| resumed from checkpoint at step | 8 |" in section
+    assert "| optimizer steps | 24 " in section and "eval loss (before → after)" in section
 
 
 def test_past_max_failures_one_line_says_which_worker_died_where(cluster, tiny_llama_dir, causal_data, tmp_path):

@@ -1,6 +1,6 @@
 """Hardware check for GPU runners (`nox -s hwcheck` runs it): can this machine run the recipes, and does the GPU stack work?
 
-    python -m runner.hardware.hwcheck [--out DIR] [--env cuda13] [--recipes NAME ...] [--steps N] [--device cuda|cpu]
+    python -m runner.hwcheck [--out DIR] [--env cuda13] [--recipes NAME ...] [--steps N] [--device cuda|cpu]
 
 1. the pinned stack: torch is a CUDA build of the env's CUDA major, bitsandbytes and ONNX Runtime see the GPU;
 2. `recipe doctor NAME --json` for every recipe (a recipe that does not fit this machine fails its case, with the doctor's
@@ -330,7 +330,7 @@ def write_results(out: Path, env: str, checks: list[Check], started: str, exit_c
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.hardware.hwcheck", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m runner.hwcheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/hwcheck"), help="folder for the JSON and JUnit files")
     parser.add_argument("--env", default="cuda13", help="the envs/ file installed (checks torch's CUDA major)")
