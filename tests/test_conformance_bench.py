@@ -60,3 +60,20 @@ def test_packing_bench_prints_p8(clone, tmp_path):
     """README: `python bench/packing.py` (P8)."""
     ratio = figure(bench(clone, "packing.py", "--smoke", "--json", str(tmp_path / "p8.json")), "P8")
     assert ratio > 0.3
+
+
+def test_ray_overhead_bench_prints_p11(clone, tmp_path):
+    """README: `python bench/ray_overhead.py` (P11): a real Ray cluster in namespaces of its own and torchrun, the same
+    training on both; the bench's own smoke, so a renamed launcher setting or job script breaks here, not for a user."""
+    pytest.importorskip("ray", reason="Ray Train is not installed: envs/ray.txt (`nox -s tests` installs it)")
+    from tests import ray_cluster
+
+    if (why := ray_cluster.namespaces_available()) is not None:
+        pytest.skip(f"the Ray cluster {why}")
+    out = bench(clone, "ray_overhead.py", "--smoke", "--json", str(tmp_path / "p11.json"))
+    assert figure(out, "P11") > 0
+    assert "P11 ray step time: " in out
+    p11 = json.loads((tmp_path / "p11.json").read_text())
+    assert p11["steps"] == 8 and p11["ray_startup_extra_s"] == pytest.approx(
+        p11["ray_to_first_step_s"] - p11["torchrun_to_first_step_s"])
+    assert p11["loss_gap_ray_vs_torchrun"] == 0  # two Ray workers train exactly what torchrun's two processes train
